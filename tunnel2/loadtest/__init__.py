@@ -1,0 +1,3 @@
+"""Load-test kit: a fast test backend and a staged, open-loop load generator."""
+
+from __future__ import annotations
