@@ -528,7 +528,7 @@ class FrameDecoder:
         """True once EOF was received and every frame before it was returned."""
         return self._eof and self.buffered == 0
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the transport; ``b""`` means the transport reached EOF.
 
         Raises:

@@ -1,0 +1,628 @@
+"""Agent: dials the relay and answers the streams it opens.
+
+Layer: above uplink. May import trio, trio-websocket, attrs, errors, frames, transports, uplink
+and the internal HTTP/1.1 parser.
+
+The agent keeps one uplink to its relay, re-dialling with backoff when it drops (asking for its
+session back with the resume key). A fixed pool of ``max_concurrent`` worker tasks takes
+streams from the uplink; ``max_queued`` more wait, and past that the uplink resets new streams
+with OVERLOADED (the entry answers 503). A worker answers a stream by forwarding it to a
+backend over pooled keep-alive connections (:class:`BackendForwarder`) or by calling an ASGI 3
+app in-process (:class:`AsgiHandler`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from http import HTTPStatus
+from typing import Any, Final, NoReturn, final
+
+import attrs
+import trio
+import trio_websocket
+
+from tunnel2 import _http11 as http
+from tunnel2 import frames
+from tunnel2.errors import (
+    ErrorCode,
+    HandshakeError,
+    HandshakeRefused,
+    HandshakeTimeout,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamReset,
+    UplinkClosed,
+)
+from tunnel2.transports import FrameTransport, WebSocketTransport
+from tunnel2.uplink import (
+    MAX_MESSAGE_SIZE,
+    TunnelStream,
+    TunnelUplink,
+    open_uplink,
+    receive_handshake_frame,
+)
+
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AsgiApp",
+    "AsgiHandler",
+    "BackendForwarder",
+    "StreamHandler",
+    "websocket_connector",
+]
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("tunnel2.access")
+
+_AGENT_PATH: Final = "/_tunnel/connect"
+_RECEIVE_SIZE: Final = 65536
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+Connector = Callable[[], AbstractAsyncContextManager[FrameTransport]]
+AsgiScope = MutableMapping[str, Any]
+AsgiMessage = MutableMapping[str, Any]
+AsgiApp = Callable[
+    [AsgiScope, Callable[[], Awaitable[AsgiMessage]], Callable[[AsgiMessage], Awaitable[None]]],
+    Awaitable[None],
+]
+
+
+@final
+@attrs.frozen
+class AgentConfig:
+    """Settings of an :class:`Agent`.
+
+    Attributes:
+        token: the credential sent in HELLO.
+        session_id: a fixed session id to ask for; ``None`` lets the relay pick one.
+        max_concurrent: requests answered at once (worker tasks).
+        max_queued: requests that may wait for a worker; past it the relay answers 503.
+        connect_timeout: seconds for the connection and handshake.
+        backoff_initial: first re-dial delay in seconds, doubled per failure.
+        backoff_max: longest re-dial delay.
+        max_frame_size: largest frame the agent accepts.
+    """
+
+    token: str | None = None
+    session_id: str | None = None
+    max_concurrent: int = 64
+    max_queued: int = 1024
+    connect_timeout: float = 10.0
+    backoff_initial: float = 0.25
+    backoff_max: float = 30.0
+    max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
+
+
+def agent_url(server_url: str) -> str:
+    """The WebSocket URL of a relay's agent endpoint, from its ``http(s)``/``ws(s)`` URL."""
+    parts = urllib.parse.urlsplit(server_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"relay URL {server_url!r} must start with http://, https://, ws://")
+    path = parts.path.rstrip("/")
+    if not path.endswith(_AGENT_PATH):
+        path += _AGENT_PATH
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Connector:
+    """A connector that dials the relay's WebSocket endpoint with trio-websocket."""
+    url = agent_url(server_url)
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[FrameTransport]:
+        try:
+            async with trio_websocket.open_websocket_url(
+                url,
+                max_message_size=MAX_MESSAGE_SIZE,
+                receive_buffer_size=65536,
+                connect_timeout=connect_timeout,
+                disconnect_timeout=2,
+            ) as ws:
+                yield WebSocketTransport(ws)
+        except trio_websocket.HandshakeError as exc:
+            raise HandshakeError(f"relay at {url} refused the WebSocket upgrade: {exc}") from exc
+
+    return connect
+
+
+@final
+class Agent:
+    """Keeps a session on a relay and answers its requests with ``handler``.
+
+    Constructing it only stores; run it with ``await nursery.start(agent.serve)``, or use
+    :func:`tunnel2.open_tunnel`.
+    """
+
+    def __init__(
+        self, connect: Connector, handler: StreamHandler, config: AgentConfig | None = None
+    ) -> None:
+        self.config = config or AgentConfig()
+        self._connect = connect
+        self._handler = handler
+        self._welcome: frames.Welcome | None = None
+        self._uplink: TunnelUplink | None = None
+        self.connections = 0
+
+    def __repr__(self) -> str:
+        state = "CONNECTED" if self._uplink and not self._uplink.closed else "DISCONNECTED"
+        return f"<Agent session={self.session_id} {state}>"
+
+    @property
+    def public_url(self) -> str:
+        """The session's preferred public URL (after the first handshake)."""
+        if self._welcome is None:
+            raise RuntimeError("the agent has not connected yet")
+        return self._welcome.public_url
+
+    @property
+    def public_urls(self) -> tuple[str, ...]:
+        """Every public URL of the session, preferred first."""
+        if self._welcome is None:
+            raise RuntimeError("the agent has not connected yet")
+        return self._welcome.public_urls
+
+    @property
+    def session_id(self) -> str | None:
+        """The session id, once assigned."""
+        return self._welcome.session_id if self._welcome else self.config.session_id
+
+    @property
+    def uplink(self) -> TunnelUplink | None:
+        """The current uplink, if connected."""
+        return self._uplink
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Connect, serve, and re-dial forever.
+
+        ``task_status.started(self)`` is called once the first handshake succeeded, so
+        :attr:`public_url` is set when ``nursery.start`` returns. Before that, failures raise
+        (so a wrong URL or token surfaces at once); after it, a lost connection is re-dialled
+        with exponential backoff, asking for the same session. A refusal is final.
+
+        Raises:
+            HandshakeRefused: the relay refused the agent.
+            HandshakeError: the first connection or handshake failed.
+        """
+        config = self.config
+        delay = config.backoff_initial
+        started = False
+        while True:
+            try:
+                async with self._connect() as transport:
+                    with trio.fail_after(config.connect_timeout):
+                        welcome, decoder = await self._handshake(transport)
+                    self._welcome = welcome
+                    self.connections += 1
+                    delay = config.backoff_initial
+                    await self._run_uplink(transport, decoder, welcome, task_status, started)
+                    started = True
+            except HandshakeRefused:
+                raise
+            except (
+                HandshakeError,
+                ProtocolError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                trio_websocket.ConnectionClosed,
+            ) as exc:
+                if not started and self._welcome is None:
+                    if isinstance(exc, trio.TooSlowError):
+                        raise HandshakeTimeout(
+                            f"no answer from the relay within {config.connect_timeout}s"
+                        ) from exc
+                    if isinstance(exc, HandshakeError):
+                        raise
+                    raise HandshakeError(f"cannot connect to the relay: {exc}") from exc
+                started = True
+                logger.warning(
+                    "connection to the relay lost (%s); re-dialling in %.2fs", exc, delay
+                )
+            else:
+                logger.warning("connection to the relay closed; re-dialling in %.2fs", delay)
+            self._uplink = None
+            await trio.sleep(delay)
+            delay = min(delay * 2, config.backoff_max)
+
+    async def _run_uplink(
+        self,
+        transport: FrameTransport,
+        decoder: frames.FrameDecoder,
+        welcome: frames.Welcome,
+        task_status: trio.TaskStatus[Agent],
+        started: bool,
+    ) -> None:
+        config = self.config
+        async with open_uplink(
+            transport,
+            decoder,
+            welcome,
+            role="agent",
+            max_incoming=config.max_queued,
+            name=f"agent:{welcome.session_id[:8]}",
+        ) as uplink:
+            self._uplink = uplink
+            if started:
+                logger.info("reconnected: %s", welcome.public_url)
+            else:
+                task_status.started(self)
+            async with trio.open_nursery() as workers:
+                for _ in range(config.max_concurrent):
+                    workers.start_soon(self._worker, uplink)
+
+    async def _handshake(
+        self, transport: FrameTransport
+    ) -> tuple[frames.Welcome, frames.FrameDecoder]:
+        config = self.config
+        known = self._welcome
+        hello = frames.Hello(
+            token=config.token,
+            session_id=known.session_id if known else config.session_id,
+            resume_key=known.resume_key if known else None,
+            max_frame_size=config.max_frame_size,
+        )
+        await transport.send(frames.encode(hello))
+        decoder = frames.FrameDecoder(max_frame_size=config.max_frame_size)
+        answer = await receive_handshake_frame(transport, decoder)
+        if isinstance(answer, frames.Refuse):
+            raise HandshakeRefused(answer.code, answer.reason)
+        if not isinstance(answer, frames.Welcome):
+            raise HandshakeError(f"expected WELCOME, got {type(answer).__name__}")
+        return answer, decoder
+
+    async def _worker(self, uplink: TunnelUplink) -> None:
+        handler = self._handler
+        while True:
+            try:
+                stream = await uplink.accept_stream()
+            except UplinkClosed:
+                return
+            with trio.CancelScope() as scope:
+                stream.cancel_on_reset(scope)
+                try:
+                    await handler(stream)
+                except (StreamReset, UplinkClosed):
+                    pass
+                except Exception:
+                    logger.exception("handler failed on stream %d", stream.id)
+                    stream.reset(ErrorCode.INTERNAL_ERROR, "the agent's handler failed")
+                finally:
+                    stream.close()
+
+
+def _response_head_for_tunnel(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: http.Framing
+) -> bytes:
+    """The head carried through the tunnel: hop-by-hop headers removed, framing normalised
+    (close-delimited bodies become chunked; PROTOCOL.md §4)."""
+    drop = _HOP_BY_HOP
+    connection = [v for n, v in headers if n.lower() == b"connection"]
+    if connection:
+        drop = drop | {t.strip().lower() for v in connection for t in v.split(b",")}
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    lines += [b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop]
+    if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class _BackendGone(Exception):
+    """A reused keep-alive connection turned out to be closed before any answer."""
+
+
+@final
+class BackendForwarder:
+    """Answers streams by forwarding them to an HTTP/1.1 backend at ``host:port``.
+
+    Keeps up to ``max_idle`` keep-alive connections open for reuse. A request on a reused
+    connection the backend had already closed is retried once on a fresh one when nothing of
+    it was consumed yet (no body).
+    """
+
+    def __init__(self, host: str, port: int, *, max_idle: int = 128) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self._idle: collections.deque[trio.SocketStream] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"<BackendForwarder {self.host}:{self.port} idle={len(self._idle)}>"
+
+    @property
+    def target(self) -> str:
+        """``http://host:port`` for messages."""
+        return f"http://{self.host}:{self.port}"
+
+    async def aclose(self) -> None:
+        """Close the idle connections."""
+        while self._idle:
+            await trio.aclose_forcefully(self._idle.pop())
+
+    async def __call__(self, stream: TunnelStream) -> None:
+        head = stream.head
+        assert head is not None
+        request = http.parse_request_head(head)
+        framing, length = http.request_framing(request)
+        start = trio.current_time()
+        for attempt in (0, 1):
+            reused = bool(self._idle) and attempt == 0
+            try:
+                conn = self._idle.pop() if reused else await self._open()
+            except OSError as exc:
+                stream.reset(
+                    ErrorCode.BACKEND_UNAVAILABLE,
+                    f"backend {self.host}:{self.port} refused the connection "
+                    f"({exc.strerror or exc})",
+                )
+                return
+            keep = False
+            try:
+                status, keep = await self._exchange(
+                    conn, stream, head, request.method, framing, length, reused
+                )
+                break
+            except _BackendGone:
+                if framing is not http.Framing.NONE:
+                    stream.reset(
+                        ErrorCode.BACKEND_UNAVAILABLE,
+                        "backend closed the connection before answering",
+                    )
+                    return
+                continue  # retry once on a fresh connection
+            except ProtocolError as exc:
+                stream.reset(
+                    ErrorCode.BACKEND_UNAVAILABLE, f"backend sent an invalid response: {exc}"
+                )
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                stream.reset(ErrorCode.BACKEND_UNAVAILABLE, f"backend connection broke: {exc}")
+                return
+            finally:
+                if keep and len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                else:
+                    await trio.aclose_forcefully(conn)
+        else:  # pragma: no cover - the loop always breaks or returns
+            return
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "%s %s -> %d (%.1f ms)",
+                request.method.decode(),
+                request.target.decode("ascii", "replace"),
+                status,
+                (trio.current_time() - start) * 1000,
+            )
+
+    async def _open(self) -> trio.SocketStream:
+        # trio sets TCP_NODELAY on every SocketStream (DESIGN.md: no Nagle + delayed ACK).
+        return await trio.open_tcp_stream(self.host, self.port)
+
+    async def _exchange(
+        self,
+        conn: trio.SocketStream,
+        stream: TunnelStream,
+        head: bytes,
+        method: bytes,
+        framing: http.Framing,
+        length: int,
+        reused: bool,
+    ) -> tuple[int, bool]:
+        """Send the request and relay the response; return (status, reusable)."""
+        buf = bytearray()
+        if framing is http.Framing.NONE:
+            try:
+                await conn.send_all(head)
+            except trio.BrokenResourceError:
+                if reused:
+                    raise _BackendGone() from None
+                raise
+            return await self._relay_response(conn, stream, buf, method, reused, True)
+        async with trio.open_nursery() as nursery:
+            sent = trio.Event()
+            nursery.start_soon(self._pump_body, conn, stream, head, framing, sent)
+            result = await self._relay_response(conn, stream, buf, method, False, False)
+            if not sent.is_set():
+                nursery.cancel_scope.cancel()
+                return result[0], False
+        return result
+
+    async def _pump_body(
+        self,
+        conn: trio.SocketStream,
+        stream: TunnelStream,
+        head: bytes,
+        framing: http.Framing,
+        sent: trio.Event,
+    ) -> None:
+        chunked = framing is http.Framing.CHUNKED
+        pending = head
+        while True:
+            data = await stream.receive_data()
+            if not data:
+                await conn.send_all(pending + http.LAST_CHUNK if chunked else pending)
+                sent.set()
+                return
+            await conn.send_all(pending + (http.encode_chunk(data) if chunked else data))
+            pending = b""
+
+    async def _relay_response(
+        self,
+        conn: trio.SocketStream,
+        stream: TunnelStream,
+        buf: bytearray,
+        method: bytes,
+        reused: bool,
+        request_done: bool,
+    ) -> tuple[int, bool]:
+        # The head, skipping interim 1xx answers (the entry already said 100 Continue).
+        while True:
+            end = http.find_head_end(buf)
+            while end < 0:
+                data = await conn.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    if reused and not buf:
+                        raise _BackendGone()
+                    raise RemoteProtocolError(
+                        "backend closed the connection before a complete response head"
+                    )
+                buf += data
+                if len(buf) > http.MAX_HEAD_SIZE:
+                    raise RemoteProtocolError("backend response head is too large")
+                end = http.find_head_end(buf)
+            response = http.parse_response_head(bytes(buf[:end]))
+            del buf[:end]
+            if response.status >= 200 or response.status == 101:
+                break
+        framing, length = http.response_framing(response, method)
+        tunnel_head = _response_head_for_tunnel(
+            response.status, response.reason, response.headers, framing
+        )
+        stream.send_head(tunnel_head)
+        reader = http.make_body_reader(framing, length)
+        while True:
+            data = reader.read(buf) if buf else b""
+            if reader.done:
+                await stream.send_data(data, end=True)
+                break
+            if data:
+                await stream.send_data(data)
+            more = await conn.receive_some(_RECEIVE_SIZE)
+            if not more:
+                reader.feed_eof()
+                await stream.send_data(b"", end=True)
+                break
+            buf += more
+        reusable = (
+            request_done
+            and response.keep_alive
+            and framing is not http.Framing.UNTIL_CLOSE
+            and not buf
+        )
+        return response.status, reusable
+
+
+@final
+class AsgiHandler:
+    """Answers streams by calling an ASGI 3 application in-process (HTTP scope only)."""
+
+    def __init__(self, app: AsgiApp) -> None:
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<AsgiHandler {self.app!r}>"
+
+    async def __call__(self, stream: TunnelStream) -> None:
+        head = stream.head
+        assert head is not None
+        request = http.parse_request_head(head)
+        framing, _length = http.request_framing(request)
+        path, _, query = request.target.partition(b"?")
+        forwarded = (request.get(b"x-forwarded-for") or b"").split(b",")[0].strip()
+        scope: AsgiScope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.http_version.decode(),
+            "method": request.method.decode(),
+            "scheme": (request.get(b"x-forwarded-proto") or b"http").decode(),
+            "path": urllib.parse.unquote(path.decode("latin-1")),
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": [(n.lower(), v) for n, v in request.headers],
+            "client": (forwarded.decode(), 0) if forwarded else None,
+            "server": None,
+        }
+        state = _AsgiExchange(stream, framing is http.Framing.NONE)
+        try:
+            await self.app(scope, state.receive, state.send)
+        except Exception:
+            if state.head_sent:
+                raise
+            logger.exception("ASGI app failed on stream %d", stream.id)
+            body = b"500 Internal Server Error: the application raised an exception\n"
+            stream.send_head(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            await stream.send_data(body, end=True)
+            return
+        if not state.head_sent:
+            raise RuntimeError("the ASGI app returned without sending a response")
+        if not stream.local_ended:
+            await stream.send_data(b"", end=True)
+
+
+class _AsgiExchange:
+    def __init__(self, stream: TunnelStream, body_done: bool) -> None:
+        self.stream = stream
+        self.body_done = body_done
+        self.request_delivered = False
+        self.head_sent = False
+        self._start: AsgiMessage | None = None
+
+    async def receive(self) -> AsgiMessage:
+        if not self.body_done:
+            data = await self.stream.receive_data()
+            self.body_done = self.request_delivered = not data
+            return {"type": "http.request", "body": data, "more_body": bool(data)}
+        if not self.request_delivered:
+            # A request with no body still gets one (empty) http.request message.
+            self.request_delivered = True
+            await trio.lowlevel.checkpoint()
+            return {"type": "http.request", "body": b"", "more_body": False}
+        # After the body: wait until the client goes away (the stream is reset).
+        await trio.sleep(math.inf)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def send(self, message: AsgiMessage) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self._start is not None:
+                raise RuntimeError("http.response.start sent twice")
+            self._start = message
+            await trio.lowlevel.checkpoint()
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"unsupported ASGI message {kind!r}")
+        if self._start is None:
+            raise RuntimeError("http.response.body before http.response.start")
+        body: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if not self.head_sent:
+            self.head_sent = True
+            status = int(self._start["status"])
+            headers = [(bytes(n), bytes(v)) for n, v in self._start.get("headers", [])]
+            has_length = any(n.lower() == b"content-length" for n, _ in headers)
+            if not has_length and not more:
+                headers.append((b"Content-Length", b"%d" % len(body)))
+                framing = http.Framing.LENGTH
+            else:
+                framing = http.Framing.LENGTH if has_length else http.Framing.CHUNKED
+            try:
+                reason = HTTPStatus(status).phrase.encode()
+            except ValueError:
+                reason = b""
+            self.stream.send_head(_response_head_for_tunnel(status, reason, headers, framing))
+        await self.stream.send_data(body, end=not more)

@@ -1,0 +1,158 @@
+"""The entry points users call: run a relay, open a tunnel.
+
+Layer: top of the library (below cli and testing). Thin wiring of server, entry and agent.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import NoReturn
+
+import trio
+
+from tunnel2.agent import (
+    Agent,
+    AgentConfig,
+    AsgiApp,
+    AsgiHandler,
+    BackendForwarder,
+    StreamHandler,
+    websocket_connector,
+)
+from tunnel2.entry import ProxyEntry
+from tunnel2.server import ServerConfig, TunnelServer
+
+__all__ = [
+    "handler_for",
+    "open_tunnel",
+    "open_tunnel_server",
+    "serve_tunnel_server",
+]
+
+
+async def serve_tunnel_server(
+    config: ServerConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run a relay: the public HTTP entry and the agents' WebSocket endpoint on one port.
+
+    Binds ``config.host:config.port`` (port 0 picks one), then calls
+    ``task_status.started(server)`` with the :class:`TunnelServer`, whose ``base_url`` holds
+    the bound port, so bind errors surface from ``nursery.start``. Runs until cancelled;
+    every connection task lives in this function's nursery.
+
+    Raises:
+        OSError: the address could not be bound.
+        ExceptionGroup: an unexpected error in a connection task (a bug).
+    """
+    config = config or ServerConfig()
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    port = listeners[0].socket.getsockname()[1]
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    server = TunnelServer(config, base_url=config.public_url or f"http://{host}:{port}", port=port)
+    entry = ProxyEntry(server)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
+        task_status.started(server)
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@asynccontextmanager
+async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterator[TunnelServer]:
+    """Run a relay for the duration of the block.
+
+    On exit the relay drains: agents get GOAWAY and in-flight requests get
+    ``config.drain_timeout`` seconds, then everything is cancelled.
+    """
+    async with trio.open_nursery() as nursery:
+        server: TunnelServer = await nursery.start(serve_tunnel_server, config)
+        try:
+            yield server
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(server.config.drain_timeout + 1):
+                    await server.drain()
+            nursery.cancel_scope.cancel()
+
+
+def handler_for(target: int | str | AsgiApp) -> StreamHandler:
+    """The stream handler for a tunnel target.
+
+    Args:
+        target: a port on 127.0.0.1, an ``http://host:port`` URL, or an ASGI 3 app.
+
+    Raises:
+        ValueError: a URL that is not ``http://host[:port]``.
+    """
+    if isinstance(target, int):
+        return BackendForwarder("127.0.0.1", target)
+    if isinstance(target, str):
+        if target.isdigit():
+            return BackendForwarder("127.0.0.1", int(target))
+        parts = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"target {target!r} must be a port or an http://host:port URL")
+        return BackendForwarder(parts.hostname, parts.port or 80)
+    return AsgiHandler(target)
+
+
+@asynccontextmanager
+async def open_tunnel(
+    server_url: str,
+    target: int | str | AsgiApp,
+    *,
+    session_id: str | None = None,
+    token: str | None = None,
+    max_concurrent: int = 64,
+    max_queued: int = 1024,
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[Agent]:
+    """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
+
+    Yields the connected :class:`Agent`; read ``.public_url`` and ``.session_id``. If the
+    connection drops, the agent re-dials in the background and gets its session back. On
+    exit the agent's tasks are cancelled and its connections closed.
+
+    Args:
+        server_url: the relay, e.g. ``http://127.0.0.1:8000``.
+        target: a port on 127.0.0.1, an ``http://host:port`` URL, or an ASGI 3 app.
+        session_id: a fixed session id to ask for (otherwise the relay picks one).
+        token: the relay's agent token, if it requires one.
+        max_concurrent: requests answered at once.
+        max_queued: requests waiting beyond that before the relay answers 503.
+        connect_timeout: seconds for the first connection and handshake.
+
+    Raises:
+        HandshakeRefused: the relay refused the agent (bad token, session held).
+        HandshakeError: the relay could not be reached.
+    """
+    config = AgentConfig(
+        token=token,
+        session_id=session_id,
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
+        connect_timeout=connect_timeout,
+    )
+    handler = handler_for(target)
+    agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.serve)
+            try:
+                yield agent
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # trio wraps what the agent's task raised; unwrap a lone error (trio's habit).
+        errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(errors) == 1 and len(group.exceptions) == 1:
+            raise errors[0] from None
+        raise
+    finally:
+        if isinstance(handler, BackendForwarder):
+            with trio.CancelScope(shield=True):
+                await handler.aclose()

@@ -1,0 +1,768 @@
+"""TunnelUplink: many concurrent streams over one frame transport.
+
+Layer: above frames and transports; below server, entry and agent. May import trio, attrs,
+:mod:`tunnel2.frames`, :mod:`tunnel2.transports` and :mod:`tunnel2.errors`.
+
+Tasks (all in the nursery of :func:`open_uplink`):
+
+* ``_reader_task`` is the only caller of ``transport.receive()``. It decodes and dispatches
+  every frame synchronously: stream tables and credit change with no ``await`` in between.
+* ``_writer_task`` is the only caller of ``transport.send()``. Other code encodes frames into
+  ``_out`` without awaiting and wakes it; it puts everything pending into one transport write,
+  so frames coalesce under load without timers (DESIGN.md, performance model).
+* ``_keepalive_task`` pings an idle connection and closes a dead one (PROTOCOL.md §6).
+
+Memory is bounded by flow control: DATA waits for stream and connection credit before it is
+queued, so ``_out`` holds at most the peer's connection window of DATA plus small control
+frames and one head per stream; per-stream receive buffers hold at most ``initial_window``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final, Literal, final
+
+import attrs
+import trio
+
+from tunnel2 import frames
+from tunnel2.errors import (
+    ErrorCode,
+    HandshakeError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamReset,
+    UplinkClosed,
+)
+
+if TYPE_CHECKING:
+    from tunnel2.transports import FrameTransport
+
+__all__ = [
+    "TunnelStream",
+    "TunnelUplink",
+    "UplinkStatistics",
+    "open_uplink",
+    "receive_handshake_frame",
+]
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["relay", "agent"]
+
+# One transport write carries at most this many bytes (WebSocket messages stay well under
+# trio-websocket's receive limit, which both ends set to _MAX_MESSAGE_SIZE).
+_MAX_BATCH: Final = 1024 * 1024
+MAX_MESSAGE_SIZE: Final = 4 * _MAX_BATCH
+_CLOSE_FLUSH_TIMEOUT: Final = 2.0
+_DEAD_AFTER_PINGS: Final = 3
+_CREDIT_RETURN_FRACTION: Final = 2
+
+
+@final
+@attrs.frozen
+class UplinkStatistics:
+    """A snapshot of an uplink's state.
+
+    Attributes:
+        open_streams: streams not yet finished in both directions.
+        local_window: connection credit we still grant the peer.
+        remote_window: connection credit the peer still grants us.
+        queued_bytes: encoded bytes waiting for the writer task.
+        incoming_queued: streams opened by the peer waiting for a handler (agent side).
+    """
+
+    open_streams: int
+    local_window: int
+    remote_window: int
+    queued_bytes: int
+    incoming_queued: int
+
+
+@final
+class TunnelStream:
+    """One request/response exchange on an uplink (PROTOCOL.md §4).
+
+    The relay side gets one from :meth:`TunnelUplink.open_stream`; the agent side from
+    :meth:`TunnelUplink.accept_stream`. Whoever holds a stream must finish it (send END after
+    its body and read the peer's END) or call :meth:`close`; until then it counts as open.
+    """
+
+    def __init__(self, uplink: TunnelUplink, stream_id: int, head: bytes | None) -> None:
+        self.id = stream_id
+        self._uplink = uplink
+        self._head = head
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._event = trio.Event()
+        self._remote_ended = False
+        self._local_ended = False
+        self._error: StreamReset | UplinkClosed | None = None
+        self._send_window = uplink._initial_window
+        self._recv_window = uplink._initial_window
+        self._unacked = 0
+        self._closed = False
+        self._cancel_scope: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<TunnelStream {self.id} buffered={self._buffered} send_window={self._send_window}"
+            f"{' LOCAL_ENDED' if self._local_ended else ''}"
+            f"{' REMOTE_ENDED' if self._remote_ended else ''}"
+            f"{' CLOSED' if self._closed else ''}>"
+        )
+
+    @property
+    def head(self) -> bytes | None:
+        """The peer's head if it has arrived (the request head, for agent streams)."""
+        return self._head
+
+    @property
+    def data_ready(self) -> bool:
+        """True if :meth:`receive_data` would return without waiting."""
+        return bool(self._buffer) or self._remote_ended or self._error is not None
+
+    def cancel_on_reset(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the stream is reset or its uplink closes, so the task
+        serving it stops waiting on things (a backend, an app) whose answer nobody wants."""
+        self._cancel_scope = scope
+        if self._error is not None:
+            scope.cancel()
+
+    @property
+    def local_ended(self) -> bool:
+        """True once we sent END or the stream was reset."""
+        return self._local_ended
+
+    # --- receiving ---------------------------------------------------------------------
+
+    async def receive_head(self) -> bytes:
+        """Wait for the peer's OPEN and return its head.
+
+        Raises:
+            StreamReset: the peer reset the stream.
+            UplinkClosed: the uplink closed first.
+        """
+        while self._head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        await trio.lowlevel.checkpoint()
+        return self._head
+
+    async def receive_data(self) -> bytes:
+        """Return the next body bytes, or ``b""`` once the peer sent END.
+
+        Returns credit to the peer as data is taken (PROTOCOL.md §6). Cancellation leaves the
+        stream as it was; no data is lost.
+
+        Raises:
+            StreamReset: the peer reset the stream.
+            UplinkClosed: the uplink closed first.
+        """
+        while not self._buffer:
+            if self._error is not None:
+                raise self._error
+            if self._remote_ended:
+                await trio.lowlevel.checkpoint()
+                self._maybe_finish()
+                return b""
+            await self._wait()
+        await trio.lowlevel.checkpoint()
+        if not self._buffer:  # reset while we checkpointed
+            raise self._error or UplinkClosed("stream closed")
+        data = self._buffer.popleft()
+        self._buffered -= len(data)
+        self._uplink._consumed(self, len(data))
+        return data
+
+    async def _wait(self) -> None:
+        self._event = trio.Event()
+        await self._event.wait()
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send_head(self, head: bytes) -> None:
+        """Queue our OPEN (the agent's response head). Does not block.
+
+        Raises:
+            LocalProtocolError: ``head`` is not a complete HTTP head.
+            StreamReset, UplinkClosed: the stream is gone.
+        """
+        self._check_sendable()
+        self._uplink._queue(frames.encode(frames.Open(self.id, head)))
+
+    async def send_data(self, data: bytes, *, end: bool = False) -> None:
+        """Send body bytes, waiting for stream and connection credit as needed.
+
+        Large ``data`` is split into frames of at most the negotiated frame size. If this is
+        cancelled, a prefix of ``data`` may have been queued; the stream stays usable.
+
+        Args:
+            data: the bytes (may be empty).
+            end: also send END right after the last byte, with no checkpoint in between, so a
+                whole small response leaves in one transport write.
+
+        Raises:
+            StreamReset: the peer reset the stream.
+            UplinkClosed: the uplink closed.
+        """
+        uplink = self._uplink
+        view = memoryview(data)
+        sent = 0
+        if not data:
+            await trio.lowlevel.checkpoint()
+        while sent < len(data):
+            self._check_sendable()
+            credit = min(self._send_window, uplink._remote_window)
+            if credit <= 0:
+                await uplink._wait_credit()
+                continue
+            size = min(credit, uplink._max_frame_size, len(data) - sent)
+            chunk = bytes(view[sent : sent + size])
+            self._send_window -= size
+            uplink._remote_window -= size
+            uplink._queue(frames.encode(frames.Data(self.id, chunk)))
+            sent += size
+            if sent < len(data):
+                await trio.lowlevel.checkpoint()
+        if end:
+            self.send_end()
+        await uplink._wait_writable()
+
+    def send_end(self) -> None:
+        """Queue END: we send nothing more. Does not block; idempotent."""
+        if self._local_ended:
+            return
+        self._check_sendable()
+        self._local_ended = True
+        self._uplink._queue(frames.encode(frames.End(self.id)))
+        self._maybe_finish()
+
+    def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abort the stream both ways and tell the peer. Does not block; idempotent."""
+        if self._closed:
+            return
+        self._error = StreamReset(stream_id=self.id, code=code, reason="reset locally")
+        if not self._uplink._closing:
+            self._uplink._queue(frames.encode(frames.Reset(self.id, code, reason)))
+        self._finish()
+
+    def close(self) -> None:
+        """Reset the stream with CANCEL unless it finished normally. Idempotent; never blocks.
+
+        Call it in a ``finally`` so a cancelled or failed handler leaves no stream behind.
+        """
+        if not self._closed:
+            if self._local_ended and self._remote_ended:
+                self._finish()
+            else:
+                self.reset(ErrorCode.CANCEL, "abandoned")
+
+    def _check_sendable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._local_ended:
+            raise StreamReset(stream_id=self.id, code=ErrorCode.PROTOCOL_ERROR, reason="ended")
+
+    # --- driven by the uplink -------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    def _maybe_finish(self) -> None:
+        if self._local_ended and self._remote_ended and not self._buffer:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._local_ended = True
+        uplink = self._uplink
+        uplink._streams.pop(self.id, None)
+        if self._buffered:
+            # Credit for data nobody will read goes back to the connection.
+            uplink._consumed(None, self._buffered)
+            self._buffer.clear()
+            self._buffered = 0
+        self._wake()
+        if self._cancel_scope is not None and self._error is not None:
+            self._cancel_scope.cancel()
+        uplink._wake_credit()
+        if not uplink._streams:
+            uplink._idle_event.set()
+            if uplink._peer_goaway is not None:
+                uplink.close(f"peer sent GOAWAY: {uplink._peer_goaway.reason}")
+
+
+@final
+class TunnelUplink:
+    """Multiplexes :class:`TunnelStream` objects over one :class:`FrameTransport`.
+
+    Built by :func:`open_uplink` once the handshake is done; the constructor only stores.
+    """
+
+    def __init__(
+        self,
+        transport: FrameTransport,
+        decoder: frames.FrameDecoder,
+        settings: frames.Welcome,
+        *,
+        role: Role,
+        max_incoming: int = 1024,
+        name: str = "uplink",
+    ) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.role: Role = role
+        self.name = name
+        self._decoder = decoder
+        decoder.max_frame_size = settings.max_frame_size
+        self._max_frame_size = settings.max_frame_size
+        self._initial_window = settings.initial_window
+        self._local_window = settings.connection_window
+        self._remote_window = settings.connection_window
+        self._conn_unacked = 0
+        self._streams: dict[int, TunnelStream] = {}
+        self._last_stream_id = 0
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._out_event = trio.Event()
+        self._drained_event = trio.Event()
+        self._credit_event = trio.Event()
+        self._idle_event = trio.Event()
+        self._idle_event.set()
+        self._closed_event = trio.Event()
+        self._writer_done = trio.Event()
+        self._closing = False
+        self._close_error: UplinkClosed | None = None
+        self._peer_goaway: frames.GoAway | None = None
+        self._draining = False
+        self._incoming_send, self._incoming_receive = trio.open_memory_channel[TunnelStream](
+            max_incoming
+        )
+        self._last_received = trio.current_time()
+        self._last_sent = self._last_received
+        self._aux_scope = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        state = "CLOSED" if self._closing else "DRAINING" if self._draining else "OPEN"
+        return (
+            f"<TunnelUplink {self.name} session={self.settings.session_id[:8]} "
+            f"streams={len(self._streams)} {state}>"
+        )
+
+    def __str__(self) -> str:
+        return self.name
+
+    # --- public -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the uplink began closing; no new stream can be opened."""
+        return self._closing
+
+    @property
+    def accepting(self) -> bool:
+        """True while new streams may be opened on this uplink (not closing or draining)."""
+        return not (self._closing or self._draining or self._peer_goaway is not None)
+
+    @property
+    def close_reason(self) -> str:
+        """Why the uplink closed, or ``""`` while it is open."""
+        return self._close_error.reason if self._close_error else ""
+
+    def statistics(self) -> UplinkStatistics:
+        """Return a snapshot of streams, credit and queues."""
+        return UplinkStatistics(
+            open_streams=len(self._streams),
+            local_window=self._local_window,
+            remote_window=self._remote_window,
+            queued_bytes=self._out_size,
+            incoming_queued=self._incoming_receive.statistics().current_buffer_used,
+        )
+
+    def open_stream(self, head: bytes) -> TunnelStream:
+        """Open a stream carrying the request ``head`` (relay side). Does not block.
+
+        Raises:
+            UplinkClosed: the uplink is closing or draining.
+            LocalProtocolError: ``head`` is not a complete HTTP head.
+        """
+        if not self.accepting:
+            raise self._close_error or UplinkClosed("uplink is draining")
+        stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
+        frame = frames.Open(stream_id, head)
+        self._last_stream_id = stream_id
+        stream = TunnelStream(self, stream_id, None)
+        self._streams[stream_id] = stream
+        self._idle_event = trio.Event()
+        self._queue(frames.encode(frame))
+        return stream
+
+    async def accept_stream(self) -> TunnelStream:
+        """Wait for the next stream the relay opened (agent side).
+
+        Raises:
+            UplinkClosed: the uplink closed; streams still queued were reset.
+        """
+        try:
+            return await self._incoming_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self._close_error or UplinkClosed("uplink closed") from None
+
+    async def wait_closed(self) -> None:
+        """Block until the uplink has closed."""
+        await self._closed_event.wait()
+
+    async def drain(self, grace_period: float) -> None:
+        """Send GOAWAY, wait up to ``grace_period`` seconds for open streams, then close.
+
+        Streams still open at the deadline are reset when the uplink closes.
+        """
+        if not self._closing and not self._draining:
+            self._draining = True
+            logger.info("%s draining (%d streams open)", self, len(self._streams))
+            self._queue(frames.encode(frames.GoAway(self._last_stream_id, reason="draining")))
+        with trio.move_on_after(grace_period):
+            await self._idle_event.wait()
+        self.close("drained")
+        await trio.lowlevel.checkpoint()
+
+    def close(self, reason: str, code: int = ErrorCode.NO_ERROR) -> None:
+        """Begin closing: fail every stream, queue GOAWAY, stop reading. Idempotent.
+
+        The writer flushes what is queued (bounded by a short timeout) and the transport is
+        closed when :func:`open_uplink` exits.
+        """
+        if self._closing:
+            return
+        logger.info("%s closing: %s", self, reason)
+        self._close_error = UplinkClosed(reason)
+        self._queue(frames.encode(frames.GoAway(self._last_stream_id, code, reason[:200])))
+        self._closing = True
+        for stream in list(self._streams.values()):
+            stream._error = self._close_error
+            stream._finish()
+        self._incoming_send.close()
+        while True:
+            try:
+                self._incoming_receive.receive_nowait()._finish()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self._aux_scope.cancel()
+        self._out_event.set()
+        self._credit_event.set()
+        self._closed_event.set()
+
+    # --- internals called by TunnelStream ---------------------------------------------------
+
+    def _queue(self, data: bytes) -> None:
+        if self._closing:
+            raise self._close_error or UplinkClosed("uplink closed")
+        self._out.append(data)
+        self._out_size += len(data)
+        self._out_event.set()
+
+    async def _wait_writable(self) -> None:
+        # Backpressure on the writer's queue: a sender waits while more than one batch is
+        # pending (flow control already bounds it; this keeps latency low).
+        while self._out_size > _MAX_BATCH and not self._closing:
+            self._drained_event = trio.Event()
+            await self._drained_event.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def _wait_credit(self) -> None:
+        if self._closing:
+            raise self._close_error or UplinkClosed("uplink closed")
+        self._credit_event = trio.Event()
+        await self._credit_event.wait()
+
+    def _wake_credit(self) -> None:
+        self._credit_event.set()
+
+    def _consumed(self, stream: TunnelStream | None, size: int) -> None:
+        # Return credit once half a window has been consumed (PROTOCOL.md §6).
+        if self._closing:
+            return
+        if stream is not None and not stream._remote_ended:
+            stream._unacked += size
+            if stream._unacked * _CREDIT_RETURN_FRACTION >= self._initial_window:
+                stream._recv_window += stream._unacked
+                self._queue(frames.encode(frames.Window(stream.id, stream._unacked)))
+                stream._unacked = 0
+        self._conn_unacked += size
+        if self._conn_unacked * _CREDIT_RETURN_FRACTION >= self.settings.connection_window:
+            self._local_window += self._conn_unacked
+            self._queue(frames.encode(frames.Window(0, self._conn_unacked)))
+            self._conn_unacked = 0
+
+    # --- tasks ------------------------------------------------------------------------
+
+    async def _writer_task(self) -> None:
+        transport = self.transport
+        try:
+            while True:
+                if not self._out:
+                    if self._closing:
+                        return
+                    self._out_event = trio.Event()
+                    await self._out_event.wait()
+                    continue
+                if self._out_size <= _MAX_BATCH:
+                    batch, self._out = self._out, []
+                    self._out_size = 0
+                else:
+                    batch = self._take_batch()
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                self._drained_event.set()
+                if self._closing:
+                    with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+                        await transport.send(data)
+                    return
+                await transport.send(data)
+                self._last_sent = trio.current_time()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close(f"connection lost while sending: {exc}")
+        finally:
+            self._writer_done.set()
+
+    def _take_batch(self) -> list[bytes]:
+        batch: list[bytes] = []
+        size = 0
+        out = self._out
+        index = 0
+        while index < len(out) and (not batch or size + len(out[index]) <= _MAX_BATCH):
+            size += len(out[index])
+            batch.append(out[index])
+            index += 1
+        del out[:index]
+        self._out_size -= size
+        return batch
+
+    async def _reader_task(self) -> None:
+        transport = self.transport
+        decoder = self._decoder
+        try:
+            # A peer may have sent frames right behind its handshake frame.
+            self._dispatch_all(decoder)
+            while True:
+                data = await transport.receive()
+                self._last_received = trio.current_time()
+                decoder.receive_data(data)
+                if not data:
+                    self._dispatch_all(decoder)
+                    self.close("peer closed the connection")
+                    return
+                self._dispatch_all(decoder)
+        except ProtocolError as exc:
+            logger.warning("%s protocol error: %s", self, exc)
+            self.close(f"protocol error: {exc}", exc.code)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close(f"connection lost: {exc}")
+
+    def _dispatch_all(self, decoder: frames.FrameDecoder) -> None:
+        while (frame := decoder.next_frame()) is not None:
+            self._dispatch(frame)
+            if self._closing:
+                return
+
+    def _dispatch(self, frame: frames.Frame) -> None:
+        kind = type(frame)
+        if kind is frames.Data:
+            assert isinstance(frame, frames.Data)
+            size = len(frame.data)
+            self._local_window -= size
+            if self._local_window < 0:
+                raise RemoteProtocolError(
+                    f"peer overran the connection window by {-self._local_window} bytes",
+                    code=ErrorCode.FLOW_CONTROL_ERROR,
+                )
+            stream = self._streams.get(frame.stream_id)
+            if stream is None or stream._remote_ended:
+                self._consumed(None, size)  # a late frame for a finished stream
+                return
+            stream._recv_window -= size
+            if stream._recv_window < 0:
+                raise RemoteProtocolError(
+                    f"peer overran stream {frame.stream_id}'s window by "
+                    f"{-stream._recv_window} bytes",
+                    code=ErrorCode.FLOW_CONTROL_ERROR,
+                )
+            stream._buffer.append(frame.data)
+            stream._buffered += size
+            stream._wake()
+        elif kind is frames.End:
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                stream._remote_ended = True
+                stream._wake()
+                stream._maybe_finish()
+        elif kind is frames.Open:
+            assert isinstance(frame, frames.Open)
+            self._dispatch_open(frame)
+        elif kind is frames.Window:
+            assert isinstance(frame, frames.Window)
+            if frame.stream_id == 0:
+                self._remote_window += frame.increment
+                if self._remote_window > frames.MAX_WINDOW:
+                    raise RemoteProtocolError(
+                        "connection window exceeds 2^31-1", code=ErrorCode.FLOW_CONTROL_ERROR
+                    )
+            else:
+                stream = self._streams.get(frame.stream_id)
+                if stream is None:
+                    return
+                stream._send_window += frame.increment
+                if stream._send_window > frames.MAX_WINDOW:
+                    raise RemoteProtocolError(
+                        f"stream {frame.stream_id} window exceeds 2^31-1",
+                        code=ErrorCode.FLOW_CONTROL_ERROR,
+                    )
+            self._credit_event.set()
+        elif kind is frames.Reset:
+            assert isinstance(frame, frames.Reset)
+            stream = self._streams.get(frame.stream_id)
+            if stream is not None:
+                stream._error = StreamReset(
+                    stream_id=frame.stream_id, code=frame.code, reason=frame.reason
+                )
+                stream._finish()
+        elif kind is frames.Ping:
+            assert isinstance(frame, frames.Ping)
+            self._queue(frames.encode(frames.Pong(frame.opaque)))
+        elif kind is frames.Pong:
+            pass  # liveness was recorded when the bytes arrived
+        elif kind is frames.GoAway:
+            assert isinstance(frame, frames.GoAway)
+            logger.info("%s peer sent GOAWAY: %s", self, frame.reason or "no reason")
+            self._peer_goaway = frame
+            if frame.code != ErrorCode.NO_ERROR:
+                self.close(f"peer closed with {ErrorCode.name_of(frame.code)}: {frame.reason}")
+            elif not self._streams:
+                self.close(f"peer sent GOAWAY: {frame.reason}")
+        else:
+            raise RemoteProtocolError(f"unexpected {kind.__name__} frame after the handshake")
+
+    def _dispatch_open(self, frame: frames.Open) -> None:
+        stream_id = frame.stream_id
+        if self.role == "relay":
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                return  # an answer to a stream we already gave up on
+            if stream._head is not None:
+                raise RemoteProtocolError(f"second OPEN on stream {stream_id}")
+            stream._head = frame.head
+            stream._wake()
+            return
+        if stream_id <= self._last_stream_id or stream_id % 2 == 0:
+            raise RemoteProtocolError(
+                f"OPEN on stream {stream_id} after stream {self._last_stream_id}; "
+                "relay streams are odd and increasing"
+            )
+        self._last_stream_id = stream_id
+        stream = TunnelStream(self, stream_id, frame.head)
+        if self._draining:
+            self._queue(
+                frames.encode(frames.Reset(stream_id, ErrorCode.REFUSED_STREAM, "draining"))
+            )
+            return
+        try:
+            self._incoming_send.send_nowait(stream)
+        except trio.WouldBlock:
+            self._queue(
+                frames.encode(
+                    frames.Reset(stream_id, ErrorCode.OVERLOADED, "agent request queue is full")
+                )
+            )
+            return
+        self._streams[stream_id] = stream
+        self._idle_event = trio.Event()
+
+    async def _keepalive_task(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval / 2)
+            now = trio.current_time()
+            if now - self._last_received > _DEAD_AFTER_PINGS * interval:
+                self.close(f"no frame from the peer for {now - self._last_received:.1f}s")
+                return
+            if now - self._last_sent >= interval / 2:
+                self._queue(frames.encode(frames.Ping(os.urandom(8))))
+
+
+async def receive_handshake_frame(
+    transport: FrameTransport, decoder: frames.FrameDecoder
+) -> frames.Frame:
+    """Read one frame before the uplink exists (HELLO, WELCOME or REFUSE).
+
+    Takes no timeout: callers wrap it in :func:`trio.fail_after`.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a frame.
+        HandshakeError: the peer closed before a whole frame arrived.
+    """
+    while (frame := decoder.next_frame()) is None:
+        data = await transport.receive()
+        decoder.receive_data(data)
+        if not data and decoder.next_frame() is None:
+            raise HandshakeError("the peer closed the connection during the handshake")
+    return frame
+
+
+@asynccontextmanager
+async def open_uplink(
+    transport: FrameTransport,
+    decoder: frames.FrameDecoder,
+    settings: frames.Welcome,
+    *,
+    role: Role,
+    max_incoming: int = 1024,
+    name: str = "uplink",
+) -> AsyncIterator[TunnelUplink]:
+    """Run an uplink over a transport whose handshake is done.
+
+    Starts the reader, writer and keepalive tasks in a nursery this manager owns, yields the
+    uplink, and on exit closes it: streams still open are failed with
+    :class:`~tunnel2.errors.UplinkClosed`, GOAWAY is flushed (bounded by a short shielded
+    timeout), and the transport is closed. No task outlives the block.
+
+    Args:
+        transport: the connected transport.
+        decoder: the decoder that read the handshake (it may hold frames behind it).
+        settings: the WELCOME both sides agreed on.
+        role: ``"relay"`` opens streams; ``"agent"`` accepts them.
+        max_incoming: agent side: streams that may wait for a handler before new ones are
+            reset with OVERLOADED.
+        name: the short id used in log lines.
+    """
+    uplink = TunnelUplink(
+        transport, decoder, settings, role=role, max_incoming=max_incoming, name=name
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uplink._writer_task)
+            nursery.start_soon(_run_aux, uplink)
+            try:
+                yield uplink
+            finally:
+                uplink.close("closed locally")
+                with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT) as scope:
+                    scope.shield = True
+                    await uplink._writer_done.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        uplink.close("closed locally")
+        await trio.aclose_forcefully(transport)
+
+
+async def _run_aux(uplink: TunnelUplink) -> None:
+    with uplink._aux_scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(uplink._reader_task)
+            if uplink.settings.ping_interval > 0:
+                nursery.start_soon(uplink._keepalive_task, uplink.settings.ping_interval)
