@@ -386,14 +386,19 @@ class ProxyEntry:
         elif not keep_alive:
             response_head = response_head[:-2] + b"Connection: close\r\n\r\n"
         # Content-Length bodies are counted so a misbehaving agent cannot desync the client.
-        remaining = length if framing is http.Framing.LENGTH else 0 if not chunked else -1
+        remaining = (
+            length if framing is http.Framing.LENGTH else 0 if framing is http.Framing.NONE else -1
+        )
         parts = [response_head]
+        pending = len(response_head)
         try:
             while True:
-                if not stream.data_ready:
-                    # Send what we have (head + small bodies go out in one write).
+                if pending and (pending >= _RECEIVE_SIZE or not stream.data_ready):
+                    # Send what we have: the head and a small body go out in one write, a
+                    # large body in writes of about 64 KiB.
                     await client.send_all(b"".join(parts))
                     parts = []
+                    pending = 0
                 data = await stream.receive_data()
                 if not data:
                     break
@@ -402,6 +407,7 @@ class ProxyEntry:
                         raise UplinkClosed("the agent sent more body than the response declared")
                     remaining -= len(data)
                 parts.append(http.encode_chunk(data) if chunked else data)
+                pending += len(data)
             if chunked:
                 parts.append(http.LAST_CHUNK)
             await client.send_all(b"".join(parts))

@@ -98,8 +98,18 @@ def _check_code(code: int) -> None:
 
 
 def _check_reason(reason: str) -> None:
-    if len(reason.encode("utf-8", "surrogatepass")) > 1024:
+    try:
+        size = len(reason.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise _fail("reason is not encodable as UTF-8") from exc
+    if size > 1024:
         raise _fail("reason is longer than 1024 bytes")
+
+
+def _check_int(value: object, what: str) -> None:
+    # bool is an int subclass; a window of True is a bug, not a number.
+    if type(value) is not int:
+        raise _fail(f"{what} must be an int, not {type(value).__name__}")
 
 
 @attrs.frozen
@@ -160,15 +170,21 @@ class Welcome:
     stream_id: ClassVar[int] = 0
 
     def __attrs_post_init__(self) -> None:
+        if not 0 <= self.version <= 0xFFFF:
+            raise _fail(f"version {self.version} is out of range")
         if not _valid_session_id(self.session_id):
             raise _fail(f"session id {self.session_id!r} is not 1-64 of [A-Za-z0-9_-]")
+        if not self.public_urls:
+            raise _fail("WELCOME has no public URL")
+        _check_int(self.max_frame_size, "max_frame_size")
         if self.max_frame_size < MIN_MAX_FRAME_SIZE:
             raise _fail(f"max_frame_size {self.max_frame_size} is below {MIN_MAX_FRAME_SIZE}")
         for window in (self.initial_window, self.connection_window):
+            _check_int(window, "window")
             if not 0 < window <= MAX_WINDOW:
                 raise _fail(f"window {window} is out of range 1..{MAX_WINDOW}")
-        if self.ping_interval < 0:
-            raise _fail(f"ping_interval {self.ping_interval} is negative")
+        if not 0 <= self.ping_interval <= 86400:
+            raise _fail(f"ping_interval {self.ping_interval} is not within 0..86400 seconds")
 
     @property
     def public_url(self) -> str:
@@ -337,7 +353,7 @@ def encode(frame: Frame) -> bytes:
         ftype, payload, sid = _TYPE_WINDOW, _U32.pack(frame.increment), frame.stream_id
     elif isinstance(frame, Reset):
         ftype, sid = _TYPE_RESET, frame.stream_id
-        payload = _U16.pack(frame.code) + frame.reason.encode("utf-8", "replace")
+        payload = _U16.pack(frame.code) + frame.reason.encode()
     elif isinstance(frame, Ping):
         ftype, payload = _TYPE_PING, frame.opaque
     elif isinstance(frame, Pong):
@@ -345,7 +361,7 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, GoAway):
         ftype = _TYPE_GOAWAY
         payload = _GOAWAY.pack(frame.last_stream_id, frame.code)
-        payload += frame.reason.encode("utf-8", "replace")
+        payload += frame.reason.encode()
     elif isinstance(frame, Hello):
         ftype = _TYPE_HELLO
         payload = _json_payload(
@@ -375,7 +391,7 @@ def encode(frame: Frame) -> bytes:
     else:
         assert isinstance(frame, Refuse)
         ftype = _TYPE_REFUSE
-        payload = _U16.pack(frame.code) + frame.reason.encode("utf-8", "replace")
+        payload = _U16.pack(frame.code) + frame.reason.encode()
     return _HEADER.pack(len(payload), ftype, _FLAG_NONE, sid) + payload
 
 
@@ -400,7 +416,7 @@ def _json_fields(payload: bytes, what: str) -> tuple[int, dict[str, Any]]:
         )
     try:
         fields = json.loads(_text(payload[2:], what))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _fail(f"{what} payload is not valid JSON: {exc}") from exc
     if not isinstance(fields, dict):
         raise _fail(f"{what} payload is not a JSON object")
@@ -441,18 +457,18 @@ def _decode_hello(payload: bytes) -> Hello:
 
 def _decode_welcome(payload: bytes) -> Welcome:
     version, f = _json_fields(payload, "WELCOME")
-    urls = _str_list(f, "public_urls", "WELCOME")
-    if not urls:
-        raise _fail("WELCOME has no public URL")
+    interval = _field(f, "ping_interval", (int, float), "WELCOME")
+    if not 0 <= interval <= 86400:  # also refuses NaN, inf and huge ints before float()
+        raise _fail(f"WELCOME ping_interval {interval} is not within 0..86400 seconds")
     return Welcome(
         version=version,
         session_id=_field(f, "session_id", str, "WELCOME"),
-        public_urls=urls,
+        public_urls=_str_list(f, "public_urls", "WELCOME"),
         resume_key=_field(f, "resume_key", str, "WELCOME"),
         max_frame_size=_field(f, "max_frame_size", int, "WELCOME"),
         initial_window=_field(f, "initial_window", int, "WELCOME"),
         connection_window=_field(f, "connection_window", int, "WELCOME"),
-        ping_interval=float(_field(f, "ping_interval", (int, float), "WELCOME")),
+        ping_interval=float(interval),
     )
 
 
@@ -460,6 +476,11 @@ def _code_and_reason(payload: bytes, what: str) -> tuple[int, str]:
     if len(payload) < 2:
         raise _fail(f"{what} payload is {len(payload)} bytes, expected at least 2")
     return _U16.unpack_from(payload)[0], _text(payload[2:], f"{what} reason")
+
+
+_CONNECTION_TYPES: Final = frozenset(
+    {_TYPE_PING, _TYPE_PONG, _TYPE_GOAWAY, _TYPE_HELLO, _TYPE_WELCOME, _TYPE_REFUSE}
+)
 
 
 def _decode_payload(ftype: int, sid: int, payload: bytes) -> Frame:
@@ -478,6 +499,8 @@ def _decode_payload(ftype: int, sid: int, payload: bytes) -> Frame:
     if ftype == _TYPE_RESET:
         code, reason = _code_and_reason(payload, "RESET")
         return Reset(sid, code, reason)
+    if ftype not in _CONNECTION_TYPES:
+        raise _fail(f"unknown frame type 0x{ftype:02x}")
     # The rest are connection frames.
     _check_stream_id(sid, connection=True)
     if ftype == _TYPE_PING:
