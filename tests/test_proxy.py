@@ -432,7 +432,8 @@ async def test_client_gone_mid_response_cancels_the_app() -> None:
         assert uplink.statistics().open_streams == 0
         assert len(tunnel.server.uplinks) == 1
         assert all(u.statistics().open_streams == 0 for u in tunnel.server.uplinks)
-    assert outcome[:1] == ["Cancelled"]
+    # Cancelled by the reset, or the reset itself if the app was sending at that moment.
+    assert outcome[:1] in (["Cancelled"], ["StreamReset"])
 
 
 async def test_large_bodies_stream_both_ways() -> None:

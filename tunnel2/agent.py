@@ -28,6 +28,7 @@ import trio_websocket
 
 from tunnel2 import _http11 as http
 from tunnel2 import frames
+from tunnel2._sockets import FastSocketStream, connect_tcp
 from tunnel2.errors import (
     ErrorCode,
     HandshakeError,
@@ -138,7 +139,8 @@ def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Co
             ) as ws:
                 yield WebSocketTransport(ws)
         except trio_websocket.HandshakeError as exc:
-            raise HandshakeError(f"relay at {url} refused the WebSocket upgrade: {exc}") from exc
+            reason = exc.__cause__ or exc
+            raise HandshakeError(f"cannot open a WebSocket to {url}: {reason}") from exc
 
     return connect
 
@@ -321,6 +323,9 @@ def _response_head_for_tunnel(
     if connection:
         drop = drop | {t.strip().lower() for v in connection for t in v.split(b",")}
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    if status == 101:
+        # Switching protocols: the upgrade headers are the point of the answer.
+        drop = drop - {b"connection", b"upgrade"}
     lines += [b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
         lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -345,7 +350,7 @@ class BackendForwarder:
         self.host = host
         self.port = port
         self.max_idle = max_idle
-        self._idle: collections.deque[trio.SocketStream] = collections.deque()
+        self._idle: collections.deque[FastSocketStream] = collections.deque()
 
     def __repr__(self) -> str:
         return f"<BackendForwarder {self.host}:{self.port} idle={len(self._idle)}>"
@@ -415,13 +420,12 @@ class BackendForwarder:
                 (trio.current_time() - start) * 1000,
             )
 
-    async def _open(self) -> trio.SocketStream:
-        # trio sets TCP_NODELAY on every SocketStream (DESIGN.md: no Nagle + delayed ACK).
-        return await trio.open_tcp_stream(self.host, self.port)
+    async def _open(self) -> FastSocketStream:
+        return await connect_tcp(self.host, self.port)
 
     async def _exchange(
         self,
-        conn: trio.SocketStream,
+        conn: FastSocketStream,
         stream: TunnelStream,
         head: bytes,
         method: bytes,
@@ -450,7 +454,7 @@ class BackendForwarder:
 
     async def _pump_body(
         self,
-        conn: trio.SocketStream,
+        conn: FastSocketStream,
         stream: TunnelStream,
         head: bytes,
         framing: http.Framing,
@@ -469,7 +473,7 @@ class BackendForwarder:
 
     async def _relay_response(
         self,
-        conn: trio.SocketStream,
+        conn: FastSocketStream,
         stream: TunnelStream,
         buf: bytearray,
         method: bytes,
@@ -500,6 +504,9 @@ class BackendForwarder:
             response.status, response.reason, response.headers, framing
         )
         stream.send_head(tunnel_head)
+        if response.status == 101:
+            await _splice(conn, stream, buf)
+            return 101, False
         reader = http.make_body_reader(framing, length)
         while True:
             data = reader.read(buf) if buf else b""
@@ -521,6 +528,31 @@ class BackendForwarder:
             and not buf
         )
         return response.status, reusable
+
+
+async def _splice(conn: FastSocketStream, stream: TunnelStream, buf: bytearray) -> None:
+    """After a 101 from the backend: carry raw bytes both ways until either side is done."""
+
+    async def downstream() -> None:
+        try:
+            while data := await stream.receive_data():
+                await conn.send_all(data)
+            await conn.send_eof()  # the client is done sending; the backend may still answer
+        except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(downstream)
+        try:
+            if buf:
+                await stream.send_data(bytes(buf))
+                buf.clear()
+            while data := await conn.receive_some(_RECEIVE_SIZE):
+                await stream.send_data(data)
+            stream.send_end()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        nursery.cancel_scope.cancel()
 
 
 @final

@@ -14,13 +14,17 @@ what happened (PROTOCOL.md §4); none of them ends anything but the one connecti
 from __future__ import annotations
 
 import logging
+import math
 from typing import Final, final
 
 import trio
 
 from tunnel2 import _http11 as http
+from tunnel2._sockets import FastSocketStream
 from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+
+_AGENT_PATH: Final = AGENT_PATH.encode()
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -97,6 +101,21 @@ class _ClientGone(Exception):
     """The public client closed or broke its connection mid-request."""
 
 
+class _Connection:
+    """Per-connection state of the entry."""
+
+    __slots__ = ("buf", "client", "peer", "timer", "waiting")
+
+    def __init__(self, client: trio.abc.Stream) -> None:
+        self.client = client
+        self.peer = _peer_address(client)
+        self.buf = bytearray()
+        # One scope per connection: its deadline is the idle timeout while a head is
+        # awaited, the request timeout while a response head is, and infinite otherwise.
+        self.timer = trio.CancelScope()
+        self.waiting: TunnelStream | None = None
+
+
 class _PrefixedStream(trio.abc.Stream):
     """A stream whose first reads return bytes that were already read from it."""
 
@@ -123,13 +142,9 @@ class _PrefixedStream(trio.abc.Stream):
 
 
 def _peer_address(stream: trio.abc.Stream) -> bytes:
-    sock = getattr(stream, "socket", None)
-    if sock is None:
-        return b"unknown"
-    try:
-        return str(sock.getpeername()[0]).encode()
-    except OSError:
-        return b"unknown"
+    if isinstance(stream, FastSocketStream):
+        return stream.getpeername().encode()
+    return b"unknown"
 
 
 @final
@@ -153,22 +168,31 @@ class ProxyEntry:
 
         Requests on the agents' path with a WebSocket upgrade are handed to the server.
         """
-        peer = _peer_address(stream)
+        if isinstance(stream, trio.SocketStream):
+            stream = FastSocketStream.from_trio(stream)
+        conn = _Connection(stream)
         try:
-            await self._serve(stream, peer)
+            with conn.timer:
+                await self._serve(conn)
+            if conn.timer.cancelled_caught and conn.waiting is not None:
+                # The request timeout fired while we waited for the response head.
+                conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
+                message = f"no response from the tunnel within {self.config.request_timeout:g}s"
+                with trio.move_on_after(5):
+                    await stream.send_all(error_response(504, message, close=True))
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, client: trio.abc.Stream, peer: bytes) -> None:
+    async def _serve(self, conn: _Connection) -> None:
         config = self.config
-        buf = bytearray()
-        first = True
+        client, buf, timer = conn.client, conn.buf, conn.timer
         while True:
             # 1. A head, within the idle timeout (keep-alive) and the size limit.
             end = http.find_head_end(buf)
-            with trio.move_on_after(config.idle_timeout if first or not buf else 30):
+            if end < 0:
+                timer.deadline = trio.current_time() + config.idle_timeout
                 while end < 0:
                     if len(buf) > config.max_head_size:
                         await client.send_all(
@@ -184,9 +208,7 @@ class ProxyEntry:
                         return
                     buf += data
                     end = http.find_head_end(buf, max(0, len(buf) - len(data) - 3))
-            if end < 0:
-                return  # idle keep-alive connection timed out
-            first = False
+                timer.deadline = math.inf
             head = bytes(buf[:end])
             del buf[:end]
             try:
@@ -195,13 +217,13 @@ class ProxyEntry:
             except ProtocolError as exc:
                 await client.send_all(error_response(exc.status_hint, str(exc), close=True))
                 return
-            if request.target.startswith(AGENT_PATH.encode()) and (
+            if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"
             ):
                 await self.server.handle_websocket(_PrefixedStream(client, head + bytes(buf)))
                 return
             try:
-                keep_alive = await self._proxy(client, peer, request, framing, length, buf)
+                keep_alive = await self._proxy(conn, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
                 await client.send_all(error_response(answer.status, answer.message, close=True))
@@ -244,11 +266,14 @@ class ProxyEntry:
         target: bytes,
         framing: http.Framing,
         peer: bytes,
+        upgrade: bytes | None,
     ) -> bytes:
         drop = set(_HOP_BY_HOP)
         for value in request.get_all(b"connection"):
             drop.update(t.strip().lower() for t in value.split(b","))
         lines = [b"%s %s HTTP/1.1\r\n" % (request.method, target)]
+        if upgrade is not None:
+            lines.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
         forwarded_for = peer
         host = b""
         for name, value in request.headers:
@@ -276,12 +301,10 @@ class ProxyEntry:
 
     async def _proxy(
         self,
-        client: trio.abc.Stream,
-        peer: bytes,
+        conn: _Connection,
         request: http.RequestHead,
         framing: http.Framing,
         length: int,
-        buf: bytearray,
     ) -> bool:
         """Carry one request through the tunnel; return whether the connection stays open."""
         config = self.config
@@ -298,15 +321,28 @@ class ProxyEntry:
         if route == "disconnected":
             raise _Answer(502, f"session {session_id} has no agent connected right now")
         assert not isinstance(route, str)
-        head = self._forward_head(request, target, framing, peer)
+        upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
+        head = self._forward_head(request, target, framing, conn.peer, upgrade)
         try:
             stream = route.open_stream(head)
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
         if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
-            await client.send_all(_CONTINUE)
+            await conn.client.send_all(_CONTINUE)
         try:
-            return await self._exchange(client, request, framing, length, buf, stream)
+            if upgrade is not None:
+                # Keep our direction open: after a 101 it carries the new protocol's bytes.
+                response_head = await self._wait_response(conn, stream)
+                if response_head.startswith(b"HTTP/1.1 101 "):
+                    await self._splice(conn, response_head, stream)
+                    return False
+                stream.send_end()
+                return await self._respond(conn.client, request, response_head, stream)
+            if framing is http.Framing.NONE:
+                stream.send_end()
+                response_head = await self._wait_response(conn, stream)
+                return await self._respond(conn.client, request, response_head, stream)
+            return await self._exchange(conn, request, framing, length, stream)
         except StreamReset as exc:
             status = _RESET_STATUS.get(exc.code, 502)
             raise _Answer(status, f"session {session_id}: {exc.reason or exc}") from None
@@ -315,39 +351,39 @@ class ProxyEntry:
                 502, f"agent of session {session_id} disconnected mid-request: {exc}"
             ) from None
         finally:
-            stream.close()
+            if conn.waiting is not stream:  # else handle_connection resets it with TIMEOUT
+                stream.close()
+
+    async def _wait_response(self, conn: _Connection, stream: TunnelStream) -> bytes:
+        # The connection's timer scope doubles as the request timeout (one scope per
+        # connection, not per request); handle_connection answers 504 if it fires.
+        conn.timer.deadline = trio.current_time() + self.config.request_timeout
+        conn.waiting = stream
+        head = await stream.receive_head()
+        conn.waiting = None
+        conn.timer.deadline = math.inf
+        return head
 
     async def _exchange(
         self,
-        client: trio.abc.Stream,
+        conn: _Connection,
         request: http.RequestHead,
         framing: http.Framing,
         length: int,
-        buf: bytearray,
         stream: TunnelStream,
     ) -> bool:
-        pump = _BodyPump(client, http.make_body_reader(framing, length), buf, stream, self.config)
+        """Carry a request that has a body: the body streams out while the response may
+        already come back."""
+        reader = http.make_body_reader(framing, length)
+        pump = _BodyPump(conn.client, reader, conn.buf, stream, self.config)
         result: bool | BaseException
         # Nothing raises out of this nursery (trio would wrap it in a group): the outcome is
         # kept and raised after it closes.
         async with trio.open_nursery() as nursery:
-            if framing is http.Framing.NONE:
-                stream.send_end()
-                pump.done = True
-            else:
-                nursery.start_soon(pump.run)
+            nursery.start_soon(pump.run)
             try:
-                response_head = None
-                with trio.move_on_after(self.config.request_timeout):
-                    response_head = await stream.receive_head()
-                if response_head is None:
-                    stream.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
-                    result = _Answer(
-                        504,
-                        f"no response from the tunnel within {self.config.request_timeout:g}s",
-                    )
-                else:
-                    result = await self._respond(client, request, response_head, stream)
+                response_head = await self._wait_response(conn, stream)
+                result = await self._respond(conn.client, request, response_head, stream)
             except (StreamReset, UplinkClosed, _ClientGone, ProtocolError) as exc:
                 result = pump.error or exc
             nursery.cancel_scope.cancel()
@@ -393,13 +429,15 @@ class ProxyEntry:
         pending = len(response_head)
         try:
             while True:
-                if pending and (pending >= _RECEIVE_SIZE or not stream.data_ready):
-                    # Send what we have: the head and a small body go out in one write, a
-                    # large body in writes of about 64 KiB.
-                    await client.send_all(b"".join(parts))
-                    parts = []
-                    pending = 0
-                data = await stream.receive_data()
+                try:
+                    data = stream.receive_data_nowait()
+                except trio.WouldBlock:
+                    if pending:
+                        # Send what we have: the head and a small body go out in one write.
+                        await client.send_all(b"".join(parts))
+                        parts = []
+                        pending = 0
+                    data = await stream.receive_data()
                 if not data:
                     break
                 if remaining >= 0:
@@ -408,6 +446,10 @@ class ProxyEntry:
                     remaining -= len(data)
                 parts.append(http.encode_chunk(data) if chunked else data)
                 pending += len(data)
+                if pending >= _RECEIVE_SIZE:  # a large body goes out in ~64 KiB writes
+                    await client.send_all(b"".join(parts))
+                    parts = []
+                    pending = 0
             if chunked:
                 parts.append(http.LAST_CHUNK)
             await client.send_all(b"".join(parts))
@@ -422,6 +464,41 @@ class ProxyEntry:
         if remaining > 0:
             raise _ClientGone()
         return keep_alive
+
+    async def _splice(self, conn: _Connection, response_head: bytes, stream: TunnelStream) -> None:
+        """After a 101 answer: carry raw bytes both ways until either side is done."""
+        http.parse_response_head(response_head)  # validated before it reaches the client
+        client = conn.client
+        await client.send_all(response_head)
+
+        async def upstream() -> None:
+            try:
+                if conn.buf:
+                    await stream.send_data(bytes(conn.buf))
+                    conn.buf.clear()
+                while data := await client.receive_some(_RECEIVE_SIZE):
+                    await stream.send_data(bytes(data))
+                stream.send_end()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upstream)
+            try:
+                while data := await stream.receive_data():
+                    await client.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
+                pass
+            nursery.cancel_scope.cancel()
+
+
+def _upgrade_of(request: http.RequestHead) -> bytes | None:
+    """The protocol a request asks to switch to (``Upgrade`` named in ``Connection``)."""
+    upgrade = request.get(b"upgrade")
+    if upgrade is None or request.http_version != b"1.1":
+        return None
+    tokens = {t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")}
+    return upgrade if b"upgrade" in tokens else None
 
 
 class _BodyPump:

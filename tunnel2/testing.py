@@ -83,7 +83,7 @@ class MemoryTunnel:
         """The path prefix of the session on the entry (``/session/{id}``)."""
         return f"/session/{self.agent.session_id}"
 
-    def open_client_stream(self) -> trio.abc.Stream:
+    def open_client_stream(self) -> trio.abc.HalfCloseableStream:
         """A new client connection to the entry, as a raw stream (for hand-written HTTP)."""
         client, server_side = trio.testing.memory_stream_pair()
         self._nursery.start_soon(self.entry.handle_connection, server_side)

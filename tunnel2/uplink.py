@@ -107,6 +107,7 @@ class TunnelStream:
         self._unacked = 0
         self._closed = False
         self._cancel_scope: trio.CancelScope | None = None
+        self._send_error: StreamReset | None = None
 
     def __repr__(self) -> str:
         return (
@@ -147,11 +148,13 @@ class TunnelStream:
             StreamReset: the peer reset the stream.
             UplinkClosed: the uplink closed first.
         """
-        while self._head is None:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
-        await trio.lowlevel.checkpoint()
+        if self._head is None:
+            while self._head is None:
+                if self._error is not None:
+                    raise self._error
+                await self._wait()
+        else:
+            await trio.lowlevel.checkpoint()
         return self._head
 
     async def receive_data(self) -> bytes:
@@ -164,21 +167,36 @@ class TunnelStream:
             StreamReset: the peer reset the stream.
             UplinkClosed: the uplink closed first.
         """
-        while not self._buffer:
-            if self._error is not None:
-                raise self._error
-            if self._remote_ended:
-                await trio.lowlevel.checkpoint()
-                self._maybe_finish()
-                return b""
-            await self._wait()
+        try:
+            data = self.receive_data_nowait()
+        except trio.WouldBlock:
+            while True:
+                await self._wait()
+                try:
+                    return self.receive_data_nowait()
+                except trio.WouldBlock:
+                    continue  # woken by the head, not by data
         await trio.lowlevel.checkpoint()
-        if not self._buffer:  # reset while we checkpointed
-            raise self._error or UplinkClosed("stream closed")
-        data = self._buffer.popleft()
-        self._buffered -= len(data)
-        self._uplink._consumed(self, len(data))
         return data
+
+    def receive_data_nowait(self) -> bytes:
+        """Like :meth:`receive_data`, but never waits.
+
+        Raises:
+            trio.WouldBlock: nothing has arrived yet.
+            StreamReset, UplinkClosed: as :meth:`receive_data`.
+        """
+        if self._buffer:
+            data = self._buffer.popleft()
+            self._buffered -= len(data)
+            self._uplink._consumed(self, len(data))
+            return data
+        if self._error is not None:
+            raise self._error
+        if self._remote_ended:
+            self._maybe_finish()
+            return b""
+        raise trio.WouldBlock
 
     async def _wait(self) -> None:
         self._event = trio.Event()
@@ -260,12 +278,17 @@ class TunnelStream:
         if not self._closed:
             if self._local_ended and self._remote_ended:
                 self._finish()
+            elif self._local_ended and self._error is None:
+                # We said all we had to say; stop the peer sending (h2's early response).
+                self.reset(ErrorCode.NO_ERROR, "response complete")
             else:
                 self.reset(ErrorCode.CANCEL, "abandoned")
 
     def _check_sendable(self) -> None:
         if self._error is not None:
             raise self._error
+        if self._send_error is not None:
+            raise self._send_error
         if self._local_ended:
             raise StreamReset(stream_id=self.id, code=ErrorCode.PROTOCOL_ERROR, reason="ended")
 
@@ -629,10 +652,18 @@ class TunnelUplink:
             assert isinstance(frame, frames.Reset)
             stream = self._streams.get(frame.stream_id)
             if stream is not None:
-                stream._error = StreamReset(
-                    stream_id=frame.stream_id, code=frame.code, reason=frame.reason
-                )
-                stream._finish()
+                error = StreamReset(stream_id=frame.stream_id, code=frame.code, reason=frame.reason)
+                if stream._remote_ended and frame.code == ErrorCode.NO_ERROR:
+                    # The peer finished its direction, then stopped ours (an early
+                    # response): what it sent stays readable (PROTOCOL.md §4).
+                    stream._local_ended = True
+                    stream._send_error = error
+                    stream._wake()
+                    self._credit_event.set()
+                    stream._maybe_finish()
+                else:
+                    stream._error = error
+                    stream._finish()
         elif kind is frames.Ping:
             assert isinstance(frame, frames.Ping)
             self._queue(frames.encode(frames.Pong(frame.opaque)))
