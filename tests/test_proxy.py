@@ -456,3 +456,33 @@ async def test_large_bodies_stream_both_ways() -> None:
         response = await tunnel.request("POST", "/", body=b"x" * size)
     assert response.status == 200
     assert len(response.body) == size
+
+
+async def test_connection_and_stream_limits_answer_503() -> None:
+    release = trio.Event()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = ServerConfig(max_connections=2, max_streams_per_agent=1)
+    async with tunnel_for(app, config) as tunnel:
+        first = tunnel.open_client_stream()
+        await first.send_all(f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        await trio.testing.wait_all_tasks_blocked()
+        # A second request while the agent's one stream is busy: too many streams.
+        busy = await tunnel.request("GET", "/")
+        # Two connections open (the first, and an idle one): a third is refused.
+        idle = tunnel.open_client_stream()
+        await trio.testing.wait_all_tasks_blocked()
+        refused = await raw_exchange(tunnel, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        release.set()
+        answer = await first.receive_some(65536)
+        await idle.aclose()
+        await first.aclose()
+    assert busy.status == 503
+    assert "requests in flight" in busy.text
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert b"maximum of 2 connections" in refused
+    assert answer.startswith(b"HTTP/1.1 200 ")

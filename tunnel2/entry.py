@@ -159,6 +159,7 @@ class ProxyEntry:
         self.config = server.config
         self._proto = server.base_url.partition("://")[0].encode() or b"http"
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
+        self._connections = 0
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -171,7 +172,14 @@ class ProxyEntry:
         if isinstance(stream, trio.SocketStream):
             stream = FastSocketStream.from_trio(stream)
         conn = _Connection(stream)
+        self._connections += 1
         try:
+            if self._connections > self.config.max_connections:
+                message = (
+                    f"the relay is serving its maximum of {self.config.max_connections} connections"
+                )
+                await stream.send_all(error_response(503, message, close=True))
+                return
             with conn.timer:
                 await self._serve(conn)
             if conn.timer.cancelled_caught and conn.waiting is not None:
@@ -183,7 +191,13 @@ class ProxyEntry:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
         finally:
+            self._connections -= 1
             await trio.aclose_forcefully(stream)
+
+    @property
+    def connections(self) -> int:
+        """Public connections open now."""
+        return self._connections
 
     async def _serve(self, conn: _Connection) -> None:
         config = self.config
@@ -321,6 +335,12 @@ class ProxyEntry:
         if route == "disconnected":
             raise _Answer(502, f"session {session_id} has no agent connected right now")
         assert not isinstance(route, str)
+        if route.open_streams >= config.max_streams_per_agent:
+            raise _Answer(
+                503,
+                f"session {session_id} has {config.max_streams_per_agent} requests in flight, "
+                "the most one agent connection may carry",
+            )
         upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
         head = self._forward_head(request, target, framing, conn.peer, upgrade)
         try:

@@ -51,6 +51,8 @@ class ServerConfig:
         idle_timeout: seconds an idle public keep-alive connection is kept.
         max_head_size: largest request head (431 past it).
         max_body_size: largest request body in bytes (413 past it); ``None`` for no limit.
+        max_connections: public connections served at once; past it new ones get 503.
+        max_streams_per_agent: requests in flight per agent connection; past it 503.
         max_frame_size: the frame size limit offered to agents.
         initial_window: per-stream credit.
         connection_window: per-connection credit.
@@ -69,6 +71,8 @@ class ServerConfig:
     idle_timeout: float = 75.0
     max_head_size: int = 65536
     max_body_size: int | None = None
+    max_connections: int = 10000
+    max_streams_per_agent: int = 4096
     max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
     initial_window: int = 256 * 1024
     connection_window: int = 4 * 1024 * 1024

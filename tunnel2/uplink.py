@@ -396,6 +396,11 @@ class TunnelUplink:
         return not (self._closing or self._draining or self._peer_goaway is not None)
 
     @property
+    def open_streams(self) -> int:
+        """Streams not yet finished in both directions."""
+        return len(self._streams)
+
+    @property
     def close_reason(self) -> str:
         """Why the uplink closed, or ``""`` while it is open."""
         return self._close_error.reason if self._close_error else ""
