@@ -1,0 +1,813 @@
+"""A fast, strict, sans-IO HTTP/1.1 head parser and body framing for the data path.
+
+Layer: bottom, next to :mod:`tunnel2.frames`. May import the standard library, attrs and
+:mod:`tunnel2.errors`; no trio, no sockets, no clock, no logging. The entry parses every client
+request with it, the agent every backend response, the load generator every response it gets.
+
+h11 costs about three times as much per message (DESIGN.md, "Performance model"), so this
+module does the same checks with a few precompiled regexes over the whole head instead of
+per-line Python work, and keeps the hot path free of validating constructors.
+
+Invariants:
+
+* Anything h11 refuses, this module refuses (``tests/test_http11.py`` proves it with h11 as the
+  oracle). It is stricter than h11 in a short documented list, because the entry forwards raw
+  bytes to backends whose parsers we do not know (request smuggling): bare-LF line endings,
+  obs-fold continuation lines, HTTP versions other than 1.0 and 1.1 (505), both Content-Length
+  and Transfer-Encoding in one message, Transfer-Encoding in an HTTP/1.0 message,
+  comma-separated Content-Length values (``5, 5``), and chunk-size lines with whitespace
+  before the CRLF or more than 16 hex digits.
+* It is looser than h11 in one place only: a *response* may carry transfer codings other than a
+  lone ``chunked`` (RFC 9112 §6.3: final coding chunked means chunked, otherwise the body runs
+  until close). Requests accept ``Transfer-Encoding: chunked`` only (501 otherwise).
+* Every error is a :class:`~tunnel2.errors.RemoteProtocolError` whose ``status_hint`` is the
+  status an entry should answer with: 400 malformed, 431 head too large, 501 unsupported
+  transfer coding, 505 unsupported HTTP version.
+* A head returned by :func:`parse_request_head` / :func:`parse_response_head` has already had
+  its framing headers checked, so :func:`request_framing` / :func:`response_framing` cannot fail
+  on it.
+* Body readers consume only their own message's bytes from the front of the buffer; a
+  pipelined next message stays in the buffer untouched. Once a reader has raised it stays failed.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final, final
+
+from tunnel2.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "LAST_CHUNK",
+    "MAX_HEAD_SIZE",
+    "BodyReader",
+    "Framing",
+    "RequestHead",
+    "ResponseHead",
+    "encode_chunk",
+    "find_head_end",
+    "make_body_reader",
+    "parse_request_head",
+    "parse_response_head",
+    "request_framing",
+    "response_framing",
+]
+
+MAX_HEAD_SIZE: Final = 65536
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+# --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------
+
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+# h11's field-content: no NUL and no whitespace except single runs of SP/HTAB *inside* the value
+# (h11 lets other control bytes through because real cookies carry them). In a bytes pattern \s
+# is exactly [ \t\n\r\f\v].
+_FIELD_CONTENT: Final = rb"[^\x00\s]++(?:[ \t]++[^\x00\s]++)*+"
+# Possessive quantifiers (Python 3.11) keep a failing match linear: without them a value of
+# 60000 spaces and a NUL costs O(n**2) steps.
+_FIELD: Final = rb"(" + _TOKEN + rb"):[ \t]*+(" + _FIELD_CONTENT + rb")?[ \t]*+"
+_FIELD_LINE: Final = _FIELD + rb"\r\n"
+
+_REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
+_STATUS_LINE_RE: Final = re.compile(
+    # reason-phrase = *( HTAB / SP / VCHAR / obs-text ), less NUL and \v\f as h11 does; h11
+    # also accepts a status line without the space and reason, as many servers send one.
+    rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?\r\n"
+)
+# The whole header section in one C-level pass.
+_FIELD_BLOCK_RE: Final = re.compile(rb"(?:" + _FIELD_LINE + rb")*+")
+_FIELD_LINE_RE: Final = re.compile(_FIELD_LINE)
+_TOKEN_RE: Final = re.compile(_TOKEN)
+_TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+")
+_FIELD_VALUE_RE: Final = re.compile(rb"[ \t]*+(?:" + _FIELD_CONTENT + rb")?[ \t]*+")
+_VERSION_RE: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,20}")
+# chunk-size [ chunk-ext ] CRLF (RFC 9112 §7.1). Extensions are ignored but may not carry
+# control bytes. Stricter than h11, which allows whitespace before the CRLF and 20 digits: the
+# entry forwards chunked bodies as they came, and a backend must not frame them differently.
+# 16 hex digits is 2**64.
+_CHUNK_LINE_RE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*+)?+")
+_TRAILER_LINE_RE: Final = re.compile(_FIELD)
+
+_SUPPORTED_VERSIONS: Final = (b"1.1", b"1.0")
+_SHOW: Final = 64  # bytes of offending input quoted in an error message
+
+
+def _show(data: bytes | bytearray) -> str:
+    if len(data) > _SHOW:
+        return f"{bytes(data[:_SHOW])!r}..."
+    return repr(bytes(data))
+
+
+def _bad(message: str, status_hint: int = 400) -> RemoteProtocolError:
+    return RemoteProtocolError(message, status_hint=status_hint)
+
+
+# --- heads ------------------------------------------------------------------------------------
+
+
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Find the end of a message head.
+
+    Args:
+        buf: the bytes received so far.
+        start: where to start looking. To avoid rescanning a growing buffer, pass
+            ``max(0, previous_len - 3)``.
+
+    Returns:
+        The index just past the first ``b"\\r\\n\\r\\n"`` at or after ``start``, or -1 if
+        there is none yet. The caller enforces the size limit while the result is -1.
+
+    Raises:
+        RemoteProtocolError: (400) the head ends with a bare-LF blank line (``\\n\\n`` or
+            ``\\n\\r\\n``), which h11 would accept and we do not; raising here answers such a
+            client at once instead of waiting for the size limit.
+    """
+    end = buf.find(b"\r\n\r\n", start)
+    stop = len(buf) if end < 0 else end + 2
+    if buf.find(b"\n\n", start, stop) >= 0:
+        raise _bad("bare LF line endings are not accepted")
+    lf = buf.find(b"\n\r\n", start, stop)
+    while lf >= 0:
+        # Preceded by CR, this is a CRLF CRLF that began before `start` (only at `start`).
+        if lf == 0 or buf[lf - 1] != 0x0D:
+            raise _bad("bare LF line endings are not accepted")
+        lf = buf.find(b"\n\r\n", lf + 1, stop)
+    return -1 if end < 0 else end + 4
+
+
+def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _get_all(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def _keep_alive(http_version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    tokens: set[bytes] = set()
+    for key, value in headers:
+        if key.lower() == b"connection":
+            tokens.update(token.strip() for token in value.lower().split(b","))
+    if b"close" in tokens:
+        return False
+    # RFC 9112 §9.3: HTTP/1.1 persists by default, HTTP/1.0 only when asked to.
+    return http_version == b"1.1" or b"keep-alive" in tokens
+
+
+@final
+class RequestHead:
+    """A parsed request head.
+
+    Attributes:
+        method: the method, e.g. ``b"GET"``.
+        target: the request-target as sent, e.g. ``b"/a?b=c"``.
+        http_version: ``b"1.1"`` or ``b"1.0"``.
+        headers: ``(name, value)`` pairs in order, repeats kept; names exactly as received,
+            values with leading and trailing whitespace stripped.
+    """
+
+    __slots__ = ("_framing", "headers", "http_version", "method", "target")
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+    _framing: tuple[Framing, int] | None
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self._framing = None
+
+    def get(self, name: bytes) -> bytes | None:
+        """Return the first value of header ``name`` (given in lower case), or ``None``."""
+        return _get(self.headers, name)
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """Return every value of header ``name`` (given in lower case), in order."""
+        return _get_all(self.headers, name)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request after this one (RFC 9112 §9.3)."""
+        return _keep_alive(self.http_version, self.headers)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestHead):
+            return NotImplemented
+        return (self.method, self.target, self.http_version, self.headers) == (
+            other.method,
+            other.target,
+            other.http_version,
+            other.headers,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like h11's events
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestHead(method={self.method!r}, target={self.target!r}, "
+            f"http_version={self.http_version!r}, headers={self.headers!r})"
+        )
+
+
+@final
+class ResponseHead:
+    """A parsed response head.
+
+    Attributes:
+        http_version: ``b"1.1"`` or ``b"1.0"``.
+        status: the status code, 100 to 999.
+        reason: the reason phrase (may be empty).
+        headers: as in :class:`RequestHead`.
+    """
+
+    __slots__ = ("_framing", "headers", "http_version", "reason", "status")
+
+    http_version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    # Framing from the headers alone; response_framing() applies status and request method.
+    _framing: tuple[Framing, int] | None
+
+    def __init__(
+        self,
+        http_version: bytes,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.http_version = http_version
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._framing = None
+
+    def get(self, name: bytes) -> bytes | None:
+        """Return the first value of header ``name`` (given in lower case), or ``None``."""
+        return _get(self.headers, name)
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        """Return every value of header ``name`` (given in lower case), in order."""
+        return _get_all(self.headers, name)
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the headers allow another exchange on the connection (RFC 9112 §9.3).
+
+        A body framed by closing the connection (:attr:`Framing.UNTIL_CLOSE`) ends it anyway.
+        """
+        return _keep_alive(self.http_version, self.headers)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ResponseHead):
+            return NotImplemented
+        return (self.http_version, self.status, self.reason, self.headers) == (
+            other.http_version,
+            other.status,
+            other.reason,
+            other.headers,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like h11's events
+
+    def __repr__(self) -> str:
+        return (
+            f"ResponseHead(http_version={self.http_version!r}, status={self.status!r}, "
+            f"reason={self.reason!r}, headers={self.headers!r})"
+        )
+
+
+def _check_size(head: bytes, max_size: int, what: str) -> None:
+    if len(head) > max_size:
+        raise _bad(f"{what} head is {len(head)} bytes, limit {max_size}", 431)
+    if not head.endswith(b"\r\n\r\n"):
+        raise _bad(f"{what} head does not end with CRLF CRLF")
+
+
+def _parse_fields(head: bytes, start: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Parse the field lines in ``head[start:-2]``; return them and the lower-cased block.
+
+    The lower-cased block starts with ``\\n``, so ``b"\\nhost:" in block`` finds exactly the
+    lines named Host: validated lines end in CRLF and no value contains LF.
+    """
+    if start == len(head) - 2:
+        return [], b"\n"
+    block = head[start:-2]
+    if _FIELD_BLOCK_RE.fullmatch(block) is None:
+        raise _diagnose_fields(block)
+    fields: list[tuple[bytes, bytes]] = _FIELD_LINE_RE.findall(block)
+    return fields, b"\n" + block.lower()
+
+
+def _diagnose_fields(block: bytes) -> RemoteProtocolError:
+    """Raise the most specific error for a header block the fast regex refused."""
+    for line in block[:-2].split(b"\r\n"):
+        if b"\n" in line:
+            return _bad("bare LF line endings are not accepted")
+        if b"\r" in line:
+            return _bad(f"bare CR in header line {_show(line)}")
+        if not line:
+            return _bad("empty line inside head")
+        if line[:1] in (b" ", b"\t"):
+            # RFC 9112 §5.2 lets a server refuse obs-fold; h11 unfolds it.
+            return _bad(f"obs-fold continuation lines are not accepted: {_show(line)}")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return _bad(f"header line without colon: {_show(line)}")
+        if name[-1:] in (b" ", b"\t"):
+            return _bad(f"whitespace before colon in header line {_show(line)}")
+        if _TOKEN_RE.fullmatch(name) is None:
+            return _bad(f"invalid header name {_show(name)}")
+        if _FIELD_VALUE_RE.fullmatch(value) is None:
+            return _bad(f"invalid value for header {_show(name)}: {_show(value)}")
+    return _bad(f"invalid header block {_show(block)}")  # pragma: no cover - defensive
+
+
+def _check_version(version: bytes, line: bytes) -> None:
+    if version not in _SUPPORTED_VERSIONS:
+        raise _bad(f"unsupported HTTP version in {_show(line)}; only 1.0 and 1.1", 505)
+
+
+def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> RequestHead:
+    """Parse and validate a request head, including its framing headers.
+
+    Args:
+        head: the whole head including the final ``b"\\r\\n\\r\\n"``, as delimited by
+            :func:`find_head_end`.
+        max_size: the largest head accepted.
+
+    Returns:
+        The head; :func:`request_framing` on it cannot fail.
+
+    Raises:
+        RemoteProtocolError: 400 for malformed input (including a missing or repeated Host in
+            HTTP/1.1, and the smuggling-shaped framing headers listed in the module docstring),
+            431 for a head over ``max_size``, 501 for a Transfer-Encoding other than chunked,
+            505 for an HTTP version other than 1.0 and 1.1.
+    """
+    _check_size(head, max_size, "request")
+    match = _REQUEST_LINE_RE.match(head)
+    if match is None:
+        raise _diagnose_request_line(head[: head.find(b"\r\n")])
+    method, target, version = match.groups()
+    _check_version(version, head[: match.end() - 2])
+    headers, lower = _parse_fields(head, match.end())
+    request = RequestHead(method, target, version, headers)
+    # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
+    hosts = lower.count(b"\nhost:")
+    if hosts != 1 and (hosts > 1 or version == b"1.1"):
+        raise _bad("missing Host header" if hosts == 0 else f"{hosts} Host headers, at most 1")
+    if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
+        request._framing = _request_framing(request)
+    else:
+        request._framing = _NO_BODY
+    return request
+
+
+def _diagnose_request_line(line: bytes) -> RemoteProtocolError:
+    """Return the most specific error for a request line the fast regex refused."""
+    if b"\n" in line:
+        return _bad("bare LF line endings are not accepted")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return _bad(f"invalid request line {_show(line)}")
+    method, target, version = parts
+    if _TOKEN_RE.fullmatch(method) is None:
+        return _bad(f"invalid method {_show(method)}")
+    if _TARGET_RE.fullmatch(target) is None:
+        return _bad(f"invalid request target {_show(target)}")
+    if _VERSION_RE.fullmatch(version) is None:
+        return _bad(f"invalid HTTP version {_show(version)}")
+    return _bad(f"invalid request line {_show(line)}")  # pragma: no cover - defensive
+
+
+def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> ResponseHead:
+    """Parse and validate a response head, including its framing headers.
+
+    Args:
+        head: the whole head including the final ``b"\\r\\n\\r\\n"``.
+        max_size: the largest head accepted.
+
+    Returns:
+        The head; :func:`response_framing` on it cannot fail.
+
+    Raises:
+        RemoteProtocolError: 400 for malformed input, 431 for a head over ``max_size``, 505
+            for an HTTP version other than 1.0 and 1.1. The agent, not this module, turns
+            these into a 502 for its client.
+    """
+    _check_size(head, max_size, "response")
+    match = _STATUS_LINE_RE.match(head)
+    if match is None:
+        line = head[: head.find(b"\r\n")]
+        if b"\n" in line:
+            raise _bad("bare LF line endings are not accepted")
+        if _VERSION_RE.match(line) is None:
+            raise _bad(f"invalid HTTP version in status line {_show(line)}")
+        raise _bad(f"invalid status line {_show(line)}")
+    version, status, reason = match.groups()
+    _check_version(version, head[: match.end() - 2])
+    code = int(status)
+    if code < 100:
+        raise _bad(f"invalid status code {code}, must be 100 to 999")
+    headers, lower = _parse_fields(head, match.end())
+    response = ResponseHead(version, code, reason or b"", headers)
+    if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
+        response._framing = _response_header_framing(response)
+    else:
+        response._framing = _UNTIL_CLOSE
+    return response
+
+
+# --- framing ------------------------------------------------------------------------------------
+
+
+class Framing(enum.Enum):
+    """How a message body is delimited (RFC 9112 §6.3)."""
+
+    NONE = enum.auto()
+    """No body."""
+    LENGTH = enum.auto()
+    """Exactly Content-Length bytes."""
+    CHUNKED = enum.auto()
+    """Transfer-Encoding: chunked."""
+    UNTIL_CLOSE = enum.auto()
+    """The body runs until the server closes the connection (responses only)."""
+
+
+_NO_BODY: Final = (Framing.NONE, 0)
+_UNTIL_CLOSE: Final = (Framing.UNTIL_CLOSE, 0)
+_CHUNKED: Final = (Framing.CHUNKED, 0)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    # RFC 9112 §6.3 item 5: repeated values must agree. We accept repeats only as separate,
+    # byte-identical fields; h11 also accepts "5, 5" in one field, which we refuse.
+    found: bytes | None = None
+    for key, value in headers:
+        if key.lower() == b"content-length":
+            if _CONTENT_LENGTH_RE.fullmatch(value) is None:
+                raise _bad(f"invalid Content-Length {_show(value)}, must be 1 to 20 digits")
+            if found is None:
+                found = value
+            elif value != found:
+                raise _bad(f"conflicting Content-Length values {found!r} and {value!r}")
+    return None if found is None else int(found)
+
+
+def _check_transfer_encoding(message: RequestHead | ResponseHead, length: int | None) -> None:
+    # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing; §6.3 item 3: with
+    # Content-Length too it "ought to be handled as an error". h11 accepts both; an entry that
+    # forwards raw bytes must not, or a backend may frame the body differently (smuggling).
+    if message.http_version == b"1.0":
+        raise _bad("Transfer-Encoding in an HTTP/1.0 message")
+    if length is not None:
+        raise _bad("both Content-Length and Transfer-Encoding")
+
+
+def _request_framing(request: RequestHead) -> tuple[Framing, int]:
+    length = _content_length(request.headers)
+    codings = request.get_all(b"transfer-encoding")
+    if codings:
+        _check_transfer_encoding(request, length)
+        if len(codings) > 1:
+            raise _bad(f"{len(codings)} Transfer-Encoding headers, only chunked supported", 501)
+        if codings[0].lower() != b"chunked":
+            raise _bad(f"unsupported Transfer-Encoding {_show(codings[0])}", 501)
+        return _CHUNKED
+    if length is None:
+        return _NO_BODY
+    return (Framing.LENGTH, length)
+
+
+def _response_header_framing(response: ResponseHead) -> tuple[Framing, int]:
+    length = _content_length(response.headers)
+    values = response.get_all(b"transfer-encoding")
+    if values:
+        _check_transfer_encoding(response, length)
+        codings: list[bytes] = []
+        for value in values:
+            for item in value.lower().split(b","):
+                coding = item.partition(b";")[0].strip()
+                if _TOKEN_RE.fullmatch(coding) is None:
+                    raise _bad(f"invalid Transfer-Encoding {_show(value)}")
+                codings.append(coding)
+        if codings[-1] != b"chunked":
+            return _UNTIL_CLOSE  # RFC 9112 §6.3 item 4
+        if b"chunked" in codings[:-1]:
+            raise _bad("chunked transfer coding applied more than once")
+        return _CHUNKED
+    if length is None:
+        return _UNTIL_CLOSE
+    return (Framing.LENGTH, length)
+
+
+def request_framing(head: RequestHead) -> tuple[Framing, int]:
+    """Return how the body of a request is delimited (RFC 9112 §6.3).
+
+    Returns:
+        ``(Framing.CHUNKED, 0)``, ``(Framing.LENGTH, n)`` or, without either header,
+        ``(Framing.NONE, 0)``.
+
+    Raises:
+        RemoteProtocolError: only for a head not made by :func:`parse_request_head`: 400 for
+            bad or conflicting framing headers, 501 for a transfer coding other than chunked.
+    """
+    if head._framing is None:
+        head._framing = _request_framing(head)
+    return head._framing
+
+
+def response_framing(head: ResponseHead, request_method: bytes) -> tuple[Framing, int]:
+    """Return how the body of a response to ``request_method`` is delimited (RFC 9112 §6.3).
+
+    Returns:
+        ``(Framing.NONE, 0)`` for a HEAD request, 1xx, 204, 304 and a 2xx to CONNECT;
+        otherwise ``CHUNKED`` if the final transfer coding is chunked, ``UNTIL_CLOSE`` for
+        other transfer codings, ``(LENGTH, n)`` for Content-Length, else ``UNTIL_CLOSE``.
+
+    Raises:
+        RemoteProtocolError: (400) only for a head not made by :func:`parse_response_head`.
+    """
+    status = head.status
+    if (
+        status < 200
+        or status == 204
+        or status == 304
+        or request_method == b"HEAD"
+        or (request_method == b"CONNECT" and status < 300)
+    ):
+        return _NO_BODY
+    if head._framing is None:
+        head._framing = _response_header_framing(head)
+    return head._framing
+
+
+# --- bodies -------------------------------------------------------------------------------------
+
+
+def _take(buf: bytearray, count: int) -> bytes:
+    """Remove and return the first ``count`` bytes of ``buf`` (``count <= len(buf)``)."""
+    if count == len(buf):
+        data = bytes(buf)
+        buf.clear()
+    else:
+        data = bytes(buf[:count])
+        del buf[:count]
+    return data
+
+
+class BodyReader:
+    """Reads one message body from the front of a receive buffer.
+
+    Made by :func:`make_body_reader`. Not thread-safe; once it has raised it stays failed.
+
+    Attributes:
+        done: whether the whole body has been read.
+    """
+
+    __slots__ = ("done",)
+
+    done: bool
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def read(self, buf: bytearray) -> bytes:
+        """Consume body bytes from the front of ``buf`` and return the content they carry.
+
+        Args:
+            buf: the receive buffer; the bytes read are deleted from it in place. Bytes after
+                the end of the body (a pipelined next message) are left in it untouched.
+
+        Returns:
+            The decoded content available now, ``b""`` if none yet. Once :attr:`done` is
+            true, always ``b""``.
+
+        Raises:
+            RemoteProtocolError: (400) the body is malformed.
+        """
+        raise NotImplementedError
+
+    def feed_eof(self) -> None:
+        """Tell the reader the connection closed.
+
+        Raises:
+            RemoteProtocolError: (400) the body was not complete; only a body framed by
+                closing the connection ends here (and then :attr:`done` becomes true).
+        """
+        raise NotImplementedError
+
+
+@final
+class _LengthReader(BodyReader):
+    __slots__ = ("_length", "_remaining")
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+        self._remaining = length
+        self.done = length == 0
+
+    def read(self, buf: bytearray) -> bytes:
+        remaining = self._remaining
+        if not remaining or not buf:
+            return b""
+        data = _take(buf, min(remaining, len(buf)))
+        self._remaining = remaining = remaining - len(data)
+        self.done = not remaining
+        return data
+
+    def feed_eof(self) -> None:
+        if not self.done:
+            received = self._length - self._remaining
+            raise _bad(f"connection closed before body ended ({received} of {self._length} bytes)")
+
+
+@final
+class _UntilCloseReader(BodyReader):
+    __slots__ = ()
+
+    def read(self, buf: bytearray) -> bytes:
+        if self.done or not buf:
+            return b""
+        return _take(buf, len(buf))
+
+    def feed_eof(self) -> None:
+        self.done = True
+
+
+# Chunked reader states.
+_SIZE: Final = 0
+_DATA: Final = 1
+_DATA_END: Final = 2
+_TRAILER: Final = 3
+_DONE: Final = 4
+
+
+@final
+class _ChunkedReader(BodyReader):
+    __slots__ = (
+        "_crlf_left",
+        "_error",
+        "_max_line",
+        "_max_trailer",
+        "_received",
+        "_remaining",
+        "_scanned",
+        "_state",
+        "_trailer_size",
+    )
+
+    def __init__(self, max_line: int, max_trailer: int) -> None:
+        super().__init__()
+        self._max_line = max_line
+        self._max_trailer = max_trailer
+        self._state = _SIZE
+        self._remaining = 0  # data bytes left in the current chunk
+        self._crlf_left = 0  # bytes of the CRLF after chunk data still to match
+        self._scanned = 0  # bytes of buf already searched for the end of the current line
+        self._trailer_size = 0
+        self._received = 0
+        self._error: RemoteProtocolError | None = None
+
+    def _fail(self, message: str) -> RemoteProtocolError:
+        self._error = _bad(message)
+        return self._error
+
+    def _line_end(self, buf: bytearray, used: int, limit: int, what: str) -> int:
+        """Index of the CRLF ending the line at the front of ``buf``, or -1.
+
+        Refuses the line once ``used`` plus its length exceeds ``limit``, without waiting for
+        its end. Remembers how far it searched, so a line arriving a byte at a time costs
+        O(n), not O(n**2).
+        """
+        end = buf.find(b"\r\n", max(0, self._scanned - 1))
+        if end < 0:
+            if used + len(buf) > limit + 1:  # + 1: the CR of a CRLF split after it
+                raise self._fail(f"{what} is over {limit} bytes")
+            self._scanned = len(buf)
+            return -1
+        self._scanned = 0
+        if used + end > limit:
+            raise self._fail(f"{what} is over {limit} bytes")
+        return end
+
+    def read(self, buf: bytearray) -> bytes:
+        if self._error is not None:
+            raise self._error
+        out: list[bytes] = []
+        while buf:
+            state = self._state
+            if state == _DATA:
+                data = _take(buf, min(self._remaining, len(buf)))
+                out.append(data)
+                self._received += len(data)
+                self._remaining -= len(data)
+                if self._remaining:
+                    break
+                self._state = _DATA_END
+                self._crlf_left = 2
+            elif state == _DATA_END:
+                # Match b"\r\n" (or its tail after a split) at the front of buf.
+                expected = b"\r\n"[2 - self._crlf_left :]
+                count = min(len(expected), len(buf))
+                if buf[:count] != expected[:count]:
+                    got = bytes(buf[:2])
+                    raise self._fail(f"chunk data not followed by CRLF (got {got!r})")
+                del buf[:count]
+                self._crlf_left -= count
+                if not self._crlf_left:
+                    self._state = _SIZE
+            elif state == _SIZE:
+                end = self._line_end(buf, 0, self._max_line, "chunk size line")
+                if end < 0:
+                    break
+                match = _CHUNK_LINE_RE.fullmatch(buf, 0, end)
+                if match is None:
+                    raise self._fail(f"invalid chunk size line {_show(buf[:end])}")
+                size = int(match[1], 16)
+                del buf[: end + 2]
+                if size:
+                    self._state = _DATA
+                    self._remaining = size
+                else:
+                    self._state = _TRAILER
+            elif state == _TRAILER:
+                end = self._line_end(buf, self._trailer_size, self._max_trailer, "trailer section")
+                if end < 0:
+                    break
+                if end == 0:
+                    del buf[:2]
+                    self._state = _DONE
+                    self.done = True
+                    break
+                if _TRAILER_LINE_RE.fullmatch(buf, 0, end) is None:
+                    raise self._fail(f"invalid trailer line {_show(buf[:end])}")
+                self._trailer_size += end + 2
+                del buf[: end + 2]  # trailers are read and discarded
+            else:  # _DONE
+                break
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def feed_eof(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self.done:
+            raise self._fail(
+                f"connection closed before body ended ({self._received} bytes of chunk data)"
+            )
+
+
+def make_body_reader(
+    framing: Framing,
+    length: int,
+    *,
+    max_chunk_line: int = 4096,
+    max_trailer_size: int = 8192,
+) -> BodyReader:
+    """Make the reader for a body framed as returned by :func:`request_framing` et al.
+
+    Args:
+        framing: the body's framing.
+        length: the Content-Length for :attr:`Framing.LENGTH`, else ignored.
+        max_chunk_line: the longest chunk-size line accepted, extensions included.
+        max_trailer_size: the largest trailer section accepted (trailers are discarded).
+
+    Returns:
+        A fresh :class:`BodyReader`; for :attr:`Framing.NONE` it is already done.
+    """
+    if framing is Framing.LENGTH:
+        return _LengthReader(length)
+    if framing is Framing.CHUNKED:
+        return _ChunkedReader(max_chunk_line, max_trailer_size)
+    if framing is Framing.UNTIL_CLOSE:
+        return _UntilCloseReader()
+    return _LengthReader(0)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """Frame ``data`` as one chunk of a chunked body; end the body with :data:`LAST_CHUNK`.
+
+    Raises:
+        LocalProtocolError: ``data`` is empty (a zero-size chunk would end the body).
+    """
+    if not data:
+        raise LocalProtocolError("cannot encode an empty chunk: it would end the body")
+    return b"%x\r\n%b\r\n" % (len(data), data)
