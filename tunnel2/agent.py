@@ -124,11 +124,19 @@ def agent_url(server_url: str) -> str:
 
 
 def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Connector:
-    """A connector that dials the relay's WebSocket endpoint with trio-websocket."""
+    """A connector that dials the relay's WebSocket endpoint with trio-websocket.
+
+    ``ws://`` connections run over a :class:`FastSocketStream` this connector opens (and
+    closes); ``wss://`` ones go through ``trio_websocket.open_websocket_url``.
+    """
     url = agent_url(server_url)
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    resource = parts.path or "/"
 
     @asynccontextmanager
-    async def connect() -> AsyncIterator[FrameTransport]:
+    async def connect_tls() -> AsyncIterator[FrameTransport]:
         try:
             async with trio_websocket.open_websocket_url(
                 url,
@@ -142,7 +150,46 @@ def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Co
             reason = exc.__cause__ or exc
             raise HandshakeError(f"cannot open a WebSocket to {url}: {reason}") from exc
 
-    return connect
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[FrameTransport]:
+        try:
+            with trio.fail_after(connect_timeout):
+                stream = await connect_tcp(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            raise HandshakeError(f"cannot connect to the relay at {url}: {exc}") from exc
+        try:
+            async with trio.open_nursery() as nursery:
+                transport: WebSocketTransport | None = None
+                try:
+                    with trio.fail_after(connect_timeout):
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery,
+                            stream,  # type: ignore[arg-type]  # any trio stream works
+                            parts.netloc,
+                            resource,
+                            max_message_size=MAX_MESSAGE_SIZE,
+                            receive_buffer_size=65536,
+                        )
+                    transport = WebSocketTransport(ws, stream)
+                    yield transport
+                finally:
+                    if transport is not None:
+                        with trio.CancelScope(shield=True), trio.move_on_after(2):
+                            await transport.aclose()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # trio wraps what crossed the nursery; give the caller the lone error (trio's
+            # habit), translated where it came from the WebSocket handshake.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            if isinstance(error, (trio_websocket.HandshakeError, trio.TooSlowError)):
+                raise HandshakeError(f"WebSocket handshake with {url} failed: {error}") from error
+            raise error from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    return connect if parts.scheme == "ws" else connect_tls
 
 
 @final

@@ -80,10 +80,19 @@ class StreamTransport(FrameTransport):
 
 
 class WebSocketTransport(FrameTransport):
-    """Frames in binary messages of a trio-websocket connection."""
+    """Frames in binary messages of a trio-websocket connection.
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    Args:
+        ws: the connection.
+        stream: the byte stream under it, if the caller opened it; :meth:`aclose` closes it
+            too (trio-websocket leaves it open when the peer closed first).
+    """
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream | None = None
+    ) -> None:
         self._ws = ws
+        self._stream = stream
 
     def __repr__(self) -> str:
         return f"<WebSocketTransport {self._ws!r}>"
@@ -104,7 +113,11 @@ class WebSocketTransport(FrameTransport):
         return bytes(message)
 
     async def aclose(self) -> None:
-        await self._ws.aclose()
+        try:
+            await self._ws.aclose()
+        finally:
+            if self._stream is not None:
+                await trio.aclose_forcefully(self._stream)
 
 
 def memory_transport_pair() -> tuple[StreamTransport, StreamTransport]:

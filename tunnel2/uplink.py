@@ -151,6 +151,7 @@ class TunnelStream:
         if self._head is None:
             while self._head is None:
                 if self._error is not None:
+                    await trio.lowlevel.checkpoint()
                     raise self._error
                 await self._wait()
         else:
@@ -167,6 +168,8 @@ class TunnelStream:
             StreamReset: the peer reset the stream.
             UplinkClosed: the uplink closed first.
         """
+        # As trio's channels: a cancellation can only land before data is taken.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             data = self.receive_data_nowait()
         except trio.WouldBlock:
@@ -176,7 +179,10 @@ class TunnelStream:
                     return self.receive_data_nowait()
                 except trio.WouldBlock:
                     continue  # woken by the head, not by data
-        await trio.lowlevel.checkpoint()
+        except BaseException:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            raise
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     def receive_data_nowait(self) -> bytes:
@@ -265,7 +271,7 @@ class TunnelStream:
         """Abort the stream both ways and tell the peer. Does not block; idempotent."""
         if self._closed:
             return
-        self._error = StreamReset(stream_id=self.id, code=code, reason="reset locally")
+        self._error = StreamReset(stream_id=self.id, code=code, reason=reason or "reset locally")
         if not self._uplink._closing:
             self._uplink._queue(frames.encode(frames.Reset(self.id, code, reason)))
         self._finish()
@@ -485,7 +491,8 @@ class TunnelUplink:
                 break
         self._aux_scope.cancel()
         self._out_event.set()
-        self._credit_event.set()
+        self._wake_credit()
+        self._wake_drained()
         self._closed_event.set()
 
     # --- internals called by TunnelStream ---------------------------------------------------
@@ -500,19 +507,27 @@ class TunnelUplink:
     async def _wait_writable(self) -> None:
         # Backpressure on the writer's queue: a sender waits while more than one batch is
         # pending (flow control already bounds it; this keeps latency low).
-        while self._out_size > _MAX_BATCH and not self._closing:
-            self._drained_event = trio.Event()
-            await self._drained_event.wait()
-        await trio.lowlevel.checkpoint()
+        if self._out_size > _MAX_BATCH:
+            while self._out_size > _MAX_BATCH and not self._closing:
+                await self._drained_event.wait()
+            if self._closing:
+                raise self._close_error or UplinkClosed("uplink closed")
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _wait_credit(self) -> None:
         if self._closing:
             raise self._close_error or UplinkClosed("uplink closed")
-        self._credit_event = trio.Event()
         await self._credit_event.wait()
 
     def _wake_credit(self) -> None:
+        # Every waiter waits on the current event; waking sets it and starts a new one.
         self._credit_event.set()
+        self._credit_event = trio.Event()
+
+    def _wake_drained(self) -> None:
+        self._drained_event.set()
+        self._drained_event = trio.Event()
 
     def _consumed(self, stream: TunnelStream | None, size: int) -> None:
         # Return credit once half a window has been consumed (PROTOCOL.md §6).
@@ -525,7 +540,13 @@ class TunnelUplink:
                 self._queue(frames.encode(frames.Window(stream.id, stream._unacked)))
                 stream._unacked = 0
         self._conn_unacked += size
-        if self._conn_unacked * _CREDIT_RETURN_FRACTION >= self.settings.connection_window:
+        window = self.settings.connection_window
+        if (
+            self._conn_unacked * _CREDIT_RETURN_FRACTION >= window
+            # Unread streams may hold most of the window: return what was read at once
+            # rather than stall the streams that are being read (h2's WindowManager).
+            or self._local_window * _CREDIT_RETURN_FRACTION < window
+        ):
             self._local_window += self._conn_unacked
             self._queue(frames.encode(frames.Window(0, self._conn_unacked)))
             self._conn_unacked = 0
@@ -548,7 +569,7 @@ class TunnelUplink:
                 else:
                     batch = self._take_batch()
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
-                self._drained_event.set()
+                self._wake_drained()
                 if self._closing:
                     with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
                         await transport.send(data)
@@ -652,7 +673,7 @@ class TunnelUplink:
                         f"stream {frame.stream_id} window exceeds 2^31-1",
                         code=ErrorCode.FLOW_CONTROL_ERROR,
                     )
-            self._credit_event.set()
+            self._wake_credit()
         elif kind is frames.Reset:
             assert isinstance(frame, frames.Reset)
             stream = self._streams.get(frame.stream_id)
@@ -664,7 +685,7 @@ class TunnelUplink:
                     stream._local_ended = True
                     stream._send_error = error
                     stream._wake()
-                    self._credit_event.set()
+                    self._wake_credit()
                     stream._maybe_finish()
                 else:
                     stream._error = error
@@ -727,7 +748,7 @@ class TunnelUplink:
             if now - self._last_received > _DEAD_AFTER_PINGS * interval:
                 self.close(f"no frame from the peer for {now - self._last_received:.1f}s")
                 return
-            if now - self._last_sent >= interval / 2:
+            if now - self._last_sent >= interval:
                 self._queue(frames.encode(frames.Ping(os.urandom(8))))
 
 
@@ -745,8 +766,16 @@ async def receive_handshake_frame(
     while (frame := decoder.next_frame()) is None:
         data = await transport.receive()
         decoder.receive_data(data)
-        if not data and decoder.next_frame() is None:
-            raise HandshakeError("the peer closed the connection during the handshake")
+        if not data:
+            try:
+                frame = decoder.next_frame()
+            except RemoteProtocolError as exc:
+                raise HandshakeError(
+                    f"the peer closed the connection during the handshake: {exc}"
+                ) from exc
+            if frame is None:
+                raise HandshakeError("the peer closed the connection during the handshake")
+            return frame
     return frame
 
 

@@ -1,0 +1,209 @@
+"""Tests for :mod:`tunnel2.transports`: byte strings in, byte strings out, trio's error meanings.
+
+StreamTransport runs over trio's memory streams; WebSocketTransport over a real loopback
+trio-websocket connection (127.0.0.1, port 0), started in pytest-trio's ``nursery`` fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import attrs
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from tunnel2 import frames
+from tunnel2.transports import (
+    StreamTransport,
+    WebSocketTransport,
+    lockstep_transport_pair,
+    memory_transport_pair,
+)
+
+# Bounds hangs only: each test takes milliseconds.
+TIMEOUT: Final = 2
+
+
+async def receive_exactly(transport: StreamTransport, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await transport.receive()
+        assert chunk, "unexpected EOF"
+        data += chunk
+    return bytes(data)
+
+
+# --- StreamTransport ------------------------------------------------------------------------
+
+
+async def test_stream_transport_round_trips_bytes_both_ways() -> None:
+    left, right = memory_transport_pair()
+    wire = frames.encode(frames.Data(1, b"hello")) + frames.encode(frames.End(1))
+    big = bytes(range(256)) * 1000
+    with trio.fail_after(TIMEOUT):
+        await left.send(wire)
+        assert await receive_exactly(right, len(wire)) == wire
+        await right.send(big)
+        assert await receive_exactly(left, len(big)) == big
+
+
+async def test_stream_transport_returns_empty_bytes_at_eof() -> None:
+    left, right = memory_transport_pair()
+    with trio.fail_after(TIMEOUT):
+        await left.send(b"last words")
+        await left.aclose()
+        assert await receive_exactly(right, 10) == b"last words"
+        assert await right.receive() == b""
+        assert await right.receive() == b""
+
+
+async def test_stream_transport_errors_keep_trio_meanings() -> None:
+    left, right = memory_transport_pair()
+    with trio.fail_after(TIMEOUT):
+        await left.aclose()
+        await left.aclose()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await left.send(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await left.receive()
+        with pytest.raises(trio.BrokenResourceError):
+            await right.send(b"x")
+
+
+async def test_stream_transport_over_a_custom_stream_honours_receive_size() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    transport = StreamTransport(right, receive_size=4)
+    with trio.fail_after(TIMEOUT):
+        await left.send_all(b"0123456789")
+        assert await transport.receive() == b"0123"
+        assert await transport.receive() == b"4567"
+
+
+async def test_lockstep_pair_blocks_the_sender_until_the_receiver_reads() -> None:
+    left, right = lockstep_transport_pair()
+    sent = trio.Event()
+
+    async def sender() -> None:
+        await left.send(b"payload")
+        sent.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()
+            assert await receive_exactly(right, 7) == b"payload"
+            await sent.wait()
+
+
+async def test_memory_pair_buffers_without_a_reader() -> None:
+    left, right = memory_transport_pair()
+    with trio.fail_after(TIMEOUT):
+        with trio.testing.assert_checkpoints():
+            await left.send(b"buffered")
+        assert await receive_exactly(right, 8) == b"buffered"
+
+
+# --- WebSocketTransport ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class WebSocketPeers:
+    client: WebSocketTransport
+    server: WebSocketTransport
+    server_ws: trio_websocket.WebSocketConnection
+    client_tcp: trio.SocketStream
+
+
+@asynccontextmanager
+async def websocket_peers(nursery: trio.Nursery) -> AsyncIterator[WebSocketPeers]:
+    """A loopback WebSocket connection, wrapped in a transport on both ends.
+
+    The client's TCP stream is opened here (not by ``open_websocket_url``) so tests can see
+    whether closing the transport closed the socket; it is closed on exit either way.
+    """
+    accepted_send, accepted_receive = trio.open_memory_channel[trio_websocket.WebSocketConnection](
+        1
+    )
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await accepted_send.send(ws)
+        await trio.sleep_forever()  # keep the connection until the test closes it
+
+    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
+    tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
+    try:
+        client = await trio_websocket.wrap_client_stream(nursery, tcp, "127.0.0.1", "/")
+        try:
+            server_ws = await accepted_receive.receive()
+            yield WebSocketPeers(
+                WebSocketTransport(client, tcp), WebSocketTransport(server_ws), server_ws, tcp
+            )
+        finally:
+            await client.aclose()
+    finally:
+        await tcp.aclose()
+
+
+async def test_websocket_transport_round_trips_binary_messages(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with websocket_peers(nursery) as peers:
+            wire = frames.encode(frames.Open(1, b"GET / HTTP/1.1\r\n\r\n"))
+            await peers.client.send(wire)
+            received = await peers.server.receive()
+            assert received == wire
+            assert isinstance(received, bytes)
+            await peers.server.send(b"\x00\xffanswer")
+            await peers.server.send(b"second")
+            # Message boundaries are kept (one send is one receive).
+            assert await peers.client.receive() == b"\x00\xffanswer"
+            assert await peers.client.receive() == b"second"
+
+
+async def test_websocket_transport_returns_empty_bytes_when_the_peer_closes(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with websocket_peers(nursery) as peers:
+            await peers.server.send(b"goodbye")
+            await peers.server.aclose()
+            assert await peers.client.receive() == b"goodbye"
+            assert await peers.client.receive() == b""
+            assert await peers.client.receive() == b""
+            with pytest.raises(trio.BrokenResourceError):
+                await peers.client.send(b"too late")
+
+
+async def test_websocket_transport_rejects_text_messages(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with websocket_peers(nursery) as peers:
+            await peers.server_ws.send_message("not binary")
+            with pytest.raises(trio.BrokenResourceError):
+                await peers.client.receive()
+
+
+async def test_websocket_transport_close_is_idempotent(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with websocket_peers(nursery) as peers:
+            await peers.client.aclose()
+            await peers.client.aclose()
+            assert await peers.server.receive() == b""
+
+
+async def test_websocket_transport_close_after_the_peer_closed_frees_the_socket(
+    nursery: trio.Nursery,
+) -> None:
+    # trio-websocket's client waits for the server's TCP close and, once the close handshake
+    # is done, its aclose() returns early without closing the TCP stream; the transport's
+    # aclose() must still free the socket ("frees it even if ...", FrameTransport.aclose).
+    with trio.fail_after(TIMEOUT):
+        async with websocket_peers(nursery) as peers:
+            await peers.server.aclose()
+            assert await peers.client.receive() == b""
+            await peers.client.aclose()
+            assert peers.client_tcp.socket.fileno() == -1
