@@ -1,0 +1,196 @@
+"""Tests for ``tunnel2 backend`` and ``tunnel2 loadtest`` run as real subprocesses.
+
+``sys.executable -m tunnel2.cli`` runs the command in this interpreter's environment. Every
+subprocess has a bounded timeout and is stopped by its own pid. Outcomes are checked through
+exit codes, stdout and the written files, never timings (thresholds are set far from the
+figures a run can produce).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tunnel2.loadtest.report import SCHEMA
+
+CLI = [sys.executable, "-m", "tunnel2.cli"]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class BackendProcess:
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+
+@pytest.fixture
+def backend() -> Iterator[BackendProcess]:
+    with subprocess.Popen(
+        [*CLI, "backend", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, "tunnel2 backend printed nothing in 30 s"
+            line = proc.stdout.readline()
+            match = re.match(r"tunnel2 backend listening on (http://127\.0\.0\.1:(\d+)) ", line)
+            assert match, line
+            assert int(match[2]) > 0
+            yield BackendProcess(proc, match[1])
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+def test_backend_serves_and_stops_on_interrupt(backend: BackendProcess) -> None:
+    with urllib.request.urlopen(f"{backend.url}/loadtest/ping", timeout=10) as response:
+        assert response.read() == b"pong"
+    with urllib.request.urlopen(f"{backend.url}/loadtest/info", timeout=10) as response:
+        assert "/loadtest/echo" in {e["path"] for e in json.load(response)["endpoints"]}
+    backend.proc.send_signal(signal.SIGINT)
+    assert backend.proc.wait(timeout=10) == 0
+
+
+def test_backend_port_in_use(backend: BackendProcess) -> None:
+    port = backend.url.rsplit(":", 1)[1]
+    result = run_cli("backend", "--port", port)
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1:" in result.stderr
+
+
+def test_help() -> None:
+    for command in ("backend", "loadtest"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert "usage: tunnel2 " + command in result.stdout
+
+
+def test_loadtest_passes_and_writes_reports(backend: BackendProcess, tmp_path: Path) -> None:
+    json_path, html_path = tmp_path / "r.json", tmp_path / "r.html"
+    result = run_cli(
+        "loadtest",
+        f"{backend.url}/loadtest/ping",
+        "--stages", "20x1,40x0.5",
+        "--json", str(json_path),
+        "--html", str(html_path),
+        "--watch-pid", str(backend.proc.pid),
+        "--max-p99-ms", "5000",
+        "--max-mean-ms", "5000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "PASS" in result.stdout
+    assert f"pid {backend.proc.pid} (" in result.stdout
+    assert "stage 1/2 target 20/s" in result.stderr  # live progress, one line a second
+    data = json.loads(json_path.read_text())
+    assert data["schema"] == SCHEMA
+    assert data["passed"] is True
+    assert [s["sent"] for s in data["run"]["stages"]] == [20, 20]
+    assert data["run"]["overall"]["succeeded"] == 40
+    assert data["run"]["processes"][0]["pid"] == backend.proc.pid
+    page = html_path.read_text()
+    assert "<svg" in page
+    assert "stage 2: 40/s" in page
+
+
+def test_loadtest_names_each_breached_threshold(backend: BackendProcess) -> None:
+    result = run_cli(
+        "loadtest",
+        f"{backend.url}/loadtest/delay/30",
+        "--stages", "10x1",
+        "--max-p99-ms", "10",
+        "--max-mean-ms", "10",
+        "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "FAIL: p99 latency" in result.stdout
+    assert "exceeds --max-p99-ms 10" in result.stdout
+    assert "exceeds --max-mean-ms 10" in result.stdout
+    assert "--min-success" not in result.stdout
+    assert result.stderr.count("\n") == 1  # the start line only: --quiet
+
+
+def test_loadtest_min_success(backend: BackendProcess) -> None:
+    result = run_cli(
+        "loadtest", f"{backend.url}/loadtest/status/503", "--stages", "10x1", "--quiet"
+    )
+    assert result.returncode == 1
+    assert "FAIL: success rate 0.00% is below --min-success 99 %" in result.stdout
+    assert "failures overall: http_5xx 10" in result.stdout
+    result = run_cli(
+        "loadtest",
+        f"{backend.url}/loadtest/status/503",
+        "--stages", "10x0.5",
+        "--quiet",
+        "--no-thresholds",
+    )  # fmt: skip
+    assert result.returncode == 0
+
+
+def test_loadtest_compare(backend: BackendProcess) -> None:
+    result = run_cli(
+        "loadtest",
+        f"{backend.url}/loadtest/echo",
+        "--method", "post",
+        "--body", "hello",
+        "--header", "Content-Type: text/plain",
+        "--stages", "20x1.5",
+        "--compare", f"{backend.url}/loadtest/echo?direct",
+        "--max-p99-ms", "5000",
+        "--max-mean-ms", "5000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "overhead (URL vs --compare URL" in result.stdout
+    assert re.search(r"overall\s+p99_ms", result.stdout)
+    assert "compare [" in result.stderr  # progress of the second run is labelled
+    assert result.stdout.count("statuses: 200: 30") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stages", "10"], "is not RATExSECONDS"),
+        (["--stages", "0x1"], "rate must be a positive number"),
+        (["--timeout", "0"], "must be positive"),
+        (["--header", "nocolon"], "is not 'Name: value'"),
+        (["--min-success", "101"], "over 100"),
+    ],
+)
+def test_loadtest_bad_arguments(args: list[str], message: str) -> None:
+    result = run_cli("loadtest", "http://127.0.0.1:1/", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://127.0.0.1/", "only http:// URLs are supported"),
+        ("http://no-such-host.invalid/", "cannot resolve no-such-host.invalid"),
+    ],
+)
+def test_loadtest_unusable_url(url: str, message: str) -> None:
+    result = run_cli("loadtest", url, "--stages", "1x1")
+    assert result.returncode == 2
+    assert message in result.stderr
