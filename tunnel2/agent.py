@@ -63,6 +63,7 @@ access_logger = logging.getLogger("tunnel2.access")
 
 _AGENT_PATH: Final = "/_tunnel/connect"
 _RECEIVE_SIZE: Final = 65536
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
@@ -360,24 +361,55 @@ class Agent:
                     stream.close()
 
 
+def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
+    """Method and body framing of a request head the relay wrote.
+
+    The relay validated the client's request and states its framing canonically, once
+    (PROTOCOL.md §4.3), so no full parse is needed here; the backend parses what it gets.
+    """
+    method = head[: head.find(b" ")]
+    index = head.find(b"\r\nContent-Length: ")
+    if index >= 0:
+        start = index + len(b"\r\nContent-Length: ")
+        return method, http.Framing.LENGTH, int(head[start : head.find(b"\r\n", start)])
+    if head.find(b"\r\nTransfer-Encoding: chunked\r\n") >= 0:
+        return method, http.Framing.CHUNKED, 0
+    return method, http.Framing.NONE, 0
+
+
 def _response_head_for_tunnel(
-    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: http.Framing
-) -> bytes:
-    """The head carried through the tunnel: hop-by-hop headers removed, framing normalised
-    (close-delimited bodies become chunked; PROTOCOL.md §4)."""
-    drop = _HOP_BY_HOP
-    connection = [v for n, v in headers if n.lower() == b"connection"]
-    if connection:
-        drop = drop | {t.strip().lower() for v in connection for t in v.split(b",")}
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    if status == 101:
-        # Switching protocols: the upgrade headers are the point of the answer.
-        drop = drop - {b"connection", b"upgrade"}
-    lines += [b"%s: %s\r\n" % (n, v) for n, v in headers if n.lower() not in drop]
+    response: http.ResponseHead, framing: http.Framing
+) -> tuple[bytes, bool]:
+    """The head carried through the tunnel, and whether the backend keeps the connection.
+
+    One pass over the headers: hop-by-hop ones are removed (those a 101 needs kept) and the
+    framing is normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3).
+    """
+    status = response.status
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason)]
+    tokens: set[bytes] = set()
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP:
+            if lower == b"connection":
+                tokens.update(t.strip() for t in value.lower().split(b","))
+            if status == 101 and (lower == b"connection" or lower == b"upgrade"):
+                lines.append(b"%s: %s\r\n" % (name, value))
+            continue
+        lines.append(b"%s: %s\r\n" % (name, value))
+    named = tokens - _CONNECTION_OPTIONS
+    if named:  # rare: fields the Connection header marks hop-by-hop
+        lines = [lines[0]] + [
+            line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named
+        ]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     lines.append(b"\r\n")
-    return b"".join(lines)
+    if b"close" in tokens:
+        keep_alive = False
+    else:
+        keep_alive = response.http_version == b"1.1" or b"keep-alive" in tokens
+    return b"".join(lines), keep_alive
 
 
 class _BackendGone(Exception):
@@ -415,8 +447,7 @@ class BackendForwarder:
     async def __call__(self, stream: TunnelStream) -> None:
         head = stream.head
         assert head is not None
-        request = http.parse_request_head(head)
-        framing, length = http.request_framing(request)
+        method, framing, length = _relay_head_framing(head)
         start = trio.current_time()
         for attempt in (0, 1):
             reused = bool(self._idle) and attempt == 0
@@ -432,7 +463,7 @@ class BackendForwarder:
             keep = False
             try:
                 status, keep = await self._exchange(
-                    conn, stream, head, request.method, framing, length, reused
+                    conn, stream, head, method, framing, length, reused
                 )
                 break
             except _BackendGone:
@@ -461,8 +492,8 @@ class BackendForwarder:
         if access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
                 "%s %s -> %d (%.1f ms)",
-                request.method.decode(),
-                request.target.decode("ascii", "replace"),
+                method.decode(),
+                head[len(method) + 1 : head.find(b" ", len(method) + 1)].decode("ascii", "replace"),
                 status,
                 (trio.current_time() - start) * 1000,
             )
@@ -547,9 +578,7 @@ class BackendForwarder:
             if response.status >= 200 or response.status == 101:
                 break
         framing, length = http.response_framing(response, method)
-        tunnel_head = _response_head_for_tunnel(
-            response.status, response.reason, response.headers, framing
-        )
+        tunnel_head, keep_alive = _response_head_for_tunnel(response, framing)
         stream.send_head(tunnel_head)
         if response.status == 101:
             await _splice(conn, stream, buf)
@@ -569,10 +598,7 @@ class BackendForwarder:
                 break
             buf += more
         reusable = (
-            request_done
-            and response.keep_alive
-            and framing is not http.Framing.UNTIL_CLOSE
-            and not buf
+            request_done and keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
         )
         return response.status, reusable
 
@@ -703,5 +729,6 @@ class _AsgiExchange:
                 reason = HTTPStatus(status).phrase.encode()
             except ValueError:
                 reason = b""
-            self.stream.send_head(_response_head_for_tunnel(status, reason, headers, framing))
+            head = http.ResponseHead(b"1.1", status, reason, headers)
+            self.stream.send_head(_response_head_for_tunnel(head, framing)[0])
         await self.stream.send_data(body, end=not more)

@@ -56,6 +56,7 @@ async def serve_tunnel_server(
     entry = ProxyEntry(server)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
+        nursery.start_soon(entry.run_timeouts)
         task_status.started(server)
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -36,6 +37,20 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     )
 
 
+async def _until_terminated(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run ``fn(*args)`` until it returns or SIGTERM arrives (a clean stop, like Ctrl-C)."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch_sigterm() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_sigterm)
+        await fn(*args)
+        nursery.cancel_scope.cancel()
+
+
 async def _run_server(config: ServerConfig) -> None:
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(serve_tunnel_server, config)
@@ -55,7 +70,7 @@ def _server(args: argparse.Namespace) -> int:
         max_body_size=args.max_body_size,
     )
     try:
-        trio.run(_run_server, config)
+        trio.run(_until_terminated, _run_server, config)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -83,7 +98,7 @@ def _http(args: argparse.Namespace) -> int:
         print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
         return 2
     try:
-        trio.run(_run_http, args)
+        trio.run(_until_terminated, _run_http, args)
     except KeyboardInterrupt:
         pass
     except HandshakeError as exc:

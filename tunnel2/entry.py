@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Final, final
+from typing import Final, NoReturn, final
 
 import trio
 
@@ -104,15 +104,18 @@ class _ClientGone(Exception):
 class _Connection:
     """Per-connection state of the entry."""
 
-    __slots__ = ("buf", "client", "peer", "timer", "waiting")
+    __slots__ = ("buf", "client", "deadline", "peer", "timer", "waiting")
 
     def __init__(self, client: trio.abc.Stream) -> None:
         self.client = client
         self.peer = _peer_address(client)
         self.buf = bytearray()
-        # One scope per connection: its deadline is the idle timeout while a head is
-        # awaited, the request timeout while a response head is, and infinite otherwise.
+        # One scope per connection, cancelled by ProxyEntry.run_timeouts once `deadline`
+        # passes: the idle timeout while a head is awaited, the request timeout while a
+        # response head is, and infinite otherwise. (Moving a CancelScope's own deadline
+        # costs trio a heap update per change; this is a float store.)
         self.timer = trio.CancelScope()
+        self.deadline = math.inf
         self.waiting: TunnelStream | None = None
 
 
@@ -159,7 +162,7 @@ class ProxyEntry:
         self.config = server.config
         self._proto = server.base_url.partition("://")[0].encode() or b"http"
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
-        self._connections = 0
+        self._connections: set[_Connection] = set()
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -172,9 +175,9 @@ class ProxyEntry:
         if isinstance(stream, trio.SocketStream):
             stream = FastSocketStream.from_trio(stream)
         conn = _Connection(stream)
-        self._connections += 1
+        self._connections.add(conn)
         try:
-            if self._connections > self.config.max_connections:
+            if len(self._connections) > self.config.max_connections:
                 message = (
                     f"the relay is serving its maximum of {self.config.max_connections} connections"
                 )
@@ -191,22 +194,37 @@ class ProxyEntry:
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
         finally:
-            self._connections -= 1
+            self._connections.discard(conn)
             await trio.aclose_forcefully(stream)
 
     @property
     def connections(self) -> int:
         """Public connections open now."""
-        return self._connections
+        return len(self._connections)
+
+    async def run_timeouts(self) -> NoReturn:
+        """Enforce the idle and request timeouts of every connection; runs until cancelled.
+
+        :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Timeouts fire up
+        to a twentieth of their length late (at most 0.5 s).
+        """
+        config = self.config
+        tick = max(0.01, min(0.5, config.request_timeout / 20, config.idle_timeout / 20))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for conn in self._connections:
+                if conn.deadline <= now:
+                    conn.timer.cancel()
 
     async def _serve(self, conn: _Connection) -> None:
         config = self.config
-        client, buf, timer = conn.client, conn.buf, conn.timer
+        client, buf = conn.client, conn.buf
         while True:
             # 1. A head, within the idle timeout (keep-alive) and the size limit.
             end = http.find_head_end(buf)
             if end < 0:
-                timer.deadline = trio.current_time() + config.idle_timeout
+                conn.deadline = trio.current_time() + config.idle_timeout
                 while end < 0:
                     if len(buf) > config.max_head_size:
                         await client.send_all(
@@ -222,7 +240,7 @@ class ProxyEntry:
                         return
                     buf += data
                     end = http.find_head_end(buf, max(0, len(buf) - len(data) - 3))
-                timer.deadline = math.inf
+                conn.deadline = math.inf
             head = bytes(buf[:end])
             del buf[:end]
             try:
@@ -279,6 +297,7 @@ class ProxyEntry:
         request: http.RequestHead,
         target: bytes,
         framing: http.Framing,
+        length: int,
         peer: bytes,
         upgrade: bytes | None,
     ) -> bytes:
@@ -297,7 +316,7 @@ class ProxyEntry:
             if lower == b"x-forwarded-for":
                 forwarded_for = value + b", " + peer
                 continue
-            if lower in (b"x-forwarded-proto", b"x-forwarded-host"):
+            if lower in (b"x-forwarded-proto", b"x-forwarded-host", b"content-length"):
                 continue
             if lower == b"host":
                 host = value
@@ -305,8 +324,12 @@ class ProxyEntry:
         if not host:
             host = self.server.base_url.partition("://")[2].encode()
             lines.append(b"Host: %s\r\n" % host)
+        # Framing stated canonically, once (PROTOCOL.md §4.3): the agent reads it without a
+        # full parse.
         if framing is http.Framing.CHUNKED:
             lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif framing is http.Framing.LENGTH:
+            lines.append(b"Content-Length: %d\r\n" % length)
         lines.append(
             b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
             % (forwarded_for, self._proto, host)
@@ -342,7 +365,7 @@ class ProxyEntry:
                 "the most one agent connection may carry",
             )
         upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
-        head = self._forward_head(request, target, framing, conn.peer, upgrade)
+        head = self._forward_head(request, target, framing, length, conn.peer, upgrade)
         try:
             stream = route.open_stream(head)
         except UplinkClosed as exc:
@@ -375,13 +398,13 @@ class ProxyEntry:
                 stream.close()
 
     async def _wait_response(self, conn: _Connection, stream: TunnelStream) -> bytes:
-        # The connection's timer scope doubles as the request timeout (one scope per
-        # connection, not per request); handle_connection answers 504 if it fires.
-        conn.timer.deadline = trio.current_time() + self.config.request_timeout
+        # run_timeouts cancels the connection's scope if this passes; handle_connection
+        # then answers 504.
+        conn.deadline = trio.current_time() + self.config.request_timeout
         conn.waiting = stream
         head = await stream.receive_head()
         conn.waiting = None
-        conn.timer.deadline = math.inf
+        conn.deadline = math.inf
         return head
 
     async def _exchange(

@@ -173,6 +173,7 @@ async def open_memory_tunnel(
     entry = ProxyEntry(server)
     handler = handler_for(target)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(entry.run_timeouts)
         agent = Agent(memory_connector(server, nursery), handler, agent_config)
         await nursery.start(agent.serve)
         try:
