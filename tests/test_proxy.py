@@ -486,3 +486,24 @@ async def test_connection_and_stream_limits_answer_503() -> None:
     assert refused.startswith(b"HTTP/1.1 503 ")
     assert b"maximum of 2 connections" in refused
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_hop_by_hop_request_headers_are_not_forwarded() -> None:
+    async with tunnel_for(echo_app) as tunnel:
+        response = await tunnel.request(
+            "GET",
+            "/",
+            headers=[
+                ("Connection", "keep-alive, X-Private"),
+                ("X-Private", "secret"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Proxy-Authorization", "Basic eDp5"),
+                ("X-Forwarded-Proto", "spoofed"),
+                ("X-Kept", "yes"),
+            ],
+        )
+    seen = {name for name, _ in json.loads(response.body)["headers"]}
+    assert "x-kept" in seen
+    assert not seen & {"connection", "x-private", "keep-alive", "te", "proxy-authorization"}
+    assert header_values(json.loads(response.body), "x-forwarded-proto") == ["http"]

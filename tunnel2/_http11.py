@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from typing import Final, final
 
 from tunnel2.errors import LocalProtocolError, RemoteProtocolError
@@ -171,7 +172,7 @@ class RequestHead:
             values with leading and trailing whitespace stripped.
     """
 
-    __slots__ = ("_framing", "headers", "http_version", "method", "target")
+    __slots__ = ("_framing", "_lower", "headers", "http_version", "method", "target")
 
     method: bytes
     target: bytes
@@ -191,18 +192,27 @@ class RequestHead:
         self.http_version = http_version
         self.headers = headers
         self._framing = None
+        # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
+        # absent header is one substring search (most lookups on the data path are).
+        self._lower: bytes | None = None
 
     def get(self, name: bytes) -> bytes | None:
         """Return the first value of header ``name`` (given in lower case), or ``None``."""
+        if self._lower is not None and b"\n" + name + b":" not in self._lower:
+            return None
         return _get(self.headers, name)
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Return every value of header ``name`` (given in lower case), in order."""
+        if self._lower is not None and b"\n" + name + b":" not in self._lower:
+            return []
         return _get_all(self.headers, name)
 
     @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another request after this one (RFC 9112 §9.3)."""
+        if self._lower is not None and b"\nconnection:" not in self._lower:
+            return self.http_version == b"1.1"
         return _keep_alive(self.http_version, self.headers)
 
     def __eq__(self, other: object) -> bool:
@@ -235,7 +245,7 @@ class ResponseHead:
         headers: as in :class:`RequestHead`.
     """
 
-    __slots__ = ("_framing", "headers", "http_version", "reason", "status")
+    __slots__ = ("_framing", "_lower", "headers", "http_version", "reason", "status")
 
     http_version: bytes
     status: int
@@ -256,13 +266,20 @@ class ResponseHead:
         self.reason = reason
         self.headers = headers
         self._framing = None
+        # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
+        # absent header is one substring search (most lookups on the data path are).
+        self._lower: bytes | None = None
 
     def get(self, name: bytes) -> bytes | None:
         """Return the first value of header ``name`` (given in lower case), or ``None``."""
+        if self._lower is not None and b"\n" + name + b":" not in self._lower:
+            return None
         return _get(self.headers, name)
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Return every value of header ``name`` (given in lower case), in order."""
+        if self._lower is not None and b"\n" + name + b":" not in self._lower:
+            return []
         return _get_all(self.headers, name)
 
     @property
@@ -271,6 +288,8 @@ class ResponseHead:
 
         A body framed by closing the connection (:attr:`Framing.UNTIL_CLOSE`) ends it anyway.
         """
+        if self._lower is not None and b"\nconnection:" not in self._lower:
+            return self.http_version == b"1.1"
         return _keep_alive(self.http_version, self.headers)
 
     def __eq__(self, other: object) -> bool:
@@ -368,6 +387,7 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
     _check_version(version, head[: match.end() - 2])
     headers, lower = _parse_fields(head, match.end())
     request = RequestHead(method, target, version, headers)
+    request._lower = lower
     # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
     hosts = lower.count(b"\nhost:")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
@@ -427,11 +447,25 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
         raise _bad(f"invalid status code {code}, must be 100 to 999")
     headers, lower = _parse_fields(head, match.end())
     response = ResponseHead(version, code, reason or b"", headers)
+    response._lower = lower
     if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
         response._framing = _response_header_framing(response)
     else:
         response._framing = _UNTIL_CLOSE
     return response
+
+
+# --- changing heads at the byte level ------------------------------------------------------
+
+# Connection-header tokens that are options rather than names of hop-by-hop fields.
+CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+
+
+def field_lines_re(names: Iterable[bytes]) -> re.Pattern[bytes]:
+    """A regex matching whole field lines (with their CRLF) named any of ``names``,
+    case-insensitively; ``sub(b"", lines)`` cuts them out of validated field lines."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names))
+    return re.compile(rb"(?im)^(?:" + alternatives + rb"):[^\r\n]*\r\n")
 
 
 # --- framing ------------------------------------------------------------------------------------

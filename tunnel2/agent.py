@@ -63,7 +63,6 @@ access_logger = logging.getLogger("tunnel2.access")
 
 _AGENT_PATH: Final = "/_tunnel/connect"
 _RECEIVE_SIZE: Final = 65536
-_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
@@ -378,38 +377,39 @@ def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
 
 
 def _response_head_for_tunnel(
-    response: http.ResponseHead, framing: http.Framing
+    response: http.ResponseHead, head: bytes, framing: http.Framing
 ) -> tuple[bytes, bool]:
     """The head carried through the tunnel, and whether the backend keeps the connection.
 
-    One pass over the headers: hop-by-hop ones are removed (those a 101 needs kept) and the
-    framing is normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3).
+    Works on the bytes (DESIGN.md: change heads at the byte level): hop-by-hop field lines
+    are cut out with one regex pass (a 101 keeps Connection and Upgrade), and the framing is
+    normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3).
+
+    Args:
+        response: ``head`` parsed (so every field line in it is valid).
+        head: the backend's response head, ending in CRLF CRLF.
+        framing: the body framing of the response.
     """
     status = response.status
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason)]
-    tokens: set[bytes] = set()
-    for name, value in response.headers:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP:
-            if lower == b"connection":
-                tokens.update(t.strip() for t in value.lower().split(b","))
-            if status == 101 and (lower == b"connection" or lower == b"upgrade"):
-                lines.append(b"%s: %s\r\n" % (name, value))
-            continue
-        lines.append(b"%s: %s\r\n" % (name, value))
-    named = tokens - _CONNECTION_OPTIONS
+    fields = head[head.find(b"\r\n") + 2 : -2]
+    fields = (_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE).sub(b"", fields)
+    tokens = {t.strip().lower() for v in response.get_all(b"connection") for t in v.split(b",")}
+    named = tokens - http.CONNECTION_OPTIONS
     if named:  # rare: fields the Connection header marks hop-by-hop
-        lines = [lines[0]] + [
-            line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named
-        ]
+        fields = http.field_lines_re(named).sub(b"", fields)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"\r\n")
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
     if b"close" in tokens:
         keep_alive = False
     else:
         keep_alive = response.http_version == b"1.1" or b"keep-alive" in tokens
-    return b"".join(lines), keep_alive
+    return b"".join(parts), keep_alive
+
+
+_HOP_BY_HOP_RE: Final = http.field_lines_re(_HOP_BY_HOP)
+_HOP_BY_HOP_101_RE: Final = http.field_lines_re(_HOP_BY_HOP - {b"connection", b"upgrade"})
 
 
 class _BackendGone(Exception):
@@ -573,12 +573,13 @@ class BackendForwarder:
                 if len(buf) > http.MAX_HEAD_SIZE:
                     raise RemoteProtocolError("backend response head is too large")
                 end = http.find_head_end(buf)
-            response = http.parse_response_head(bytes(buf[:end]))
+            head = bytes(buf[:end])
+            response = http.parse_response_head(head)
             del buf[:end]
             if response.status >= 200 or response.status == 101:
                 break
         framing, length = http.response_framing(response, method)
-        tunnel_head, keep_alive = _response_head_for_tunnel(response, framing)
+        tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing)
         stream.send_head(tunnel_head)
         if response.status == 101:
             await _splice(conn, stream, buf)
@@ -716,7 +717,6 @@ class _AsgiExchange:
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
         if not self.head_sent:
-            self.head_sent = True
             status = int(self._start["status"])
             headers = [(bytes(n), bytes(v)) for n, v in self._start.get("headers", [])]
             has_length = any(n.lower() == b"content-length" for n, _ in headers)
@@ -729,6 +729,13 @@ class _AsgiExchange:
                 reason = HTTPStatus(status).phrase.encode()
             except ValueError:
                 reason = b""
-            head = http.ResponseHead(b"1.1", status, reason, headers)
-            self.stream.send_head(_response_head_for_tunnel(head, framing)[0])
+            head = b"".join(
+                [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+                + [b"%s: %s\r\n" % (n, v) for n, v in headers]
+                + [b"\r\n"]
+            )
+            # Parsed like a backend's answer: an app's invalid header fails here, loudly.
+            response = http.parse_response_head(head)
+            self.stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+            self.head_sent = True
         await self.stream.send_data(body, end=not more)

@@ -51,6 +51,13 @@ _HOP_BY_HOP: Final = frozenset(
         b"expect",
     }
 )
+
+
+# Cut from the request on its way to the agent; the relay writes its own framing and
+# X-Forwarded-* lines.
+_DROP_RE: Final = http.field_lines_re(
+    _HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+)
 _REASONS: Final = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -163,6 +170,7 @@ class ProxyEntry:
         self._proto = server.base_url.partition("://")[0].encode() or b"http"
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
         self._connections: set[_Connection] = set()
+        self._host = server.base_url.partition("://")[2].encode()
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -255,7 +263,7 @@ class ProxyEntry:
                 await self.server.handle_websocket(_PrefixedStream(client, head + bytes(buf)))
                 return
             try:
-                keep_alive = await self._proxy(conn, request, framing, length)
+                keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
                 await client.send_all(error_response(answer.status, answer.message, close=True))
@@ -295,50 +303,47 @@ class ProxyEntry:
     def _forward_head(
         self,
         request: http.RequestHead,
+        head: bytes,
         target: bytes,
         framing: http.Framing,
         length: int,
         peer: bytes,
         upgrade: bytes | None,
     ) -> bytes:
-        drop = set(_HOP_BY_HOP)
-        for value in request.get_all(b"connection"):
-            drop.update(t.strip().lower() for t in value.split(b","))
-        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, target)]
+        """The request head for the agent, changed at the byte level (DESIGN.md): the
+        request line gets the backend's target, hop-by-hop and X-Forwarded-* field lines are
+        cut out in one regex pass, and our own framing and X-Forwarded-* lines are added."""
+        fields = _DROP_RE.sub(b"", head[head.find(b"\r\n") + 2 : -2])
+        named = {
+            t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")
+        } - http.CONNECTION_OPTIONS
+        if named:  # rare: fields the Connection header marks hop-by-hop
+            fields = http.field_lines_re(named).sub(b"", fields)
+        parts = [b"%s %s HTTP/1.1\r\n" % (request.method, target), fields]
         if upgrade is not None:
-            lines.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
-        forwarded_for = peer
-        host = b""
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in drop:
-                continue
-            if lower == b"x-forwarded-for":
-                forwarded_for = value + b", " + peer
-                continue
-            if lower in (b"x-forwarded-proto", b"x-forwarded-host", b"content-length"):
-                continue
-            if lower == b"host":
-                host = value
-            lines.append(b"%s: %s\r\n" % (name, value))
-        if not host:
-            host = self.server.base_url.partition("://")[2].encode()
-            lines.append(b"Host: %s\r\n" % host)
+            parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
+        host = request.get(b"host")
+        if host is None:  # HTTP/1.0 without Host: name the relay
+            host = self._host
+            parts.append(b"Host: %s\r\n" % host)
         # Framing stated canonically, once (PROTOCOL.md §4.3): the agent reads it without a
         # full parse.
         if framing is http.Framing.CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         elif framing is http.Framing.LENGTH:
-            lines.append(b"Content-Length: %d\r\n" % length)
-        lines.append(
+            parts.append(b"Content-Length: %d\r\n" % length)
+        forwarded = request.get_all(b"x-forwarded-for")
+        forwarded_for = b", ".join([*forwarded, peer]) if forwarded else peer
+        parts.append(
             b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
             % (forwarded_for, self._proto, host)
         )
-        return b"".join(lines)
+        return b"".join(parts)
 
     async def _proxy(
         self,
         conn: _Connection,
+        head: bytes,
         request: http.RequestHead,
         framing: http.Framing,
         length: int,
@@ -365,7 +370,7 @@ class ProxyEntry:
                 "the most one agent connection may carry",
             )
         upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
-        head = self._forward_head(request, target, framing, length, conn.peer, upgrade)
+        head = self._forward_head(request, head, target, framing, length, conn.peer, upgrade)
         try:
             stream = route.open_stream(head)
         except UplinkClosed as exc:
