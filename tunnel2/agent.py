@@ -342,22 +342,26 @@ class Agent:
 
     async def _worker(self, uplink: TunnelUplink) -> None:
         handler = self._handler
-        while True:
-            try:
-                stream = await uplink.accept_stream()
-            except UplinkClosed:
-                return
+        while not uplink.closed:
+            # One cancel scope serves stream after stream until a reset cancels it (a new
+            # scope per request would cost trio two bookkeeping calls each time).
             with trio.CancelScope() as scope:
-                stream.cancel_on_reset(scope)
-                try:
-                    await handler(stream)
-                except (StreamReset, UplinkClosed):
-                    pass
-                except Exception:
-                    logger.exception("handler failed on stream %d", stream.id)
-                    stream.reset(ErrorCode.INTERNAL_ERROR, "the agent's handler failed")
-                finally:
-                    stream.close()
+                while True:
+                    try:
+                        stream = await uplink.accept_stream()
+                    except UplinkClosed:
+                        return
+                    stream.cancel_on_reset(scope)
+                    try:
+                        await handler(stream)
+                    except (StreamReset, UplinkClosed):
+                        pass
+                    except Exception:
+                        logger.exception("handler failed on stream %d", stream.id)
+                        stream.reset(ErrorCode.INTERNAL_ERROR, "the agent's handler failed")
+                    finally:
+                        stream.cancel_on_reset(None)
+                        stream.close()
 
 
 def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
@@ -588,7 +592,10 @@ class BackendForwarder:
         while True:
             data = reader.read(buf) if buf else b""
             if reader.done:
-                await stream.send_data(data, end=True)
+                try:  # the common small answer: head, body and END in one write, no yield
+                    stream.send_data_nowait(data, end=True)
+                except trio.WouldBlock:
+                    await stream.send_data(data, end=True)
                 break
             if data:
                 await stream.send_data(data)

@@ -127,11 +127,12 @@ class TunnelStream:
         """True if :meth:`receive_data` would return without waiting."""
         return bool(self._buffer) or self._remote_ended or self._error is not None
 
-    def cancel_on_reset(self, scope: trio.CancelScope) -> None:
+    def cancel_on_reset(self, scope: trio.CancelScope | None) -> None:
         """Cancel ``scope`` when the stream is reset or its uplink closes, so the task
-        serving it stops waiting on things (a backend, an app) whose answer nobody wants."""
+        serving it stops waiting on things (a backend, an app) whose answer nobody wants.
+        ``None`` detaches the scope given before."""
         self._cancel_scope = scope
-        if self._error is not None:
+        if scope is not None and self._error is not None:
             scope.cancel()
 
     @property
@@ -238,8 +239,6 @@ class TunnelStream:
         uplink = self._uplink
         view = memoryview(data)
         sent = 0
-        if not data:
-            await trio.lowlevel.checkpoint()
         while sent < len(data):
             self._check_sendable()
             credit = min(self._send_window, uplink._remote_window)
@@ -247,7 +246,7 @@ class TunnelStream:
                 await uplink._wait_credit()
                 continue
             size = min(credit, uplink._max_frame_size, len(data) - sent)
-            chunk = bytes(view[sent : sent + size])
+            chunk = data if size == len(data) else bytes(view[sent : sent + size])
             self._send_window -= size
             uplink._remote_window -= size
             uplink._queue(frames.encode(frames.Data(self.id, chunk)))
@@ -257,6 +256,31 @@ class TunnelStream:
         if end:
             self.send_end()
         await uplink._wait_writable()
+
+    def send_data_nowait(self, data: bytes, *, end: bool = False) -> None:
+        """Queue ``data`` (and END if ``end``) at once, or nothing.
+
+        Raises:
+            trio.WouldBlock: not enough credit for all of ``data`` in one frame, or the write
+                queue is full; nothing was queued.
+            StreamReset, UplinkClosed: as :meth:`send_data`.
+        """
+        self._check_sendable()
+        uplink = self._uplink
+        size = len(data)
+        if size:
+            if (
+                size > self._send_window
+                or size > uplink._remote_window
+                or size > uplink._max_frame_size
+                or uplink._out_size > _MAX_BATCH
+            ):
+                raise trio.WouldBlock
+            self._send_window -= size
+            uplink._remote_window -= size
+            uplink._queue(frames.encode(frames.Data(self.id, data)))
+        if end:
+            self.send_end()
 
     def send_end(self) -> None:
         """Queue END: we send nothing more. Does not block; idempotent."""
