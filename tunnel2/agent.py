@@ -39,7 +39,7 @@ from tunnel2.errors import (
     StreamReset,
     UplinkClosed,
 )
-from tunnel2.transports import FrameTransport, WebSocketTransport
+from tunnel2.transports import FrameTransport, WebSocketTransport, connect_websocket
 from tunnel2.uplink import (
     MAX_MESSAGE_SIZE,
     TunnelStream,
@@ -124,10 +124,11 @@ def agent_url(server_url: str) -> str:
 
 
 def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Connector:
-    """A connector that dials the relay's WebSocket endpoint with trio-websocket.
+    """A connector that dials the relay's WebSocket endpoint.
 
-    ``ws://`` connections run over a :class:`FastSocketStream` this connector opens (and
-    closes); ``wss://`` ones go through ``trio_websocket.open_websocket_url``.
+    ``ws://`` connections are driven by wsproto over a :class:`FastSocketStream` from the
+    uplink's own tasks (:class:`WsprotoTransport`); ``wss://`` ones go through
+    ``trio_websocket.open_websocket_url``, which brings TLS.
     """
     url = agent_url(server_url)
     parts = urllib.parse.urlsplit(url)
@@ -158,36 +159,15 @@ def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Co
         except (OSError, trio.TooSlowError) as exc:
             raise HandshakeError(f"cannot connect to the relay at {url}: {exc}") from exc
         try:
-            async with trio.open_nursery() as nursery:
-                transport: WebSocketTransport | None = None
-                try:
-                    with trio.fail_after(connect_timeout):
-                        ws = await trio_websocket.wrap_client_stream(
-                            nursery,
-                            stream,  # type: ignore[arg-type]  # any trio stream works
-                            parts.netloc,
-                            resource,
-                            max_message_size=MAX_MESSAGE_SIZE,
-                            receive_buffer_size=65536,
-                        )
-                    transport = WebSocketTransport(ws, stream)
-                    yield transport
-                finally:
-                    if transport is not None:
-                        with trio.CancelScope(shield=True), trio.move_on_after(2):
-                            await transport.aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # trio wraps what crossed the nursery; give the caller the lone error (trio's
-            # habit), translated where it came from the WebSocket handshake.
-            if len(group.exceptions) != 1:
-                raise
-            error = group.exceptions[0]
-            if isinstance(error, (trio_websocket.HandshakeError, trio.TooSlowError)):
-                raise HandshakeError(f"WebSocket handshake with {url} failed: {error}") from error
-            raise error from None
-        finally:
+            with trio.fail_after(connect_timeout):
+                transport = await connect_websocket(stream, parts.netloc, resource)
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
+            raise HandshakeError(f"WebSocket handshake with {url} failed: {exc}") from exc
+        try:
+            yield transport
+        finally:
+            await trio.aclose_forcefully(transport)
 
     return connect if parts.scheme == "ws" else connect_tls
 
@@ -471,7 +451,7 @@ class BackendForwarder:
                 )
                 break
             except _BackendGone:
-                if framing is not http.Framing.NONE:
+                if length or framing is http.Framing.CHUNKED:  # its body is consumed
                     stream.reset(
                         ErrorCode.BACKEND_UNAVAILABLE,
                         "backend closed the connection before answering",
@@ -517,7 +497,7 @@ class BackendForwarder:
     ) -> tuple[int, bool]:
         """Send the request and relay the response; return (status, reusable)."""
         buf = bytearray()
-        if framing is http.Framing.NONE:
+        if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
             try:
                 await conn.send_all(head)
             except trio.BrokenResourceError:

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import trio
 
+from tunnel2._util import unwrap_lone_error
 from tunnel2.agent import (
     Agent,
     AgentConfig,
@@ -141,18 +142,14 @@ async def open_tunnel(
     handler = handler_for(target)
     agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(agent.serve)
-            try:
-                yield agent
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # trio wraps what the agent's task raised; unwrap a lone error (trio's habit).
-        errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-        if len(errors) == 1 and len(group.exceptions) == 1:
-            raise errors[0] from None
-        raise
+        # trio wraps what the agent's task raised; a lone error comes out as itself.
+        with unwrap_lone_error():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.serve)
+                try:
+                    yield agent
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         if isinstance(handler, BackendForwarder):
             with trio.CancelScope(shield=True):

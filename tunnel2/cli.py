@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from tunnel2._util import unwrap_lone_error
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
@@ -39,6 +40,11 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 async def _until_terminated(fn: Callable[..., Awaitable[object]], *args: object) -> None:
     """Run ``fn(*args)`` until it returns or SIGTERM arrives (a clean stop, like Ctrl-C)."""
+    with unwrap_lone_error():
+        await _until_terminated_grouped(fn, *args)
+
+
+async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args: object) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_sigterm() -> None:

@@ -260,7 +260,8 @@ class ProxyEntry:
             if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"
             ):
-                await self.server.handle_websocket(_PrefixedStream(client, head + bytes(buf)))
+                agent = _PrefixedStream(client, bytes(buf)) if buf else client
+                await self.server.handle_websocket(agent, head)
                 return
             try:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
@@ -386,7 +387,7 @@ class ProxyEntry:
                     return False
                 stream.send_end()
                 return await self._respond(conn.client, request, response_head, stream)
-            if framing is http.Framing.NONE:
+            if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
                 stream.send_end()
                 response_head = await self._wait_response(conn, stream)
                 return await self._respond(conn.client, request, response_head, stream)
@@ -572,8 +573,9 @@ class _BodyPump:
         reader, buf, stream = self.reader, self.buf, self.stream
         total = 0
         try:
-            while True:
+            while not reader.done:
                 if buf:
+                    before = len(buf)
                     data = reader.read(buf)
                     if data:
                         total += len(data)
@@ -584,10 +586,8 @@ class _BodyPump:
                             stream.reset(ErrorCode.CANCEL, "request body over the limit")
                             return
                         await stream.send_data(data)
-                    if reader.done:
-                        break
-                    if buf:
-                        continue
+                    if len(buf) < before:
+                        continue  # progress: done now, or more of buf to read
                 more = await self.client.receive_some(_RECEIVE_SIZE)
                 if not more:
                     reader.feed_eof()

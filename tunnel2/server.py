@@ -19,12 +19,11 @@ from typing import Final, final
 
 import attrs
 import trio
-import trio_websocket
 
 from tunnel2 import frames
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
-from tunnel2.transports import FrameTransport, WebSocketTransport
-from tunnel2.uplink import MAX_MESSAGE_SIZE, TunnelUplink, open_uplink, receive_handshake_frame
+from tunnel2.transports import FrameTransport, accept_websocket
+from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
 
 __all__ = ["AGENT_PATH", "ServerConfig", "SessionRegistry", "TunnelServer"]
 
@@ -230,27 +229,16 @@ class TunnelServer:
         """The connected uplinks."""
         return frozenset(self._uplinks)
 
-    async def handle_websocket(self, stream: trio.abc.Stream) -> None:
-        """Serve an agent whose WebSocket upgrade request is the first thing on ``stream``.
-
-        Returns when the agent is gone; the connection is closed by then.
-        """
-        async with trio.open_nursery() as nursery:
-            try:
-                request = await trio_websocket.wrap_server_stream(
-                    nursery,
-                    stream,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                    receive_buffer_size=65536,
-                )
-                ws = await request.accept()
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
-                logger.info("agent websocket handshake failed: %r", exc)
-                await trio.aclose_forcefully(stream)
-                nursery.cancel_scope.cancel()
-                return
-            await self.handle_agent(WebSocketTransport(ws))
-            nursery.cancel_scope.cancel()
+    async def handle_websocket(self, stream: trio.abc.Stream, request: bytes) -> None:
+        """Serve an agent whose WebSocket upgrade request head (``request``) was read from
+        ``stream``. Returns when the agent is gone; the connection is closed by then."""
+        try:
+            transport = await accept_websocket(stream, request)
+        except trio.BrokenResourceError as exc:
+            logger.info("agent websocket handshake failed: %s", exc)
+            await trio.aclose_forcefully(stream)
+            return
+        await self.handle_agent(transport)
 
     async def handle_agent(self, transport: FrameTransport) -> None:
         """Run the handshake on a fresh agent transport, then serve its uplink until it closes.

@@ -11,16 +11,24 @@ well as a message-oriented WebSocket. Errors keep trio's meanings:
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Final
 
 import trio
 import trio.testing
 import trio_websocket
+import wsproto
+import wsproto.events
+import wsproto.utilities
+from wsproto.connection import ConnectionState, ConnectionType
 
 __all__ = [
     "FrameTransport",
     "StreamTransport",
     "WebSocketTransport",
+    "WsprotoTransport",
+    "accept_websocket",
+    "connect_websocket",
     "lockstep_transport_pair",
     "memory_transport_pair",
 ]
@@ -131,3 +139,120 @@ def lockstep_transport_pair() -> tuple[StreamTransport, StreamTransport]:
     receives it, which proves backpressure."""
     left, right = trio.testing.lockstep_stream_pair()
     return StreamTransport(left), StreamTransport(right)
+
+
+class WsprotoTransport(FrameTransport):
+    """Frames in binary WebSocket messages, driven by wsproto in the caller's task.
+
+    trio-websocket runs a reader task per connection and hands messages over a channel: one
+    more task switch per message on the data path. This drives the same protocol engine
+    (wsproto, which trio-websocket is built on) from the uplink's own reader and writer, and
+    returns message data as soon as it arrives (frames don't depend on message boundaries).
+
+    Build one with :func:`accept_websocket` or :func:`connect_websocket`.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._control: list[bytes] = []  # pongs and close replies, sent with the next write
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<WsprotoTransport {self._stream!r} {self._ws.state.name}>"
+
+    async def send(self, data: bytes) -> None:
+        try:
+            out = self._ws.send(wsproto.events.BytesMessage(data=data))
+        except wsproto.utilities.LocalProtocolError as exc:
+            raise trio.BrokenResourceError(f"websocket is closing: {exc}") from exc
+        if self._control:
+            out = b"".join([*self._control, out])
+            self._control.clear()
+        await self._stream.send_all(out)
+
+    async def receive(self) -> bytes | bytearray:
+        ws = self._ws
+        while True:
+            chunks: list[bytes] = []
+            for event in ws.events():
+                if isinstance(event, wsproto.events.BytesMessage):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, wsproto.events.Ping):
+                    self._control.append(ws.send(event.response()))
+                elif isinstance(event, wsproto.events.CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        self._control.append(ws.send(event.response()))
+                    self._closed = True
+                elif isinstance(event, wsproto.events.TextMessage):
+                    raise trio.BrokenResourceError("text message on a binary frame transport")
+            if chunks:
+                return b"".join(chunks)
+            if self._closed:
+                return b""
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return b""
+            try:
+                ws.receive_data(bytes(data))
+            except wsproto.utilities.RemoteProtocolError as exc:
+                raise trio.BrokenResourceError(f"invalid websocket data: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if not self._closed and self._ws.state is ConnectionState.OPEN:
+            self._closed = True
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._stream.send_all(
+                        b"".join(
+                            [*self._control, self._ws.send(wsproto.events.CloseConnection(1000))]
+                        )
+                    )
+        await trio.aclose_forcefully(self._stream)
+
+
+async def accept_websocket(stream: trio.abc.Stream, request: bytes) -> WsprotoTransport:
+    """Answer a WebSocket upgrade whose request head (``request``) was read from ``stream``.
+
+    Raises:
+        trio.BrokenResourceError: the request is not a valid WebSocket upgrade (a 400 went
+            out) or the client went away.
+    """
+    ws = wsproto.WSConnection(ConnectionType.SERVER)
+    ws.receive_data(request)
+    for event in ws.events():
+        if isinstance(event, wsproto.events.Request):
+            await stream.send_all(ws.send(wsproto.events.AcceptConnection()))
+            return WsprotoTransport(stream, ws)
+        break
+    with trio.move_on_after(1):
+        await stream.send_all(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 30\r\nConnection: close\r\n\r\n"
+            b"not a valid WebSocket upgrade\n"
+        )
+    raise trio.BrokenResourceError("not a valid WebSocket upgrade request")
+
+
+async def connect_websocket(stream: trio.abc.Stream, host: str, resource: str) -> WsprotoTransport:
+    """Run the client side of a WebSocket handshake on ``stream``.
+
+    Takes no timeout: callers use :func:`trio.fail_after`.
+
+    Raises:
+        trio.BrokenResourceError: the server refused the upgrade or went away.
+    """
+    ws = wsproto.WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(wsproto.events.Request(host=host, target=resource)))
+    while True:
+        data = await stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("the server closed during the WebSocket handshake")
+        ws.receive_data(bytes(data))
+        for event in ws.events():
+            if isinstance(event, wsproto.events.AcceptConnection):
+                return WsprotoTransport(stream, ws)
+            if isinstance(event, wsproto.events.RejectConnection):
+                raise trio.BrokenResourceError(
+                    f"the server refused the WebSocket upgrade with HTTP {event.status_code}"
+                )
