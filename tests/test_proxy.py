@@ -507,3 +507,19 @@ async def test_hop_by_hop_request_headers_are_not_forwarded() -> None:
     assert "x-kept" in seen
     assert not seen & {"connection", "x-private", "keep-alive", "te", "proxy-authorization"}
     assert header_values(json.loads(response.body), "x-forwarded-proto") == ["http"]
+
+
+async def test_empty_body_with_content_length_zero_is_answered() -> None:
+    async with tunnel_for(echo_app) as tunnel:
+        answer = await raw_exchange(
+            tunnel,
+            (
+                f"POST {tunnel.path_prefix}/empty HTTP/1.1\r\nHost: a\r\n"
+                "Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ).encode(),
+        )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    seen = json.loads(body)
+    assert seen["body"] == ""
+    assert header_values(seen, "content-length") == ["0"]
