@@ -6,6 +6,7 @@ trio-websocket connection (127.0.0.1, port 0), started in pytest-trio's ``nurser
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
@@ -17,12 +18,17 @@ import trio.testing
 import trio_websocket
 
 from tunnel2 import frames
+from tunnel2._sockets import FastSocketStream
 from tunnel2.transports import (
     StreamTransport,
     WebSocketTransport,
+    WsprotoTransport,
+    accept_websocket,
+    connect_websocket,
     lockstep_transport_pair,
     memory_transport_pair,
 )
+from tunnel2.uplink import open_uplink
 
 # Bounds hangs only: each test takes milliseconds.
 TIMEOUT: Final = 2
@@ -207,3 +213,109 @@ async def test_websocket_transport_close_after_the_peer_closed_frees_the_socket(
             assert await peers.client.receive() == b""
             await peers.client.aclose()
             assert peers.client_tcp.socket.fileno() == -1
+
+
+# --- WsprotoTransport: wsproto driven from the caller's task over a bare socket --------------
+
+
+@asynccontextmanager
+async def wsproto_pair() -> AsyncIterator[tuple[WsprotoTransport, WsprotoTransport]]:
+    """A client and a server WsprotoTransport over a connected socket pair."""
+    left, right = socket.socketpair()
+    client_stream, server_stream = FastSocketStream(left), FastSocketStream(right)
+    request = b""
+
+    async def read_request() -> None:
+        nonlocal request
+        while b"\r\n\r\n" not in request:
+            request += await server_stream.receive_some(65536)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_request)
+        client_box: list[WsprotoTransport] = []
+
+        async def dial() -> None:
+            client_box.append(await connect_websocket(client_stream, "relay.test", "/x"))
+
+        nursery.start_soon(dial)
+        await trio.testing.wait_all_tasks_blocked()
+        server = await accept_websocket(server_stream, request)
+    client = client_box[0]
+    try:
+        yield client, server
+    finally:
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_wsproto_transport_round_trips_and_closes() -> None:
+    with trio.fail_after(5):
+        async with wsproto_pair() as (client, server):
+            await client.send(b"hello")
+            assert await server.receive() == b"hello"
+            await server.send(b"back")
+            assert await client.receive() == b"back"
+            await client.aclose()
+            assert await server.receive() == b""
+
+
+def is_pending(transport: WsprotoTransport) -> bool:
+    return transport.pending
+
+
+async def test_wsproto_send_nowait_hands_the_unsent_rest_to_flush() -> None:
+    big = bytes(range(256)) * 40_000  # ~10 MB: more than a socket buffer takes at once
+    with trio.fail_after(10):
+        async with wsproto_pair() as (client, server):
+            assert client.send_nowait(big)
+            assert is_pending(client)
+            # Until the rest is flushed, no second message may overtake it.
+            assert not client.send_nowait(b"later")
+            received = bytearray()
+
+            async def drain() -> None:
+                while len(received) < len(big) + 5:
+                    received.extend(await server.receive())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                await client.flush()
+                assert not is_pending(client)
+                await client.send(b"later")
+            assert bytes(received) == big + b"later"
+
+
+async def test_accept_websocket_refuses_a_plain_request() -> None:
+    left, right = socket.socketpair()
+    client, server = FastSocketStream(left), FastSocketStream(right)
+    with trio.fail_after(5):
+        with pytest.raises(trio.BrokenResourceError, match="WebSocket"):
+            await accept_websocket(server, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        answer = await client.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_uplink_over_wsproto_carries_a_burst_through_early_flushes() -> None:
+    """More frames than the early-flush threshold queued in one pass go out in several
+    immediate writes and all arrive, in order, on their streams."""
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    with trio.fail_after(10):
+        async with (
+            wsproto_pair() as (client, server),
+            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
+            for stream in streams:
+                stream.send_end()
+            for i in range(40):
+                incoming = await agent.accept_stream()
+                assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
+                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
+                incoming.send_data_nowait(b"body %d" % i, end=True)
+            for i, stream in enumerate(streams):
+                assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+                assert await stream.receive_data() == b"body %d" % i
+                assert await stream.receive_data() == b""

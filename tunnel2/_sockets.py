@@ -79,6 +79,23 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("stream was closed") from None
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the socket takes now, without waiting; return how many bytes that was
+        (0 if it would block).
+
+        Raises:
+            trio.BrokenResourceError: the peer went away.
+            trio.ClosedResourceError: this side closed the stream.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        try:
+            return self.socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")

@@ -22,6 +22,8 @@ import wsproto.events
 import wsproto.utilities
 from wsproto.connection import ConnectionState, ConnectionType
 
+from tunnel2._sockets import FastSocketStream
+
 __all__ = [
     "FrameTransport",
     "StreamTransport",
@@ -64,6 +66,25 @@ class FrameTransport(trio.abc.AsyncResource):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the transport; idempotent, and frees it even if cancelled."""
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Try to send ``data`` at once from the calling task, without waiting.
+
+        Returns False (and sends nothing) when that isn't possible now; then ``data`` must go
+        through :meth:`send`. True means it is sent, or that what the socket didn't take yet
+        will go out ahead of the next :meth:`send` or :meth:`flush`. Never called while a
+        :meth:`send` is in progress.
+        """
+        return False
+
+    @property
+    def pending(self) -> bool:
+        """True if bytes accepted by :meth:`send_nowait` still wait for :meth:`flush`."""
+        return False
+
+    async def flush(self) -> None:
+        """Send what :meth:`send_nowait` left behind."""
+        await trio.lowlevel.checkpoint()
 
 
 class StreamTransport(FrameTransport):
@@ -157,6 +178,7 @@ class WsprotoTransport(FrameTransport):
         self._ws = ws
         self._control: list[bytes] = []  # pongs and close replies, sent with the next write
         self._closed = False
+        self._pending = b""  # what the socket did not take from send_nowait
 
     def __repr__(self) -> str:
         return f"<WsprotoTransport {self._stream!r} {self._ws.state.name}>"
@@ -166,10 +188,35 @@ class WsprotoTransport(FrameTransport):
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError as exc:
             raise trio.BrokenResourceError(f"websocket is closing: {exc}") from exc
+        if self._control or self._pending:
+            out = b"".join([self._pending, *self._control, out])
+            self._control.clear()
+            self._pending = b""
+        await self._stream.send_all(out)
+
+    def send_nowait(self, data: bytes) -> bool:
+        stream = self._stream
+        if self._pending or not isinstance(stream, FastSocketStream):
+            return False
+        try:
+            out = self._ws.send(wsproto.events.BytesMessage(data=data))
+        except wsproto.utilities.LocalProtocolError:
+            return False  # closing: let send() report it
         if self._control:
             out = b"".join([*self._control, out])
             self._control.clear()
-        await self._stream.send_all(out)
+        sent = stream.send_nowait(out)
+        if sent < len(out):
+            self._pending = out[sent:]
+        return True
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, b""
+        await self._stream.send_all(pending)
 
     async def receive(self) -> bytes | bytearray:
         ws = self._ws
@@ -220,12 +267,15 @@ async def accept_websocket(stream: trio.abc.Stream, request: bytes) -> WsprotoTr
             out) or the client went away.
     """
     ws = wsproto.WSConnection(ConnectionType.SERVER)
-    ws.receive_data(request)
-    for event in ws.events():
-        if isinstance(event, wsproto.events.Request):
-            await stream.send_all(ws.send(wsproto.events.AcceptConnection()))
-            return WsprotoTransport(stream, ws)
-        break
+    try:
+        ws.receive_data(request)
+        for event in ws.events():
+            if isinstance(event, wsproto.events.Request):
+                await stream.send_all(ws.send(wsproto.events.AcceptConnection()))
+                return WsprotoTransport(stream, ws)
+            break
+    except wsproto.utilities.RemoteProtocolError:
+        pass  # answered below
     with trio.move_on_after(1):
         await stream.send_all(
             b"HTTP/1.1 400 Bad Request\r\nContent-Length: 30\r\nConnection: close\r\n\r\n"

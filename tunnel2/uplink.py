@@ -59,6 +59,7 @@ Role = Literal["relay", "agent"]
 _MAX_BATCH: Final = 1024 * 1024
 MAX_MESSAGE_SIZE: Final = 4 * _MAX_BATCH
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
+_EARLY_FLUSH_FRAMES: Final = 16
 _DEAD_AFTER_PINGS: Final = 3
 _CREDIT_RETURN_FRACTION: Final = 2
 
@@ -392,6 +393,7 @@ class TunnelUplink:
         self._idle_event.set()
         self._closed_event = trio.Event()
         self._writer_done = trio.Event()
+        self._writer_sending = False
         self._closing = False
         self._close_error: UplinkClosed | None = None
         self._peer_goaway: frames.GoAway | None = None
@@ -524,9 +526,19 @@ class TunnelUplink:
     def _queue(self, data: bytes) -> None:
         if self._closing:
             raise self._close_error or UplinkClosed("uplink closed")
-        self._out.append(data)
+        out = self._out
+        out.append(data)
         self._out_size += len(data)
         self._out_event.set()
+        if len(out) >= _EARLY_FLUSH_FRAMES and not self._writer_sending:
+            # A burst is being queued (many requests in one scheduler pass): send what we
+            # have now, so the peer starts on it while we queue the rest, instead of the
+            # whole burst waiting for the writer's turn (the pipeline overlaps).
+            data = b"".join(out)
+            if self.transport.send_nowait(data):
+                out.clear()
+                self._out_size = 0
+                self._last_sent = trio.current_time()
 
     async def _wait_writable(self) -> None:
         # Backpressure on the writer's queue: a sender waits while more than one batch is
@@ -581,6 +593,10 @@ class TunnelUplink:
         transport = self.transport
         try:
             while True:
+                if transport.pending:
+                    self._writer_sending = True
+                    await transport.flush()
+                    self._writer_sending = False
                 if not self._out:
                     if self._closing:
                         return
@@ -594,11 +610,13 @@ class TunnelUplink:
                     batch = self._take_batch()
                 data = batch[0] if len(batch) == 1 else b"".join(batch)
                 self._wake_drained()
+                self._writer_sending = True
                 if self._closing:
                     with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
                         await transport.send(data)
                     return
                 await transport.send(data)
+                self._writer_sending = False
                 self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost while sending: {exc}")
