@@ -96,6 +96,17 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
+    def peer_closed(self) -> bool:
+        """True if the peer closed its side and nothing unread is left (a peek, no wait)."""
+        if self._closed:
+            return True
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
@@ -126,11 +137,15 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"shutdown failed: {exc}") from exc
         await trio.lowlevel.checkpoint()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close the socket now (what :meth:`aclose` does, without the checkpoint)."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.socket)
             self.socket.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 

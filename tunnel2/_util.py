@@ -16,12 +16,22 @@ __all__ = ["unwrap_lone_error"]
 @contextmanager
 def unwrap_lone_error() -> Iterator[None]:
     """Re-raise a nursery's exception group that holds one error besides cancellations as
-    that error (trio's ``as_safe_channel`` habit), so callers can catch what they expect.
-    Bigger groups pass through unchanged."""
+    that error (trio's ``as_safe_channel`` habit), so callers can catch what they expect;
+    groups nested by nested nurseries are looked through. Bigger groups pass unchanged."""
     try:
         yield
     except BaseExceptionGroup as group:
-        errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-        if len(errors) == 1 and not isinstance(errors[0], BaseExceptionGroup):
-            raise errors[0] from group
-        raise
+        error = _lone_error(group)
+        if error is None:
+            raise
+        raise error from group
+
+
+def _lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    # Nested nurseries nest groups: look through groups of one.
+    errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(errors) != 1:
+        return None
+    if isinstance(errors[0], BaseExceptionGroup):
+        return _lone_error(errors[0])
+    return errors[0]

@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("tunnel2.access")
 
 _AGENT_PATH: Final = "/_tunnel/connect"
+# Refusals a connected agent waits out (the relay restarts or sheds load) instead of quitting.
+_TEMPORARY_REFUSALS: Final = frozenset({ErrorCode.SESSION_UNAVAILABLE, ErrorCode.OVERLOADED})
 _RECEIVE_SIZE: Final = 65536
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -226,7 +228,8 @@ class Agent:
         ``task_status.started(self)`` is called once the first handshake succeeded, so
         :attr:`public_url` is set when ``nursery.start`` returns. Before that, failures raise
         (so a wrong URL or token surfaces at once); after it, a lost connection is re-dialled
-        with exponential backoff, asking for the same session. A refusal is final.
+        with exponential backoff, asking for the same session. A refusal is final, except
+        that a connected agent waits out a relay that is shutting down or overloaded.
 
         Raises:
             HandshakeRefused: the relay refused the agent.
@@ -245,8 +248,10 @@ class Agent:
                     delay = config.backoff_initial
                     await self._run_uplink(transport, decoder, welcome, task_status, started)
                     started = True
-            except HandshakeRefused:
-                raise
+            except HandshakeRefused as exc:
+                if not started or exc.code not in _TEMPORARY_REFUSALS:
+                    raise
+                logger.warning("relay refused us for now (%s); re-dialling in %.2fs", exc, delay)
             except (
                 HandshakeError,
                 ProtocolError,
@@ -400,6 +405,16 @@ class _BackendGone(Exception):
     """A reused keep-alive connection turned out to be closed before any answer."""
 
 
+# What a backend exchange can fail with, besides _BackendGone.
+_EXCHANGE_ERRORS: Final = (
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    StreamReset,
+    UplinkClosed,
+)
+
+
 @final
 class BackendForwarder:
     """Answers streams by forwarding them to an HTTP/1.1 backend at ``host:port``.
@@ -432,26 +447,29 @@ class BackendForwarder:
         head = stream.head
         assert head is not None
         method, framing, length = _relay_head_framing(head)
+        has_body = length > 0 or framing is http.Framing.CHUNKED
         start = trio.current_time()
         for attempt in (0, 1):
-            reused = bool(self._idle) and attempt == 0
-            try:
-                conn = self._idle.pop() if reused else await self._open()
-            except OSError as exc:
-                stream.reset(
-                    ErrorCode.BACKEND_UNAVAILABLE,
-                    f"backend {self.host}:{self.port} refused the connection "
-                    f"({exc.strerror or exc})",
-                )
-                return
+            conn = self._checkout() if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await self._open()
+                except OSError as exc:
+                    stream.reset(
+                        ErrorCode.BACKEND_UNAVAILABLE,
+                        f"backend {self.host}:{self.port} refused the connection "
+                        f"({exc.strerror or exc})",
+                    )
+                    return
             keep = False
             try:
                 status, keep = await self._exchange(
-                    conn, stream, head, method, framing, length, reused
+                    conn, stream, head, method, has_body, framing, reused
                 )
                 break
             except _BackendGone:
-                if length or framing is http.Framing.CHUNKED:  # its body is consumed
+                if has_body:  # its body is consumed: it cannot be sent again
                     stream.reset(
                         ErrorCode.BACKEND_UNAVAILABLE,
                         "backend closed the connection before answering",
@@ -485,34 +503,62 @@ class BackendForwarder:
     async def _open(self) -> FastSocketStream:
         return await connect_tcp(self.host, self.port)
 
+    def _checkout(self) -> FastSocketStream | None:
+        """An idle pooled connection the backend has not closed meanwhile (a peek, as
+        urllib3 and httpcore do), or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.peer_closed():
+                return conn
+            conn.close()
+        return None
+
     async def _exchange(
         self,
         conn: FastSocketStream,
         stream: TunnelStream,
         head: bytes,
         method: bytes,
+        has_body: bool,
         framing: http.Framing,
-        length: int,
         reused: bool,
     ) -> tuple[int, bool]:
         """Send the request and relay the response; return (status, reusable)."""
         buf = bytearray()
-        if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
+        if not has_body:
             try:
                 await conn.send_all(head)
             except trio.BrokenResourceError:
                 if reused:
                     raise _BackendGone() from None
                 raise
-            return await self._relay_response(conn, stream, buf, method, reused, True)
+            return await self._relay_response(conn, stream, buf, method, reused)
+        # The body streams to the backend while its answer may already come back. Errors
+        # are kept and raised after the nursery (which would wrap them in a group).
+        errors: list[BaseException] = []
+        result: tuple[int, bool] | None = None
+        sent = trio.Event()
         async with trio.open_nursery() as nursery:
-            sent = trio.Event()
-            nursery.start_soon(self._pump_body, conn, stream, head, framing, sent)
-            result = await self._relay_response(conn, stream, buf, method, False, False)
-            if not sent.is_set():
-                nursery.cancel_scope.cancel()
-                return result[0], False
-        return result
+
+            async def pump() -> None:
+                try:
+                    await self._pump_body(conn, stream, head, framing, sent)
+                except _EXCHANGE_ERRORS as exc:
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump)
+            try:
+                result = await self._relay_response(conn, stream, buf, method, reused)
+            except (_BackendGone, *_EXCHANGE_ERRORS) as exc:
+                errors.append(exc)
+            nursery.cancel_scope.cancel()  # an early answer: the rest of the body is unwanted
+        if errors:
+            raise errors[0]
+        assert result is not None
+        # Reusable only if the backend also got the whole body.
+        return result[0], result[1] and sent.is_set()
 
     async def _pump_body(
         self,
@@ -540,7 +586,6 @@ class BackendForwarder:
         buf: bytearray,
         method: bytes,
         reused: bool,
-        request_done: bool,
     ) -> tuple[int, bool]:
         # The head, skipping interim 1xx answers (the entry already said 100 Continue).
         while True:
@@ -585,9 +630,7 @@ class BackendForwarder:
                 await stream.send_data(b"", end=True)
                 break
             buf += more
-        reusable = (
-            request_done and keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
-        )
+        reusable = keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
         return response.status, reusable
 
 

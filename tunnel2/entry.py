@@ -111,7 +111,7 @@ class _ClientGone(Exception):
 class _Connection:
     """Per-connection state of the entry."""
 
-    __slots__ = ("buf", "client", "deadline", "peer", "timer", "waiting")
+    __slots__ = ("buf", "client", "deadline", "gone", "peer", "timer", "waiting")
 
     def __init__(self, client: trio.abc.Stream) -> None:
         self.client = client
@@ -123,6 +123,7 @@ class _Connection:
         # costs trio a heap update per change; this is a float store.)
         self.timer = trio.CancelScope()
         self.deadline = math.inf
+        self.gone = False  # run_timeouts saw the client close while we waited
         self.waiting: TunnelStream | None = None
 
 
@@ -193,7 +194,9 @@ class ProxyEntry:
                 return
             with conn.timer:
                 await self._serve(conn)
-            if conn.timer.cancelled_caught and conn.waiting is not None:
+            if conn.timer.cancelled_caught and conn.waiting is not None and conn.gone:
+                conn.waiting.reset(ErrorCode.CANCEL, "the client went away")
+            elif conn.timer.cancelled_caught and conn.waiting is not None:
                 # The request timeout fired while we waited for the response head.
                 conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
                 message = f"no response from the tunnel within {self.config.request_timeout:g}s"
@@ -211,10 +214,12 @@ class ProxyEntry:
         return len(self._connections)
 
     async def run_timeouts(self) -> NoReturn:
-        """Enforce the idle and request timeouts of every connection; runs until cancelled.
+        """Enforce the idle and request timeouts of every connection, and notice clients
+        that close while they wait for a response head (their stream is reset, so the agent
+        stops working for nobody); runs until cancelled.
 
         :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Timeouts fire up
-        to a twentieth of their length late (at most 0.5 s).
+        to a twentieth of their length late (at most 0.5 s), as does the notice.
         """
         config = self.config
         tick = max(0.01, min(0.5, config.request_timeout / 20, config.idle_timeout / 20))
@@ -223,6 +228,13 @@ class ProxyEntry:
             now = trio.current_time()
             for conn in self._connections:
                 if conn.deadline <= now:
+                    conn.timer.cancel()
+                elif (
+                    conn.waiting is not None
+                    and isinstance(conn.client, FastSocketStream)
+                    and conn.client.peer_closed()
+                ):
+                    conn.gone = True
                     conn.timer.cancel()
 
     async def _serve(self, conn: _Connection) -> None:
@@ -263,12 +275,16 @@ class ProxyEntry:
                 agent = _PrefixedStream(client, bytes(buf)) if buf else client
                 await self.server.handle_websocket(agent, head)
                 return
+            # Counted in flight until the response is out, so a draining relay waits for it.
+            self.server.request_started()
             try:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
                 await client.send_all(error_response(answer.status, answer.message, close=True))
                 return
+            finally:
+                self.server.request_finished()
             if not keep_alive:
                 return
 

@@ -210,6 +210,9 @@ class TunnelServer:
         self._uplinks: set[TunnelUplink] = set()
         self._counter = itertools.count(1)
         self._draining = False
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     def __repr__(self) -> str:
         return f"<TunnelServer {self.base_url} sessions={len(self.registry)}>"
@@ -321,10 +324,30 @@ class TunnelServer:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await transport.send(frames.encode(frames.Refuse(code, reason[:1000])))
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Public requests whose response has not been fully sent yet."""
+        return self._in_flight
+
+    def request_started(self) -> None:
+        """Count a public request in flight (the entry calls it)."""
+        if not self._in_flight:
+            self._idle = trio.Event()
+        self._in_flight += 1
+
+    def request_finished(self) -> None:
+        """The response to a counted request is out, or failed."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
     async def drain(self) -> None:
         """Refuse new agents, send GOAWAY on every uplink and give in-flight requests
-        ``config.drain_timeout`` seconds before the uplinks close."""
+        ``config.drain_timeout`` seconds (until their responses are sent, not just relayed)
+        before the uplinks close."""
         self._draining = True
-        async with trio.open_nursery() as nursery:
-            for uplink in list(self._uplinks):
-                nursery.start_soon(uplink.drain, self.config.drain_timeout)
+        with trio.move_on_after(self.config.drain_timeout):
+            async with trio.open_nursery() as nursery:
+                for uplink in list(self._uplinks):
+                    nursery.start_soon(uplink.drain, self.config.drain_timeout)
+                await self._idle.wait()

@@ -507,8 +507,13 @@ class TunnelUplink:
         self._queue(frames.encode(frames.GoAway(self._last_stream_id, code, reason[:200])))
         self._closing = True
         for stream in list(self._streams.values()):
-            stream._error = self._close_error
-            stream._finish()
+            if stream._remote_ended and stream._local_ended:
+                # Both sides said all they had to; what is buffered may still be read.
+                stream._wake()
+                stream._maybe_finish()
+            else:
+                stream._error = self._close_error
+                stream._finish()
         self._incoming_send.close()
         while True:
             try:

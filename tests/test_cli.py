@@ -1,0 +1,158 @@
+"""Tests for the ``tunnel2`` command line, run as real subprocesses (``python -m tunnel2.cli``)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+CLI = (sys.executable, "-m", "tunnel2.cli")
+
+
+@attrs.define
+class Proc:
+    """A running subprocess whose stdout is read line by line and stderr goes to a file."""
+
+    process: trio.Process
+    stderr_path: Path
+    buf: bytearray = attrs.Factory(bytearray)
+
+    async def readline(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self.buf:
+            data = await self.process.stdout.receive_some(4096)
+            if not data:
+                raise EOFError(f"stdout ended: {bytes(self.buf)!r}; stderr: {self.stderr()}")
+            self.buf += data
+        line, _, rest = bytes(self.buf).partition(b"\n")
+        self.buf[:] = rest
+        return line.decode()
+
+    async def rest_of_stdout(self) -> str:
+        assert self.process.stdout is not None
+        while data := await self.process.stdout.receive_some(4096):
+            self.buf += data
+        return bytes(self.buf).decode()
+
+    async def interrupt(self) -> int:
+        """SIGINT (as Ctrl-C does), then the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        return await self.process.wait()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+@asynccontextmanager
+async def run(*args: str, stderr: Path) -> AsyncIterator[Proc]:
+    with stderr.open("wb") as err:
+        process = await trio.lowlevel.open_process(
+            [*args], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL
+        )
+    try:
+        yield Proc(process, stderr)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_help_lists_the_commands() -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process([*CLI, "--help"], capture_stdout=True, capture_stderr=True)
+    out = result.stdout.decode()
+    for command in ("server", "http", "backend", "loadtest"):
+        assert command in out, command
+
+
+async def test_server_and_http_end_to_end(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("hello through the tunnel\n")
+    with trio.fail_after(30):
+        async with (
+            run(
+                sys.executable,
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                str(tmp_path / "www"),
+                stderr=tmp_path / "backend.err",
+            ) as backend,  # fmt: skip
+            run(*CLI, "server", "--port", "0", stderr=tmp_path / "relay.err") as relay,
+        ):
+            line = await backend.readline()  # "Serving HTTP on 127.0.0.1 port N (...) ..."
+            backend_port = int(line.split(" port ")[1].split()[0])
+            line = await relay.readline()
+            assert line.startswith("tunnel2 relay on http://127.0.0.1:"), line
+            relay_url = line.split()[3]
+            assert not relay_url.endswith(":0"), f"--port 0 printed {line!r}"
+            async with run(
+                *CLI, "http", str(backend_port), "--server", relay_url,
+                stderr=tmp_path / "agent.err",
+            ) as agent:  # fmt: skip
+                line = await agent.readline()
+                target = f"http://127.0.0.1:{backend_port}"
+                assert line.startswith(f"Forwarding {relay_url}/session/"), line
+                assert line.endswith(f"/ -> {target}"), line
+                public_url = line.split()[1]
+
+                result = await trio.run_process(
+                    ["curl", "-sS", "--max-time", "5", public_url + "hello.txt"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                )
+                assert result.stdout == b"hello through the tunnel\n"
+
+                assert await agent.interrupt() == 0
+                assert await agent.rest_of_stdout() == "", "more than one line on stdout"
+                assert "Traceback" not in agent.stderr(), agent.stderr()
+            assert await relay.interrupt() == 0
+            assert "Traceback" not in relay.stderr(), relay.stderr()
+
+
+async def test_http_against_an_unreachable_relay_exits_1(tmp_path: Path) -> None:
+    relay_url = f"http://127.0.0.1:{free_port()}"
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [*CLI, "http", "8080", "--server", relay_url],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert result.stdout == b""
+    assert "Traceback" not in stderr
+    assert stderr.startswith("tunnel2 http:"), stderr
+    assert "relay" in stderr
+
+
+async def test_http_with_a_bad_target_exits_2() -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, "http", "notaport"], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 2
+    assert "notaport" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
