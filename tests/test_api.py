@@ -30,7 +30,7 @@ def public_names(module: types.ModuleType) -> set[str]:
     return {
         name
         for name, value in vars(module).items()
-        if not name.startswith("_")
+        if not name.startswith(("_", "@"))  # "@": pytest assertion-rewrite helpers
         and not isinstance(value, types.ModuleType)
         and not isinstance(value, __future__._Feature)
     }

@@ -160,41 +160,17 @@ def _keep_alive(http_version: bytes, headers: list[tuple[bytes, bytes]]) -> bool
     return http_version == b"1.1" or b"keep-alive" in tokens
 
 
-@final
-class RequestHead:
-    """A parsed request head.
+class _Head:
+    """What request and response heads share: headers and their lookups."""
 
-    Attributes:
-        method: the method, e.g. ``b"GET"``.
-        target: the request-target as sent, e.g. ``b"/a?b=c"``.
-        http_version: ``b"1.1"`` or ``b"1.0"``.
-        headers: ``(name, value)`` pairs in order, repeats kept; names exactly as received,
-            values with leading and trailing whitespace stripped.
-    """
+    __slots__ = ("_framing", "_lower", "headers", "http_version")
 
-    __slots__ = ("_framing", "_lower", "headers", "http_version", "method", "target")
-
-    method: bytes
-    target: bytes
     http_version: bytes
     headers: list[tuple[bytes, bytes]]
     _framing: tuple[Framing, int] | None
-
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        http_version: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.http_version = http_version
-        self.headers = headers
-        self._framing = None
-        # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
-        # absent header is one substring search (most lookups on the data path are).
-        self._lower: bytes | None = None
+    # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
+    # absent header is one substring search (most lookups on the data path are).
+    _lower: bytes | None
 
     def get(self, name: bytes) -> bytes | None:
         """Return the first value of header ``name`` (given in lower case), or ``None``."""
@@ -210,10 +186,43 @@ class RequestHead:
 
     @property
     def keep_alive(self) -> bool:
-        """Whether the connection may carry another request after this one (RFC 9112 §9.3)."""
+        """Whether the connection may carry another exchange after this one (RFC 9112
+        §9.3). A response body framed by closing the connection ends it anyway."""
         if self._lower is not None and b"\nconnection:" not in self._lower:
             return self.http_version == b"1.1"
         return _keep_alive(self.http_version, self.headers)
+
+
+@final
+class RequestHead(_Head):
+    """A parsed request head.
+
+    Attributes:
+        method: the method, e.g. ``b"GET"``.
+        target: the request-target as sent, e.g. ``b"/a?b=c"``.
+        http_version: ``b"1.1"`` or ``b"1.0"``.
+        headers: ``(name, value)`` pairs in order, repeats kept; names exactly as received,
+            values with leading and trailing whitespace stripped.
+    """
+
+    __slots__ = ("method", "target")
+
+    method: bytes
+    target: bytes
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        http_version: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.http_version = http_version
+        self.headers = headers
+        self._framing = None
+        self._lower = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RequestHead):
@@ -235,7 +244,7 @@ class RequestHead:
 
 
 @final
-class ResponseHead:
+class ResponseHead(_Head):
     """A parsed response head.
 
     Attributes:
@@ -245,14 +254,10 @@ class ResponseHead:
         headers: as in :class:`RequestHead`.
     """
 
-    __slots__ = ("_framing", "_lower", "headers", "http_version", "reason", "status")
+    __slots__ = ("reason", "status")
 
-    http_version: bytes
     status: int
     reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    # Framing from the headers alone; response_framing() applies status and request method.
-    _framing: tuple[Framing, int] | None
 
     def __init__(
         self,
@@ -266,31 +271,7 @@ class ResponseHead:
         self.reason = reason
         self.headers = headers
         self._framing = None
-        # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
-        # absent header is one substring search (most lookups on the data path are).
-        self._lower: bytes | None = None
-
-    def get(self, name: bytes) -> bytes | None:
-        """Return the first value of header ``name`` (given in lower case), or ``None``."""
-        if self._lower is not None and b"\n" + name + b":" not in self._lower:
-            return None
-        return _get(self.headers, name)
-
-    def get_all(self, name: bytes) -> list[bytes]:
-        """Return every value of header ``name`` (given in lower case), in order."""
-        if self._lower is not None and b"\n" + name + b":" not in self._lower:
-            return []
-        return _get_all(self.headers, name)
-
-    @property
-    def keep_alive(self) -> bool:
-        """Whether the headers allow another exchange on the connection (RFC 9112 §9.3).
-
-        A body framed by closing the connection (:attr:`Framing.UNTIL_CLOSE`) ends it anyway.
-        """
-        if self._lower is not None and b"\nconnection:" not in self._lower:
-            return self.http_version == b"1.1"
-        return _keep_alive(self.http_version, self.headers)
+        self._lower = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ResponseHead):
@@ -457,6 +438,18 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
 
 # --- changing heads at the byte level ------------------------------------------------------
 
+# RFC 9110 §7.6.1: fields that describe one connection, never forwarded as they are.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 # Connection-header tokens that are options rather than names of hop-by-hop fields.
 CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 

@@ -65,17 +65,6 @@ _AGENT_PATH: Final = "/_tunnel/connect"
 # Refusals a connected agent waits out (the relay restarts or sheds load) instead of quitting.
 _TEMPORARY_REFUSALS: Final = frozenset({ErrorCode.SESSION_UNAVAILABLE, ErrorCode.OVERLOADED})
 _RECEIVE_SIZE: Final = 65536
-_HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]
 Connector = Callable[[], AbstractAsyncContextManager[FrameTransport]]
@@ -397,8 +386,8 @@ def _response_head_for_tunnel(
     return b"".join(parts), keep_alive
 
 
-_HOP_BY_HOP_RE: Final = http.field_lines_re(_HOP_BY_HOP)
-_HOP_BY_HOP_101_RE: Final = http.field_lines_re(_HOP_BY_HOP - {b"connection", b"upgrade"})
+_HOP_BY_HOP_RE: Final = http.field_lines_re(http.HOP_BY_HOP)
+_HOP_BY_HOP_101_RE: Final = http.field_lines_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
 
 
 class _BackendGone(Exception):

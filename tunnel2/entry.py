@@ -36,27 +36,14 @@ logger = logging.getLogger(__name__)
 
 _RECEIVE_SIZE: Final = 65536
 _SESSION_PREFIX: Final = b"/session/"
-# RFC 9110 §7.6.1, plus the proxy-only ones; the Connection header's own tokens are added.
-_HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"expect",
-    }
-)
 
 
 # Cut from the request on its way to the agent; the relay writes its own framing and
 # X-Forwarded-* lines.
 _DROP_RE: Final = http.field_lines_re(
-    _HOP_BY_HOP | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    http.HOP_BY_HOP
+    | {b"proxy-authorization", b"proxy-authenticate", b"expect"}
+    | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 )
 _REASONS: Final = {
     400: b"Bad Request",
