@@ -523,3 +523,29 @@ async def test_empty_body_with_content_length_zero_is_answered() -> None:
     seen = json.loads(body)
     assert seen["body"] == ""
     assert header_values(seen, "content-length") == ["0"]
+
+
+async def test_bare_lf_request_is_400_and_the_relay_keeps_serving() -> None:
+    async with tunnel_for(echo_app) as tunnel:
+        answer = await raw_exchange(tunnel, b"GET / HTTP/1.1\nHost: a\n\n")
+        after = await tunnel.request("GET", "/still")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"bare LF" in answer
+    assert after.status == 200
+
+
+async def test_host_routing_under_a_domain() -> None:
+    async with tunnel_for(echo_app, ServerConfig(domain="tunnels.test")) as tunnel:
+        session = tunnel.agent.session_id
+        assert tunnel.public_url == f"http://{session}.tunnels.test/"
+        assert tunnel.agent.public_urls[1] == f"http://relay.test/session/{session}/"
+        routed = await tunnel.request(
+            "GET", "/by/host?q=1", headers=[("Host", f"{session}.tunnels.test:8000")], raw_path=True
+        )
+        unknown = await tunnel.request(
+            "GET", "/", headers=[("Host", "nosuch.tunnels.test")], raw_path=True
+        )
+    seen = json.loads(routed.body)
+    assert (seen["path"], seen["query"]) == ("/by/host", "q=1")
+    assert unknown.status == 404
+    assert "nosuch" in unknown.text

@@ -439,7 +439,7 @@ class BackendForwarder:
         has_body = length > 0 or framing is http.Framing.CHUNKED
         start = trio.current_time()
         for attempt in (0, 1):
-            conn = self._checkout() if attempt == 0 else None
+            conn = self._checkout(check=has_body) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 try:
@@ -492,13 +492,17 @@ class BackendForwarder:
     async def _open(self) -> FastSocketStream:
         return await connect_tcp(self.host, self.port)
 
-    def _checkout(self) -> FastSocketStream | None:
-        """An idle pooled connection the backend has not closed meanwhile (a peek, as
-        urllib3 and httpcore do), or None."""
+    def _checkout(self, *, check: bool) -> FastSocketStream | None:
+        """An idle pooled connection, or None.
+
+        With ``check`` (a request whose body cannot be sent twice), one the backend has
+        closed meanwhile is dropped first (a peek, as urllib3 and httpcore do); without it,
+        a closed one shows when the request is sent, and is retried on a fresh connection.
+        """
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.peer_closed():
+            if not check or not conn.peer_closed():
                 return conn
             conn.close()
         return None

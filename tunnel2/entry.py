@@ -191,6 +191,9 @@ class ProxyEntry:
                     await stream.send_all(error_response(504, message, close=True))
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
+        except Exception:
+            # A bug must cost one connection, never the relay (its listener nursery).
+            logger.exception("entry connection failed unexpectedly")
         finally:
             self._connections.discard(conn)
             await trio.aclose_forcefully(stream)
@@ -224,30 +227,40 @@ class ProxyEntry:
                     conn.gone = True
                     conn.timer.cancel()
 
+    async def _read_head(self, conn: _Connection) -> int:
+        """Read until ``conn.buf`` holds a whole head, within the idle timeout and the size
+        limit; return its end, or -1 if the client closed or was answered 431."""
+        config = self.config
+        client, buf = conn.client, conn.buf
+        end = http.find_head_end(buf) if buf else -1
+        if end >= 0:
+            return end
+        conn.deadline = trio.current_time() + config.idle_timeout
+        while end < 0:
+            if len(buf) > config.max_head_size:
+                message = f"request head is over {config.max_head_size} bytes"
+                await client.send_all(error_response(431, message, close=True))
+                return -1
+            data = await client.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return -1
+            buf += data
+            end = http.find_head_end(buf, max(0, len(buf) - len(data) - 3))
+        conn.deadline = math.inf
+        return end
+
     async def _serve(self, conn: _Connection) -> None:
         config = self.config
         client, buf = conn.client, conn.buf
         while True:
             # 1. A head, within the idle timeout (keep-alive) and the size limit.
-            end = http.find_head_end(buf)
+            try:
+                end = await self._read_head(conn)
+            except ProtocolError as exc:
+                await client.send_all(error_response(exc.status_hint, str(exc), close=True))
+                return
             if end < 0:
-                conn.deadline = trio.current_time() + config.idle_timeout
-                while end < 0:
-                    if len(buf) > config.max_head_size:
-                        await client.send_all(
-                            error_response(
-                                431,
-                                f"request head is over {config.max_head_size} bytes",
-                                close=True,
-                            )
-                        )
-                        return
-                    data = await client.receive_some(_RECEIVE_SIZE)
-                    if not data:
-                        return
-                    buf += data
-                    end = http.find_head_end(buf, max(0, len(buf) - len(data) - 3))
-                conn.deadline = math.inf
+                return  # the client closed, or its head was too large (answered 431)
             head = bytes(buf[:end])
             del buf[:end]
             try:

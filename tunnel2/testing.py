@@ -104,14 +104,16 @@ class MemoryTunnel:
             method: the HTTP method.
             path: the path the backend should see; the session prefix is added unless
                 ``raw_path`` is true.
-            headers: extra request headers.
+            headers: extra request headers (``Host: relay.test`` unless one is given).
             body: the request body (sent with Content-Length).
             raw_path: send ``path`` to the entry as it is.
         """
         target = path if raw_path else self.path_prefix + path
         stream = self.open_client_stream()
         conn = h11.Connection(h11.CLIENT)
-        all_headers = [("Host", "relay.test"), *headers]
+        all_headers = list(headers)
+        if not any(name.lower() == "host" for name, _ in all_headers):
+            all_headers.insert(0, ("Host", "relay.test"))
         if body or method in ("POST", "PUT", "PATCH"):
             all_headers.append(("Content-Length", str(len(body))))
         out = conn.send(h11.Request(method=method, target=target, headers=all_headers))
