@@ -84,12 +84,9 @@ def _fail(message: str, code: int = ErrorCode.PROTOCOL_ERROR) -> LocalProtocolEr
     return LocalProtocolError(message, code=code)
 
 
-def _check_stream_id(stream_id: int, *, connection: bool) -> None:
-    if connection:
-        if stream_id != 0:
-            raise _fail(f"connection frame on stream {stream_id}, expected stream 0")
-    elif not 0 < stream_id <= MAX_STREAM_ID:
-        raise _fail(f"stream id {stream_id} is out of range 1..{MAX_STREAM_ID}")
+def _check_connection_frame(stream_id: int) -> None:
+    if stream_id != 0:
+        raise _fail(f"connection frame on stream {stream_id}, expected stream 0")
 
 
 def _check_code(code: int) -> None:
@@ -215,7 +212,8 @@ class Open:
     head: bytes
 
     def __attrs_post_init__(self) -> None:
-        _check_stream_id(self.stream_id, connection=False)
+        if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
+            raise _fail(f"stream id {self.stream_id} is out of range 1..{MAX_STREAM_ID}")
         if not self.head.endswith(b"\r\n\r\n"):
             raise _fail("OPEN head does not end with CRLF CRLF")
 
@@ -228,7 +226,8 @@ class Data:
     data: bytes
 
     def __attrs_post_init__(self) -> None:
-        _check_stream_id(self.stream_id, connection=False)
+        if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
+            raise _fail(f"stream id {self.stream_id} is out of range 1..{MAX_STREAM_ID}")
         if not self.data:
             raise _fail("DATA frame with an empty payload")
 
@@ -240,7 +239,8 @@ class End:
     stream_id: int
 
     def __attrs_post_init__(self) -> None:
-        _check_stream_id(self.stream_id, connection=False)
+        if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
+            raise _fail(f"stream id {self.stream_id} is out of range 1..{MAX_STREAM_ID}")
 
 
 @attrs.frozen
@@ -252,7 +252,8 @@ class Reset:
     reason: str = ""
 
     def __attrs_post_init__(self) -> None:
-        _check_stream_id(self.stream_id, connection=False)
+        if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
+            raise _fail(f"stream id {self.stream_id} is out of range 1..{MAX_STREAM_ID}")
         _check_code(self.code)
         _check_reason(self.reason)
 
@@ -502,7 +503,7 @@ def _decode_payload(ftype: int, sid: int, payload: bytes) -> Frame:
     if ftype not in _CONNECTION_TYPES:
         raise _fail(f"unknown frame type 0x{ftype:02x}")
     # The rest are connection frames.
-    _check_stream_id(sid, connection=True)
+    _check_connection_frame(sid)
     if ftype == _TYPE_PING:
         return Ping(payload)
     if ftype == _TYPE_PONG:

@@ -99,7 +99,7 @@ class TunnelStream:
         self._head = head
         self._buffer: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._event = trio.Event()
+        self._event: trio.Event | None = None  # made by _wait, only when someone waits
         self._remote_ended = False
         self._local_ended = False
         self._error: StreamReset | UplinkClosed | None = None
@@ -326,7 +326,8 @@ class TunnelStream:
     # --- driven by the uplink -------------------------------------------------------------
 
     def _wake(self) -> None:
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
 
     def _maybe_finish(self) -> None:
         if self._local_ended and self._remote_ended and not self._buffer:
