@@ -389,7 +389,9 @@ class TunnelUplink:
         self._out_size = 0
         self._out_event = trio.Event()
         self._drained_event = trio.Event()
+        self._drained_waiters = 0
         self._credit_event = trio.Event()
+        self._credit_waiters = 0
         self._idle_event = trio.Event()
         self._idle_event.set()
         self._closed_event = trio.Event()
@@ -462,7 +464,8 @@ class TunnelUplink:
         self._last_stream_id = stream_id
         stream = TunnelStream(self, stream_id, None)
         self._streams[stream_id] = stream
-        self._idle_event = trio.Event()
+        if self._idle_event.is_set():
+            self._idle_event = trio.Event()
         self._queue(frames.encode(frame))
         return stream
 
@@ -551,7 +554,11 @@ class TunnelUplink:
         # pending (flow control already bounds it; this keeps latency low).
         if self._out_size > _MAX_BATCH:
             while self._out_size > _MAX_BATCH and not self._closing:
-                await self._drained_event.wait()
+                self._drained_waiters += 1
+                try:
+                    await self._drained_event.wait()
+                finally:
+                    self._drained_waiters -= 1
             if self._closing:
                 raise self._close_error or UplinkClosed("uplink closed")
         else:
@@ -560,16 +567,23 @@ class TunnelUplink:
     async def _wait_credit(self) -> None:
         if self._closing:
             raise self._close_error or UplinkClosed("uplink closed")
-        await self._credit_event.wait()
+        self._credit_waiters += 1
+        try:
+            await self._credit_event.wait()
+        finally:
+            self._credit_waiters -= 1
 
     def _wake_credit(self) -> None:
-        # Every waiter waits on the current event; waking sets it and starts a new one.
-        self._credit_event.set()
-        self._credit_event = trio.Event()
+        # Every waiter waits on the current event; waking sets it and starts a new one
+        # (only when someone waits: this runs for every finished stream).
+        if self._credit_waiters:
+            self._credit_event.set()
+            self._credit_event = trio.Event()
 
     def _wake_drained(self) -> None:
-        self._drained_event.set()
-        self._drained_event = trio.Event()
+        if self._drained_waiters:
+            self._drained_event.set()
+            self._drained_event = trio.Event()
 
     def _consumed(self, stream: TunnelStream | None, size: int) -> None:
         # Return credit once half a window has been consumed (PROTOCOL.md §6).
@@ -787,7 +801,8 @@ class TunnelUplink:
             )
             return
         self._streams[stream_id] = stream
-        self._idle_event = trio.Event()
+        if self._idle_event.is_set():
+            self._idle_event = trio.Event()
 
     async def _keepalive_task(self, interval: float) -> None:
         while True:
