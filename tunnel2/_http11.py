@@ -149,48 +149,74 @@ def _get_all(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name]
 
 
-def _keep_alive(http_version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key.lower() == b"connection":
-            tokens.update(token.strip() for token in value.lower().split(b","))
-    if b"close" in tokens:
-        return False
-    # RFC 9112 §9.3: HTTP/1.1 persists by default, HTTP/1.0 only when asked to.
-    return http_version == b"1.1" or b"keep-alive" in tokens
-
-
 class _Head:
     """What request and response heads share: headers and their lookups."""
 
-    __slots__ = ("_framing", "_lower", "headers", "http_version")
+    __slots__ = ("_framing", "_headers", "_lower", "_raw", "http_version")
 
     http_version: bytes
-    headers: list[tuple[bytes, bytes]]
     _framing: tuple[Framing, int] | None
-    # Set by the parsers: b"\n" + the lower-cased field lines, so that a lookup of an
-    # absent header is one substring search (most lookups on the data path are).
+    _headers: list[tuple[bytes, bytes]] | None
+    # Set by the parsers: b"\n" + the validated field lines, as received and lower-cased
+    # (the two are aligned byte for byte). A lookup is then a substring search in C, and
+    # the (name, value) list is only built if someone asks for it.
+    _raw: bytes | None
     _lower: bytes | None
+
+    def _set_fields(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._headers = headers
+        self._raw = self._lower = None
+        self._framing = None
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``(name, value)`` pairs in order, repeats kept; names exactly as received, values
+        with leading and trailing whitespace stripped."""
+        if self._headers is None:
+            assert self._raw is not None
+            self._headers = _FIELD_LINE_RE.findall(self._raw, 1)
+        return self._headers
 
     def get(self, name: bytes) -> bytes | None:
         """Return the first value of header ``name`` (given in lower case), or ``None``."""
-        if self._lower is not None and b"\n" + name + b":" not in self._lower:
+        lower = self._lower
+        if lower is None:
+            return _get(self.headers, name)
+        key = b"\n" + name + b":"
+        index = lower.find(key)
+        if index < 0:
             return None
-        return _get(self.headers, name)
+        return self._value_at(index + len(key))
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Return every value of header ``name`` (given in lower case), in order."""
-        if self._lower is not None and b"\n" + name + b":" not in self._lower:
-            return []
-        return _get_all(self.headers, name)
+        lower = self._lower
+        if lower is None:
+            return _get_all(self.headers, name)
+        key = b"\n" + name + b":"
+        values = []
+        index = lower.find(key)
+        while index >= 0:
+            values.append(self._value_at(index + len(key)))
+            index = lower.find(key, index + len(key))
+        return values
+
+    def _value_at(self, start: int) -> bytes:
+        raw = self._raw
+        assert raw is not None
+        return raw[start : raw.find(b"\r\n", start)].strip(b" \t")
 
     @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another exchange after this one (RFC 9112
         §9.3). A response body framed by closing the connection ends it anyway."""
-        if self._lower is not None and b"\nconnection:" not in self._lower:
-            return self.http_version == b"1.1"
-        return _keep_alive(self.http_version, self.headers)
+        tokens: set[bytes] = set()
+        for value in self.get_all(b"connection"):
+            tokens.update(token.strip() for token in value.lower().split(b","))
+        if b"close" in tokens:
+            return False
+        # RFC 9112 §9.3: HTTP/1.1 persists by default, HTTP/1.0 only when asked to.
+        return self.http_version == b"1.1" or b"keep-alive" in tokens
 
 
 @final
@@ -220,9 +246,7 @@ class RequestHead(_Head):
         self.method = method
         self.target = target
         self.http_version = http_version
-        self.headers = headers
-        self._framing = None
-        self._lower = None
+        self._set_fields(headers)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RequestHead):
@@ -269,9 +293,7 @@ class ResponseHead(_Head):
         self.http_version = http_version
         self.status = status
         self.reason = reason
-        self.headers = headers
-        self._framing = None
-        self._lower = None
+        self._set_fields(headers)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ResponseHead):
@@ -299,19 +321,18 @@ def _check_size(head: bytes, max_size: int, what: str) -> None:
         raise _bad(f"{what} head does not end with CRLF CRLF")
 
 
-def _parse_fields(head: bytes, start: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Parse the field lines in ``head[start:-2]``; return them and the lower-cased block.
+def _parse_fields(message: _Head, head: bytes, start: int) -> None:
+    """Validate the field lines in ``head[start:-2]`` and give them to ``message``.
 
-    The lower-cased block starts with ``\\n``, so ``b"\\nhost:" in block`` finds exactly the
-    lines named Host: validated lines end in CRLF and no value contains LF.
+    Both blocks start with ``\\n``, so ``b"\\nhost:" in lower`` finds exactly the lines
+    named Host: validated lines end in CRLF and no value contains LF.
     """
-    if start == len(head) - 2:
-        return [], b"\n"
     block = head[start:-2]
-    if _FIELD_BLOCK_RE.fullmatch(block) is None:
+    if block and _FIELD_BLOCK_RE.fullmatch(block) is None:
         raise _diagnose_fields(block)
-    fields: list[tuple[bytes, bytes]] = _FIELD_LINE_RE.findall(block)
-    return fields, b"\n" + block.lower()
+    message._raw = raw = b"\n" + block
+    message._lower = raw.lower()
+    message._headers = None
 
 
 def _diagnose_fields(block: bytes) -> RemoteProtocolError:
@@ -366,9 +387,10 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
         raise _diagnose_request_line(head[: head.find(b"\r\n")])
     method, target, version = match.groups()
     _check_version(version, head[: match.end() - 2])
-    headers, lower = _parse_fields(head, match.end())
-    request = RequestHead(method, target, version, headers)
-    request._lower = lower
+    request = RequestHead(method, target, version, [])
+    _parse_fields(request, head, match.end())
+    lower = request._lower
+    assert lower is not None
     # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
     hosts = lower.count(b"\nhost:")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
@@ -426,9 +448,10 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
     code = int(status)
     if code < 100:
         raise _bad(f"invalid status code {code}, must be 100 to 999")
-    headers, lower = _parse_fields(head, match.end())
-    response = ResponseHead(version, code, reason or b"", headers)
-    response._lower = lower
+    response = ResponseHead(version, code, reason or b"", [])
+    _parse_fields(response, head, match.end())
+    lower = response._lower
+    assert lower is not None
     if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
         response._framing = _response_header_framing(response)
     else:
@@ -482,18 +505,17 @@ _UNTIL_CLOSE: Final = (Framing.UNTIL_CLOSE, 0)
 _CHUNKED: Final = (Framing.CHUNKED, 0)
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+def _content_length(message: _Head) -> int | None:
     # RFC 9112 §6.3 item 5: repeated values must agree. We accept repeats only as separate,
     # byte-identical fields; h11 also accepts "5, 5" in one field, which we refuse.
     found: bytes | None = None
-    for key, value in headers:
-        if key.lower() == b"content-length":
-            if _CONTENT_LENGTH_RE.fullmatch(value) is None:
-                raise _bad(f"invalid Content-Length {_show(value)}, must be 1 to 20 digits")
-            if found is None:
-                found = value
-            elif value != found:
-                raise _bad(f"conflicting Content-Length values {found!r} and {value!r}")
+    for value in message.get_all(b"content-length"):
+        if _CONTENT_LENGTH_RE.fullmatch(value) is None:
+            raise _bad(f"invalid Content-Length {_show(value)}, must be 1 to 20 digits")
+        if found is None:
+            found = value
+        elif value != found:
+            raise _bad(f"conflicting Content-Length values {found!r} and {value!r}")
     return None if found is None else int(found)
 
 
@@ -508,7 +530,7 @@ def _check_transfer_encoding(message: RequestHead | ResponseHead, length: int | 
 
 
 def _request_framing(request: RequestHead) -> tuple[Framing, int]:
-    length = _content_length(request.headers)
+    length = _content_length(request)
     codings = request.get_all(b"transfer-encoding")
     if codings:
         _check_transfer_encoding(request, length)
@@ -523,7 +545,7 @@ def _request_framing(request: RequestHead) -> tuple[Framing, int]:
 
 
 def _response_header_framing(response: ResponseHead) -> tuple[Framing, int]:
-    length = _content_length(response.headers)
+    length = _content_length(response)
     values = response.get_all(b"transfer-encoding")
     if values:
         _check_transfer_encoding(response, length)
