@@ -156,3 +156,13 @@ async def test_http_with_a_bad_target_exits_2() -> None:
     assert result.returncode == 2
     assert "notaport" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
+
+
+async def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with run(*CLI, "server", "--port", "0", stderr=tmp_path / "relay.err") as relay:
+            line = await relay.readline()
+            assert line.startswith("tunnel2 relay on http://127.0.0.1:"), line
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.process.wait() == 0
+    assert "Traceback" not in relay.stderr(), relay.stderr()
