@@ -123,6 +123,11 @@ class TunnelStream:
         """The peer's head if it has arrived (the request head, for agent streams)."""
         return self._head
 
+    @property
+    def data_ready(self) -> bool:
+        """True if :meth:`receive_data` would return without waiting."""
+        return bool(self._buffer) or self._remote_ended or self._error is not None
+
     def cancel_on_reset(self, scope: trio.CancelScope | None) -> None:
         """Cancel ``scope`` when the stream is reset or its uplink closes, so the task
         serving it stops waiting on things (a backend, an app) whose answer nobody wants.
