@@ -8,7 +8,8 @@ the ``memory_tunnel`` fixture::
             response = await tunnel.request("GET", "/hello")
             assert response.status == 200
 
-Everything runs in the block's own nursery; leaving the block cancels it.
+Everything runs in the block's own nursery; leaving the block cancels it. Only the fixture
+needs pytest; :func:`open_memory_tunnel` works in any trio program.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import final
 
 import attrs
 import h11
-import pytest
 import trio
 import trio.testing
 
@@ -29,7 +29,13 @@ from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.transports import FrameTransport, memory_transport_pair
 
-__all__ = ["MemoryTunnel", "Response", "memory_tunnel", "open_memory_tunnel"]
+__all__ = [
+    "MemoryTunnel",
+    "MemoryTunnelFactory",
+    "Response",
+    "memory_tunnel",
+    "open_memory_tunnel",
+]
 
 MEMORY_BASE_URL = "http://relay.test"
 
@@ -190,7 +196,13 @@ async def open_memory_tunnel(
 MemoryTunnelFactory = Callable[..., AbstractAsyncContextManager[MemoryTunnel]]
 
 
-@pytest.fixture
-def memory_tunnel() -> MemoryTunnelFactory:
-    """pytest fixture: :func:`open_memory_tunnel`, for ``async with memory_tunnel(app)``."""
-    return open_memory_tunnel
+try:
+    import pytest
+except ImportError:  # pragma: no cover - open_memory_tunnel works without pytest
+    pass
+else:
+
+    @pytest.fixture
+    def memory_tunnel() -> MemoryTunnelFactory:
+        """pytest fixture: :func:`open_memory_tunnel`, for ``async with memory_tunnel(app)``."""
+        return open_memory_tunnel
