@@ -610,7 +610,7 @@ def response_framing(head: ResponseHead, request_method: bytes) -> tuple[Framing
 # --- bodies -------------------------------------------------------------------------------------
 
 
-def _take(buf: bytearray, count: int) -> bytes:
+def take(buf: bytearray, count: int) -> bytes:
     """Remove and return the first ``count`` bytes of ``buf`` (``count <= len(buf)``)."""
     if count == len(buf):
         data = bytes(buf)
@@ -676,7 +676,7 @@ class _LengthReader(BodyReader):
         remaining = self._remaining
         if not remaining or not buf:
             return b""
-        data = _take(buf, min(remaining, len(buf)))
+        data = take(buf, min(remaining, len(buf)))
         self._remaining = remaining = remaining - len(data)
         self.done = not remaining
         return data
@@ -694,7 +694,7 @@ class _UntilCloseReader(BodyReader):
     def read(self, buf: bytearray) -> bytes:
         if self.done or not buf:
             return b""
-        return _take(buf, len(buf))
+        return take(buf, len(buf))
 
     def feed_eof(self) -> None:
         self.done = True
@@ -763,7 +763,7 @@ class _ChunkedReader(BodyReader):
         while buf:
             state = self._state
             if state == _DATA:
-                data = _take(buf, min(self._remaining, len(buf)))
+                data = take(buf, min(self._remaining, len(buf)))
                 out.append(data)
                 self._received += len(data)
                 self._remaining -= len(data)

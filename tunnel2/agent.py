@@ -595,9 +595,8 @@ class BackendForwarder:
                 if len(buf) > http.MAX_HEAD_SIZE:
                     raise RemoteProtocolError("backend response head is too large")
                 end = http.find_head_end(buf)
-            head = bytes(buf[:end])
+            head = http.take(buf, end)
             response = http.parse_response_head(head)
-            del buf[:end]
             if response.status >= 200 or response.status == 101:
                 break
         framing, length = http.response_framing(response, method)

@@ -261,8 +261,7 @@ class ProxyEntry:
                 return
             if end < 0:
                 return  # the client closed, or its head was too large (answered 431)
-            head = bytes(buf[:end])
-            del buf[:end]
+            head = http.take(buf, end)
             try:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)

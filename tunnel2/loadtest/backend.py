@@ -42,6 +42,7 @@ from tunnel2._http11 import (
     make_body_reader,
     parse_request_head,
     request_framing,
+    take,
 )
 from tunnel2.errors import RemoteProtocolError
 from tunnel2.loadtest.sockets import SocketLike, send_all
@@ -271,12 +272,7 @@ class Backend:
                         start = max(0, len(buf) - 3)
                         buf += data
                         end = find_head_end(buf, start)
-                if end == len(buf):
-                    head_bytes = bytes(buf)
-                    buf.clear()
-                else:
-                    head_bytes = bytes(buf[:end])
-                    del buf[:end]
+                head_bytes = take(buf, end)
                 head = parse_request_head(head_bytes, max_size=max_head)
                 self._requests += 1
                 if not await self._dispatch(sock, head, buf, out):

@@ -45,6 +45,7 @@ from tunnel2._http11 import (
     make_body_reader,
     parse_response_head,
     response_framing,
+    take,
 )
 from tunnel2.errors import RemoteProtocolError
 from tunnel2.loadtest.procstats import ProcReading, cpu_percent, own_cpu_seconds, read_process
@@ -323,12 +324,7 @@ class _Connection:
                 start = max(0, len(buf) - 3)
                 buf += data
                 end = find_head_end(buf, start)
-            if end == len(buf):
-                head_bytes = bytes(buf)
-                buf.clear()
-            else:
-                head_bytes = bytes(buf[:end])
-                del buf[:end]
+            head_bytes = take(buf, end)
             head = parse_response_head(head_bytes)
             if head.status >= 200 or head.status == 101:
                 break  # else an interim 1xx answer (100 Continue): the final one follows
