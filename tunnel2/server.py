@@ -156,9 +156,10 @@ class SessionRegistry:
         session.uplinks.append(uplink)
         session.lease_deadline = None
 
-    def detach(self, session: _Session, uplink: TunnelUplink, now: float) -> None:
-        """Forget ``uplink``; the last one to leave starts the session's grace period."""
-        if uplink in session.uplinks:
+    def detach(self, session: _Session, uplink: TunnelUplink | None, now: float) -> None:
+        """Forget ``uplink`` (``None``: a claim whose handshake failed); the last one to
+        leave starts the session's grace period."""
+        if uplink is not None and uplink in session.uplinks:
             session.uplinks.remove(uplink)
         if not session.uplinks:
             session.lease_deadline = now + self.grace_period
@@ -316,7 +317,12 @@ class TunnelServer:
             connection_window=config.connection_window,
             ping_interval=config.ping_interval,
         )
-        await transport.send(frames.encode(welcome))
+        try:
+            await transport.send(frames.encode(welcome))
+        except BaseException:
+            # The claim stands but nobody took it: start its lease so it can expire.
+            self.registry.detach(session, None, trio.current_time())
+            raise
         return welcome, session, decoder
 
     async def _refuse(self, transport: FrameTransport, code: int, reason: str) -> None:
