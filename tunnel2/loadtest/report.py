@@ -480,18 +480,19 @@ def _fmt_metric(metric: str, value: float | None) -> str:
     return f"{value:.1f}" if metric == "rps" else f"{value:.2f}"
 
 
-def _render_comparison(rows: Sequence[ComparisonRow]) -> list[str]:
-    table = [
-        [
-            r.scope,
-            r.metric,
-            _fmt_metric(r.metric, r.measured),
-            _fmt_metric(r.metric, r.baseline),
-            "-" if r.difference is None else f"{r.difference:+.2f}",
-            "-" if r.ratio is None else f"{r.ratio:.2f}x",
-        ]
-        for r in rows
+def _comparison_cells(r: ComparisonRow) -> list[str]:
+    return [
+        r.scope,
+        r.metric,
+        _fmt_metric(r.metric, r.measured),
+        _fmt_metric(r.metric, r.baseline),
+        "-" if r.difference is None else f"{r.difference:+.2f}",
+        "-" if r.ratio is None else f"{r.ratio:.2f}x",
     ]
+
+
+def _render_comparison(rows: Sequence[ComparisonRow]) -> list[str]:
+    table = [_comparison_cells(r) for r in rows]
     headers = ("scope", "metric", "URL", "--compare", "difference", "ratio")
     return [
         "overhead (URL vs --compare URL; ms and req/s):",
@@ -735,17 +736,7 @@ def render_html(report: LoadReport) -> str:
     ]
     if report.compare is not None:
         parts.append(_html_run(report.compare, "--compare"))
-        rows = [
-            [
-                r.scope,
-                r.metric,
-                _fmt_metric(r.metric, r.measured),
-                _fmt_metric(r.metric, r.baseline),
-                "-" if r.difference is None else f"{r.difference:+.2f}",
-                "-" if r.ratio is None else f"{r.ratio:.2f}x",
-            ]
-            for r in report.comparison
-        ]
+        rows = [_comparison_cells(r) for r in report.comparison]
         parts += [
             "<h2>Overhead</h2>",
             _html_table(("scope", "metric", "URL", "--compare", "difference", "ratio"), rows),
