@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -166,3 +167,63 @@ async def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.process.wait() == 0
     assert "Traceback" not in relay.stderr(), relay.stderr()
+
+
+async def test_server_with_a_bad_token_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "tokens"
+    bad.write_text("lonely-token\n")
+    with trio.fail_after(15):
+        for path in (bad, tmp_path / "missing"):
+            result = await trio.run_process(
+                [*CLI, "server", "--port", "0", "--token-file", str(path)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            stderr = result.stderr.decode()
+            assert result.returncode == 2, stderr
+            assert stderr.startswith("tunnel2 server: bad tokens:"), stderr
+            assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+async def test_open_relay_says_so_and_token_file_reloads_on_sighup(tmp_path: Path) -> None:
+    state = ("--state-dir", str(tmp_path / "state"))
+    with trio.fail_after(30):
+        async with run(*CLI, "server", "--port", "0", *state, stderr=tmp_path / "open.err") as r:
+            await r.readline()
+            assert await r.interrupt() == 0
+        assert "WARNING tunnel2.api: open relay" in r.stderr()
+
+        tokens = tmp_path / "tokens"
+        tokens.write_text("bob-token-1 bob\n")
+        async with run(
+            *CLI, "server", "--port", "0", "--token-file", str(tokens), *state,
+            stderr=tmp_path / "relay.err",
+        ) as relay:  # fmt: skip
+            relay_url = (await relay.readline()).split()[3]
+
+            async def agent_exit(token: str) -> tuple[int, str]:
+                agent = await trio.run_process(
+                    [*CLI, "http", "9", "--server", relay_url],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env={**os.environ, "TUNNEL2_TOKEN": token},
+                )
+                return agent.returncode, agent.stderr.decode()
+
+            status, stderr = await agent_exit("carol-token-1")
+            assert status == 1
+            assert "invalid or missing token" in stderr
+            tokens.write_text("bob-token-1 bob\ncarol-token-1 carol\n")
+            relay.process.send_signal(signal.SIGHUP)
+            while "tokens reloaded" not in relay.stderr():  # noqa: ASYNC110 - a log file
+                await trio.sleep(0.05)
+            async with run(
+                *CLI, "http", "9", "--server", relay_url, "--token", "carol-token-1",
+                stderr=tmp_path / "agent.err",
+            ) as agent:  # fmt: skip
+                assert (await agent.readline()).startswith("Forwarding"), agent.stderr()
+            assert await relay.interrupt() == 0
+        assert "open relay" not in relay.stderr()
+        assert "Traceback" not in relay.stderr(), relay.stderr()

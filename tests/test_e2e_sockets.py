@@ -33,7 +33,9 @@ from httpbackend import (
 )
 
 import tunnel2
-from tunnel2 import ErrorCode, ServerConfig, TunnelServer
+from tunnel2 import ErrorCode, ServerConfig, TunnelServer, frames
+from tunnel2.agent import websocket_connector
+from tunnel2.uplink import receive_handshake_frame
 
 # --- a small HTTP/1.1 client (h11 on a trio socket) --------------------------------------------
 
@@ -765,13 +767,18 @@ async def test_agent_redials_and_keeps_its_url(relay: TunnelServer, backend: Bac
             await assert_relay_still_serves(url)
 
 
-async def test_two_agents_share_a_fixed_session(nursery: trio.Nursery, relay: TunnelServer) -> None:
+async def test_two_agents_of_one_identity_share_a_fixed_session(nursery: trio.Nursery) -> None:
+    relay = await start_relay(nursery, tokens=frozenset({"team=team-token"}))
     first: Backend = await nursery.start(serve_backend, "echo")
     second: Backend = await nursery.start(serve_backend, "echo")
     with trio.fail_after(15):
         async with (
-            tunnel2.open_tunnel(relay.base_url, first.port, session_id="shared-1") as a,
-            tunnel2.open_tunnel(relay.base_url, second.port, session_id="shared-1") as b,
+            tunnel2.open_tunnel(
+                relay.base_url, first.port, session_id="shared-1", token="team-token"
+            ) as a,
+            tunnel2.open_tunnel(
+                relay.base_url, second.port, session_id="shared-1", token="team-token"
+            ) as b,
         ):
             assert a.public_url == b.public_url == f"{relay.base_url}/session/shared-1/"
             assert len(relay.uplinks) == 2
@@ -812,6 +819,68 @@ async def test_token_is_checked(nursery: trio.Nursery, backend: Backend) -> None
         assert not relay.uplinks
         async with tunnel2.open_tunnel(relay.base_url, backend.port, token="s3cret") as agent:
             await assert_relay_still_serves(agent.public_url)
+
+
+async def assert_refused(relay_url: str, port: int, **options: object) -> None:
+    with pytest.raises(tunnel2.HandshakeRefused) as info:
+        async with tunnel2.open_tunnel(relay_url, port, **options):  # type: ignore[arg-type]
+            pytest.fail("an intruder got a session that is not theirs")
+    assert info.value.code == ErrorCode.UNAUTHORIZED
+
+
+async def test_an_intruder_with_another_token_takes_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Fixed and random sessions stay their owner's: while connected, after the lease ran
+    out, and after a relay restart (the owner's agent re-dials and gets its URL back)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("bob-token-1 bob\nmallory-token-1 mallory\n")
+    config = ServerConfig(
+        port=free_port(), token_file=str(tokens), state_dir=str(tmp_path / "s"), grace_period=0.5
+    )
+    owned: Backend = await nursery.start(serve_backend, "echo")
+    stolen: Backend = await nursery.start(serve_backend, "echo")
+    mallory = {"token": "mallory-token-1"}
+
+    async def run_relay(*, task_status: trio.TaskStatus[TunnelServer]) -> None:
+        await tunnel2.serve_tunnel_server(config, task_status=task_status)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as first_life:
+            relay: TunnelServer = await first_life.start(run_relay)
+            url = relay.base_url
+            async with tunnel2.open_tunnel(
+                url, owned.port, session_id="bobs-app", token="bob-token-1"
+            ) as fixed:
+                await assert_refused(url, stolen.port, session_id="bobs-app", **mallory)
+                for i in range(10):
+                    assert (await fetch(fixed.public_url + f"r/{i}")).status == 200
+                assert len(owned.requests) == 10
+                assert not stolen.requests
+            await trio.sleep(1)  # the lease runs out
+            await assert_refused(url, stolen.port, session_id="bobs-app", **mallory)
+            async with tunnel2.open_tunnel(url, owned.port, token="bob-token-1") as random:
+                sid, key = random.session_id, random._welcome.resume_key  # type: ignore[union-attr]
+                await assert_refused(url, stolen.port, session_id=sid, **mallory)
+                first_life.cancel_scope.cancel()  # the relay stops; the agent re-dials
+                async with trio.open_nursery() as second_life:
+                    await second_life.start(run_relay)
+                    await wait_until(lambda: random.connections == 2 and bool(random.uplink))
+                    assert random.session_id == sid
+                    assert (await fetch(random.public_url + "back")).status == 200
+                    # Even with the stolen resume key, over a raw connection:
+                    stolen_hello = frames.Hello(
+                        token="mallory-token-1", session_id=sid, resume_key=key
+                    )
+                    async with websocket_connector(url)() as transport:
+                        await transport.send(frames.encode(stolen_hello))
+                        answer = await receive_handshake_frame(transport, frames.FrameDecoder())
+                    assert isinstance(answer, frames.Refuse)
+                    assert "only its own agent" in answer.reason
+                    await assert_refused(url, stolen.port, session_id=sid, **mallory)
+                    await assert_refused(url, stolen.port, session_id="bobs-app", **mallory)
+                    second_life.cancel_scope.cancel()
+        assert not stolen.requests
 
 
 async def test_unreachable_relay_raises_handshake_error(backend: Backend) -> None:
@@ -923,7 +992,8 @@ async def test_relay_exit_drains_the_request_in_flight(nursery: trio.Nursery) ->
         result: list[Response] = []
 
         async def run_relay(*, task_status: trio.TaskStatus[TunnelServer]) -> None:
-            async with tunnel2.open_tunnel_server(ServerConfig(port=0, drain_timeout=10)) as srv:
+            config = ServerConfig(port=0, drain_timeout=10)
+            async with tunnel2.open_tunnel_server(config) as srv:
                 task_status.started(srv)
                 await leave.wait()
             relay_gone.set()
@@ -960,7 +1030,8 @@ async def test_relay_exit_lets_a_slow_reader_finish(nursery: trio.Nursery) -> No
         result: list[Response | BaseException] = []
 
         async def run_relay(*, task_status: trio.TaskStatus[TunnelServer]) -> None:
-            async with tunnel2.open_tunnel_server(ServerConfig(port=0, drain_timeout=10)) as srv:
+            config = ServerConfig(port=0, drain_timeout=10)
+            async with tunnel2.open_tunnel_server(config) as srv:
                 task_status.started(srv)
                 await leave.wait()
 
@@ -1006,16 +1077,21 @@ async def test_agent_survives_a_refusal_while_the_relay_drains(nursery: trio.Nur
         leave = trio.Event()
 
         async def run_relay(*, task_status: trio.TaskStatus[TunnelServer]) -> None:
-            async with tunnel2.open_tunnel_server(ServerConfig(port=0, drain_timeout=10)) as srv:
+            config = ServerConfig(port=0, drain_timeout=10, tokens=frozenset({"team-token"}))
+            async with tunnel2.open_tunnel_server(config) as srv:
                 task_status.started(srv)
                 await leave.wait()
 
         async with trio.open_nursery() as outer:
             server: TunnelServer = await outer.start(run_relay)
-            async with tunnel2.open_tunnel(server.base_url, slow.port, session_id="s") as busy:
+            async with tunnel2.open_tunnel(
+                server.base_url, slow.port, session_id="s", token="team-token"
+            ) as busy:
                 outer.start_soon(fetch, busy.public_url + "gate/x")
                 await slow.request_received.wait()
-                async with tunnel2.open_tunnel(server.base_url, idle.port, session_id="s") as a:
+                async with tunnel2.open_tunnel(
+                    server.base_url, idle.port, session_id="s", token="team-token"
+                ) as a:
                     assert len(server.uplinks) == 2
                     leave.set()  # GOAWAY: the idle agent's uplink closes at once, it re-dials
                     await wait_until(lambda: a.connections == 1 and a.uplink is None)

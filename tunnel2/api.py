@@ -5,10 +5,11 @@ Layer: top of the library (below cli and testing). Thin wiring of server, entry 
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -25,6 +26,11 @@ from tunnel2.agent import (
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
+if TYPE_CHECKING:
+    from tunnel2.sessions import SessionStore
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "handler_for",
     "open_tunnel",
@@ -36,6 +42,7 @@ __all__ = [
 async def serve_tunnel_server(
     config: ServerConfig | None = None,
     *,
+    store: SessionStore | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay: the public HTTP entry and the agents' WebSocket endpoint on one port.
@@ -45,6 +52,12 @@ async def serve_tunnel_server(
     the bound port, so bind errors surface from ``nursery.start``. Runs until cancelled;
     every connection task lives in this function's nursery.
 
+    Args:
+        config: the relay's settings.
+        store: where session claims are decided (default: in memory, see
+            :class:`~tunnel2.server.TunnelServer`).
+        task_status: for ``nursery.start``.
+
     Raises:
         OSError: the address could not be bound.
         ExceptionGroup: an unexpected error in a connection task (a bug).
@@ -53,13 +66,28 @@ async def serve_tunnel_server(
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     host = config.host if ":" not in config.host else f"[{config.host}]"
-    server = TunnelServer(config, base_url=config.public_url or f"http://{host}:{port}", port=port)
+    server = TunnelServer(
+        config,
+        base_url=config.public_url or f"http://{host}:{port}",
+        port=port,
+        store=store,
+    )
+    if server.open_relay:
+        logger.warning(
+            "open relay on %s: no tokens are configured, so ANY agent may connect and expose "
+            "a tunnel here; set tokens (ServerConfig.tokens / token_file) before you bind "
+            "anything but loopback",
+            server.base_url,
+        )
     entry = ProxyEntry(server)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
-        nursery.start_soon(entry.run_timeouts)
-        task_status.started(server)
-        await trio.sleep_forever()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
+            nursery.start_soon(entry.run_timeouts)
+            task_status.started(server)
+            await trio.sleep_forever()
+    finally:
+        server.mark_stopped()
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,8 @@ from tunnel2._util import unwrap_lone_error
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
-from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens
+from tunnel2.tokens import TokenError
 
 logger = logging.getLogger("tunnel2.cli")
 
@@ -62,19 +64,56 @@ async def _run_server(config: ServerConfig) -> None:
         server: TunnelServer = await nursery.start(serve_tunnel_server, config)
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
+        nursery.start_soon(_reload_tokens_on_sighup, server)
+
+
+async def _reload_tokens_on_sighup(server: TunnelServer) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                server.reload_tokens()
+            except (TokenError, OSError) as exc:
+                logger.error("SIGHUP: tokens not reloaded, the old ones stay in force: %s", exc)
+
+
+def _token_options(args: argparse.Namespace) -> tuple[frozenset[str] | None, str | None]:
+    """Tokens from ``--token`` and ``TUNNEL2_TOKENS``, and the token file (flag or env)."""
+    tokens = list(args.token or ())
+    tokens += os.environ.get("TUNNEL2_TOKENS", "").replace(",", " ").split()
+    token_file = args.token_file or os.environ.get("TUNNEL2_TOKEN_FILE") or None
+    return (frozenset(tokens) if tokens else None), token_file
+
+
+def _state_dir(args: argparse.Namespace) -> str | None:
+    if args.no_state:
+        return None
+    if args.state_dir:
+        return str(args.state_dir)
+    default = os.environ.get("TUNNEL2_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "tunnel2"
+    )
+    return default
 
 
 def _server(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
+    tokens, token_file = _token_options(args)
     config = ServerConfig(
         host=args.host,
         port=args.port,
         domain=args.domain,
         public_url=args.public_url,
-        tokens=frozenset(args.token) if args.token else None,
+        tokens=tokens,
+        token_file=token_file,
+        state_dir=_state_dir(args),
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
     )
+    try:
+        load_tokens(config)
+    except (TokenError, OSError) as exc:
+        print(f"tunnel2 server: bad tokens: {exc}", file=sys.stderr)
+        return 2
     try:
         trio.run(_until_terminated, _run_server, config)
     except KeyboardInterrupt:
@@ -125,8 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000, help="port to bind (0: any free)")
     server.add_argument("--domain", help="also route by Host: {session}.DOMAIN")
     server.add_argument("--public-url", help="base URL to advertise (behind a proxy)")
+    # --- ownership: tokens and state ---
     server.add_argument(
-        "--token", action="append", help="accept only agents with this token (repeatable)"
+        "--token",
+        action="append",
+        metavar="[NAME=]TOKEN",
+        help="accept agents with this token, each its own identity (repeatable; also "
+        "TUNNEL2_TOKENS, comma-separated; prefer --token-file: a command line shows in ps)",
+    )
+    server.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="tokens with identities and the session ids each may claim, one "
+        "'TOKEN NAME [GLOB ...]' per line; re-read on SIGHUP (also TUNNEL2_TOKEN_FILE)",
+    )
+    server.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the relay keeps its secret and session owners across restarts "
+        "(default $TUNNEL2_STATE_DIR or ~/.local/state/tunnel2)",
+    )
+    server.add_argument(
+        "--no-state", action="store_true", help="keep nothing across restarts (a fresh secret)"
     )
     server.add_argument(
         "--request-timeout", type=float, default=30.0, help="seconds before 504 (default 30)"
@@ -141,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", default="http://127.0.0.1:8000", help="the relay (default %(default)s)"
     )
     http.add_argument("--session", help="ask for this fixed session id")
-    http.add_argument("--token", help="the relay's agent token")
+    http.add_argument(
+        "--token",
+        default=os.environ.get("TUNNEL2_TOKEN"),
+        help="the relay's agent token (default $TUNNEL2_TOKEN)",
+    )
     http.add_argument(
         "--max-concurrent", type=int, default=64, help="requests answered at once (default 64)"
     )

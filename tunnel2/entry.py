@@ -23,6 +23,7 @@ from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream
 from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+from tunnel2.sessions import DISCONNECTED, Routed
 
 _AGENT_PATH: Final = AGENT_PATH.encode()
 
@@ -67,7 +68,9 @@ _RESET_STATUS: Final = {
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def error_response(status: int, message: str, *, close: bool = False) -> bytes:
+def error_response(
+    status: int, message: str, *, close: bool = False, retry_after: int | None = None
+) -> bytes:
     """A complete plain-text response whose body says what went wrong."""
     body = f"{status} {_REASONS.get(status, b'Error').decode()}: {message}\n".encode()
     return b"".join(
@@ -76,6 +79,7 @@ def error_response(status: int, message: str, *, close: bool = False) -> bytes:
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",
+            b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"",
             b"X-Tunnel2-Error: 1\r\n\r\n",
             body,
         ]
@@ -85,10 +89,11 @@ def error_response(status: int, message: str, *, close: bool = False) -> bytes:
 class _Answer(Exception):
     """Answer the client with an error response (raised inside a request)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 class _ClientGone(Exception):
@@ -280,7 +285,11 @@ class ProxyEntry:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
-                await client.send_all(error_response(answer.status, answer.message, close=True))
+                await client.send_all(
+                    error_response(
+                        answer.status, answer.message, close=True, retry_after=answer.retry_after
+                    )
+                )
                 return
             finally:
                 self.server.request_finished()
@@ -373,12 +382,22 @@ class ProxyEntry:
             and length > config.max_body_size
         ):
             raise _Answer(413, f"request body is {length} bytes, limit {config.max_body_size}")
-        route = self.server.registry.route(session_id, trio.current_time())
-        if route == "unknown":
+        now = trio.current_time()
+        routed = self.server.routes.route(session_id, now)
+        if type(routed) is not Routed:
+            if routed is DISCONNECTED:
+                raise _Answer(502, f"session {session_id} has no agent connected right now")
+            wait = self.server.restart_grace_left(now)
+            if wait > 0:
+                raise _Answer(
+                    503,
+                    f"session {session_id} is not connected yet: the relay restarted "
+                    "and its agents are re-dialling",
+                    retry_after=math.ceil(wait),
+                )
             raise _Answer(404, f"session {session_id} is not connected to this relay")
-        if route == "disconnected":
-            raise _Answer(502, f"session {session_id} has no agent connected right now")
-        assert not isinstance(route, str)
+        assert isinstance(routed, Routed)
+        route = routed.uplink
         if route.open_streams >= config.max_streams_per_agent:
             raise _Answer(
                 503,

@@ -1,20 +1,32 @@
-"""TunnelServer: accepts agents, authenticates them and keeps the session registry.
+"""TunnelServer: accepts agents, authenticates them and decides who holds which session.
 
-Layer: above uplink. May import trio, trio-websocket, attrs, frames, transports, uplink,
+Layer: above uplink. May import trio, attrs, frames, transports, uplink, sessions, tokens,
 errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
 
-Invariant: the registry changes only synchronously (no ``await`` between a decision and its
-bookkeeping), so a cancelled handshake or a dropped connection can never leave a session
-half-claimed. An uplink is removed by identity, so a stale connection that ends late never
-removes a newer one (PROTOCOL.md §3).
+Trust (PROTOCOL.md §3.4): a token names an identity; a session belongs to the identity that
+claimed it (or that the token file grants it to). A random session's resume key is a MAC of
+its id and owner under the relay's secret, so the relay can check it with no stored state —
+after a lease ran out or a restart — and nobody else's key, nor a guessed one, passes.
+
+Invariants: claims are decided by the (async) session store, atomically; the local route table
+changes only synchronously, with no ``await`` between a decision and its bookkeeping. An uplink
+is removed by identity and a claim released by its epoch, so a stale connection that ends late
+never removes a newer one.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import itertools
 import logging
+import os
+import re
 import secrets
+import time
+from pathlib import Path
 from typing import Final, final
 
 import attrs
@@ -22,15 +34,29 @@ import trio
 
 from tunnel2 import frames
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
+from tunnel2.sessions import (
+    Lease,
+    MemorySessionStore,
+    RouteTable,
+    SessionStore,
+    SessionTaken,
+)
+from tunnel2.tokens import Identity, TokenTable
 from tunnel2.transports import FrameTransport, accept_websocket
 from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
 
-__all__ = ["AGENT_PATH", "ServerConfig", "SessionRegistry", "TunnelServer"]
+__all__ = ["AGENT_PATH", "ServerConfig", "TunnelServer"]
 
 logger = logging.getLogger(__name__)
 
 AGENT_PATH: Final = "/_tunnel/connect"
 _RANDOM_ID_BYTES: Final = 16  # 128 bits
+# The form of the ids the relay assigns: never granted to a claim for a fixed id, so a
+# random session cannot be taken by naming it once its agent is away (PROTOCOL.md §3.4).
+_RANDOM_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_SECRET_FILE: Final = "relay-secret"
+_OWNERS_FILE: Final = "session-owners.json"
+_STOPPED_FILE: Final = "stopped-at"
 
 
 @final
@@ -43,7 +69,8 @@ class ServerConfig:
         port: port to bind (0 picks a free one).
         public_url: the base URL agents are told; default ``http://HOST:PORT``.
         domain: if set, sessions are also reachable at ``http://{id}.{domain}[:port]/``.
-        tokens: accepted agent tokens; ``None`` lets any agent in.
+        tokens: accepted agent tokens, each its own identity (``NAME=TOKEN`` names it);
+            ``None`` and no ``token_file``: an open relay, which any agent may use.
         grace_period: seconds a session is held for its agent to re-dial.
         handshake_timeout: seconds an agent has to send HELLO.
         request_timeout: seconds the entry waits for a response head before 504.
@@ -57,6 +84,11 @@ class ServerConfig:
         connection_window: per-connection credit.
         ping_interval: keepalive interval on uplinks (0 disables).
         drain_timeout: seconds in-flight requests get when the relay shuts down.
+        token_file: a file of ``TOKEN NAME [SESSION-ID-GLOB ...]`` lines (see
+            :mod:`tunnel2.tokens`); re-read by :meth:`TunnelServer.reload_tokens`.
+        state_dir: a directory for what must survive a restart: the relay's secret (so
+            random sessions can be resumed) and the owners of fixed session ids. ``None``:
+            a fresh secret per process, owners kept in memory.
     """
 
     host: str = "127.0.0.1"
@@ -77,17 +109,8 @@ class ServerConfig:
     connection_window: int = 4 * 1024 * 1024
     ping_interval: float = 15.0
     drain_timeout: float = 10.0
-
-
-@attrs.define
-class _Session:
-    id: str
-    resume_key: str
-    fixed: bool
-    epoch: int = 0
-    uplinks: list[TunnelUplink] = attrs.Factory(list)
-    lease_deadline: float | None = None
-    turn: int = 0
+    token_file: str | None = None
+    state_dir: str | None = None
 
 
 class _Refusal(Exception):
@@ -97,118 +120,95 @@ class _Refusal(Exception):
         self.reason = reason
 
 
-@final
-class SessionRegistry:
-    """Sessions by id, with their connected uplinks and reconnect leases.
+def load_tokens(config: ServerConfig) -> TokenTable | None:
+    """The token table ``config`` describes, or ``None`` for an open relay.
 
-    In memory; the methods are synchronous so that a shared store (e.g. Redis, for several
-    relay nodes) can later sit behind the same calls.
+    Raises:
+        tunnel2.tokens.TokenError: a malformed token or token file line.
+        OSError: the token file cannot be read.
     """
+    if config.tokens is None and config.token_file is None:
+        return None
+    table = TokenTable.from_tokens(config.tokens or ())
+    if config.token_file is not None:
+        table = table.merged(TokenTable.load(config.token_file))
+    return table
 
-    def __init__(self, *, grace_period: float) -> None:
-        self.grace_period = grace_period
-        self._sessions: dict[str, _Session] = {}
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+def _load_secret(state_dir: str | None) -> bytes:
+    """The relay's secret: kept in ``state_dir`` (made on first use), else a fresh one."""
+    if state_dir is None:
+        return secrets.token_bytes(32)
+    path = Path(state_dir)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret_path = path / _SECRET_FILE
+    try:
+        secret = bytes.fromhex(secret_path.read_text(encoding="ascii").strip())
+    except FileNotFoundError:
+        secret = b""
+    except ValueError as exc:
+        raise ValueError(f"{secret_path} does not hold a hex secret: {exc}") from exc
+    if len(secret) < 16:
+        secret = secrets.token_bytes(32)
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secret.hex() + "\n")
+    return secret
 
-    def claim(self, hello: frames.Hello, now: float) -> tuple[_Session, int]:
-        """Find or create the session a HELLO asks for; return it with the claim's epoch.
 
-        Raises:
-            _Refusal: the agent may not hold that session.
-        """
-        self._expire(now)
-        requested = hello.session_id
-        if requested is None:
-            session = _Session(
-                id=secrets.token_hex(_RANDOM_ID_BYTES),
-                resume_key=secrets.token_urlsafe(24),
-                fixed=False,
-            )
-            self._sessions[session.id] = session
-        else:
-            existing = self._sessions.get(requested)
-            if existing is None:
-                # An agent-chosen id, or a random one whose lease ran out: (re)create it.
-                session = _Session(
-                    id=requested,
-                    resume_key=hello.resume_key or secrets.token_urlsafe(24),
-                    fixed=hello.resume_key is None,
-                )
-                self._sessions[requested] = session
-            elif existing.fixed or (
-                hello.resume_key is not None
-                and secrets.compare_digest(existing.resume_key, hello.resume_key)
-            ):
-                session = existing
-            else:
-                raise _Refusal(
-                    ErrorCode.UNAUTHORIZED,
-                    f"session {requested} is held by another agent and the resume key "
-                    "does not match",
-                )
-        session.epoch += 1
-        return session, session.epoch
-
-    def attach(self, session: _Session, uplink: TunnelUplink) -> None:
-        """Route the session's requests to ``uplink`` too (several agents share the load)."""
-        session.uplinks.append(uplink)
-        session.lease_deadline = None
-
-    def detach(self, session: _Session, uplink: TunnelUplink | None, now: float) -> None:
-        """Forget ``uplink`` (``None``: a claim whose handshake failed); the last one to
-        leave starts the session's grace period."""
-        if uplink is not None and uplink in session.uplinks:
-            session.uplinks.remove(uplink)
-        if not session.uplinks:
-            session.lease_deadline = now + self.grace_period
-
-    def route(self, session_id: str, now: float) -> TunnelUplink | str:
-        """Pick an accepting uplink of the session (round robin), or say why there is none.
-
-        Returns:
-            the uplink, or ``"unknown"`` (no such session) or ``"disconnected"`` (the session
-            is held but none of its agents is connected).
-        """
-        session = self._sessions.get(session_id)
-        if session is None:
-            return "unknown"
-        if session.lease_deadline is not None and session.lease_deadline <= now:
-            del self._sessions[session_id]
-            return "unknown"
-        uplinks = session.uplinks
-        for _ in range(len(uplinks)):
-            session.turn = (session.turn + 1) % len(uplinks)
-            uplink = uplinks[session.turn]
-            if uplink.accepting:
-                return uplink
-        return "disconnected"
-
-    def _expire(self, now: float) -> None:
-        expired = [
-            sid
-            for sid, session in self._sessions.items()
-            if session.lease_deadline is not None and session.lease_deadline <= now
-        ]
-        for sid in expired:
-            del self._sessions[sid]
+def _stopped_recently(state_dir: str | None, within: float) -> bool:
+    """True if a relay with this state directory stopped less than ``within`` s ago."""
+    if state_dir is None:
+        return False
+    try:
+        stopped = float((Path(state_dir) / _STOPPED_FILE).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return False
+    return 0 <= time.time() - stopped < within
 
 
 @final
 class TunnelServer:
     """The agent-facing half of a relay: handshakes, sessions, uplinks.
 
-    Constructing it only stores; :func:`tunnel2.serve_tunnel_server` runs it together with
-    the public :class:`~tunnel2.entry.ProxyEntry` on one port.
+    Constructing it reads the token file and the state directory, nothing else;
+    :func:`tunnel2.serve_tunnel_server` runs it together with the public
+    :class:`~tunnel2.entry.ProxyEntry` on one port.
+
+    Args:
+        config: the relay's settings.
+        base_url: the advertised base URL.
+        port: the bound port.
+        store: where claims are decided (default: a :class:`MemorySessionStore`, with its
+            owners kept in ``config.state_dir`` if set); pass a shared one for several relay
+            nodes.
+        secret: the key for resume keys (default: from ``config.state_dir``, else random).
     """
 
-    def __init__(self, config: ServerConfig, *, base_url: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        base_url: str,
+        port: int = 0,
+        store: SessionStore | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.config = config
         self.base_url = base_url.rstrip("/")
         self.port = port
-        self.registry = SessionRegistry(grace_period=config.grace_period)
-        self._uplinks: set[TunnelUplink] = set()
+        self._tokens = load_tokens(config)
+        self._secret = secret or _load_secret(config.state_dir)
+        if store is None:
+            owners = Path(config.state_dir) / _OWNERS_FILE if config.state_dir else None
+            store = MemorySessionStore(grace_period=config.grace_period, owners_file=owners)
+        self.store: SessionStore = store
+        self.routes = RouteTable(grace_period=config.grace_period)
+        # After a restart, agents need a moment to re-dial: unknown sessions get 503 for one
+        # grace period instead of 404 (PROTOCOL.md §4.5).
+        restarted = _stopped_recently(config.state_dir, config.grace_period)
+        self._restart_grace_until = trio.current_time() + config.grace_period if restarted else -1.0
+        self._uplinks: dict[TunnelUplink, str] = {}  # uplink -> the identity it came as
         self._counter = itertools.count(1)
         self._draining = False
         self._in_flight = 0
@@ -216,7 +216,12 @@ class TunnelServer:
         self._idle.set()
 
     def __repr__(self) -> str:
-        return f"<TunnelServer {self.base_url} sessions={len(self.registry)}>"
+        return f"<TunnelServer {self.base_url} sessions={len(self.routes)}>"
+
+    @property
+    def open_relay(self) -> bool:
+        """True if any agent may connect (no tokens configured)."""
+        return self._tokens is None
 
     def public_urls(self, session_id: str) -> tuple[str, ...]:
         """The URLs at which a session is reachable, preferred first."""
@@ -232,6 +237,39 @@ class TunnelServer:
     def uplinks(self) -> frozenset[TunnelUplink]:
         """The connected uplinks."""
         return frozenset(self._uplinks)
+
+    def mark_stopped(self) -> None:
+        """Note in the state directory that this relay stopped now, so one started within a
+        grace period knows it is a restart (:func:`tunnel2.serve_tunnel_server` calls it)."""
+        if self.config.state_dir is not None:
+            with contextlib.suppress(OSError):
+                (Path(self.config.state_dir) / _STOPPED_FILE).write_text(f"{time.time()}\n")
+
+    def restart_grace_left(self, now: float) -> float:
+        """Seconds left of the start-up grace after a restart (0 if none)."""
+        return max(0.0, self._restart_grace_until - now)
+
+    def reload_tokens(self) -> None:
+        """Re-read the tokens (``config.token_file``); connected agents stay, except those
+        whose identity is no longer in the table, which are disconnected.
+
+        Raises:
+            tunnel2.tokens.TokenError, OSError: the file is malformed or unreadable; the
+                table in force is kept.
+        """
+        tokens = load_tokens(self.config)
+        self._tokens = tokens
+        names = tokens.identities if tokens is not None else frozenset()
+        revoked = [
+            u for u, name in self._uplinks.items() if tokens is not None and name not in names
+        ]
+        for uplink in revoked:
+            uplink.close("the agent's token was revoked", ErrorCode.UNAUTHORIZED)
+        logger.info(
+            "tokens reloaded: %d identities, %d agent(s) disconnected",
+            len(names),
+            len(revoked),
+        )
 
     async def handle_websocket(self, stream: trio.abc.Stream, request: bytes) -> None:
         """Serve an agent whose WebSocket upgrade request head (``request``) was read from
@@ -252,7 +290,7 @@ class TunnelServer:
         """
         name = f"agent-{next(self._counter)}"
         try:
-            welcome, session, decoder = await self._handshake(transport, name)
+            welcome, lease, decoder = await self._handshake(transport, name)
         except (HandshakeError, ProtocolError, _Refusal) as exc:
             logger.info("%s handshake failed: %s", name, exc)
             await trio.aclose_forcefully(transport)
@@ -261,27 +299,95 @@ class TunnelServer:
             logger.info("%s disconnected during the handshake", name)
             await trio.aclose_forcefully(transport)
             return
-        async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
-            # Decided synchronously: the uplink is routable the moment WELCOME is out.
-            self.registry.attach(session, uplink)
-            self._uplinks.add(uplink)
-            logger.info(
-                "%s connected: session %s (epoch %d, %d agent(s))",
-                name,
-                session.id,
-                session.epoch,
-                len(session.uplinks),
+        try:
+            async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
+                # Decided synchronously: the uplink is routable the moment WELCOME is out.
+                self.routes.attach(lease.session_id, uplink)
+                self._uplinks[uplink] = lease.owner
+                logger.info(
+                    "%s connected: session %s as %s (epoch %d, %d agent(s))",
+                    name,
+                    lease.session_id,
+                    lease.owner or "anonymous",
+                    lease.epoch,
+                    len(self.routes.uplinks_of(lease.session_id)),
+                )
+                try:
+                    await uplink.wait_closed()
+                finally:
+                    self._uplinks.pop(uplink, None)
+                    self.routes.detach(lease.session_id, uplink, trio.current_time())
+                    logger.info("%s disconnected: %s", name, uplink.close_reason)
+        finally:
+            await self._release(lease)
+
+    async def _release(self, lease: Lease) -> None:
+        # Shielded and bounded: a release must happen even when we are being cancelled,
+        # and a remote store that hangs must not hold the task forever.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await self.store.release(lease, now=trio.current_time())
+
+    def _resume_key(self, kind: str, owner: str, session_id: str, nonce: str = "") -> str:
+        message = "\0".join((kind, owner, session_id, nonce)).encode()
+        digest = hmac.new(self._secret, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:24]).decode()
+
+    def _identify(self, token: str | None) -> Identity | None:
+        if self._tokens is None:
+            return None
+        identity = self._tokens.identify(token)
+        if identity is None:
+            raise _Refusal(ErrorCode.UNAUTHORIZED, "invalid or missing token")
+        return identity
+
+    async def _claim(self, hello: frames.Hello, identity: Identity | None) -> tuple[Lease, str]:
+        """Decide the HELLO's claim; return the lease and the resume key to hand out."""
+        owner = identity.name if identity is not None else ""
+        now = trio.current_time()
+        requested = hello.session_id
+        store = self.store
+        if requested is None:
+            session_id = secrets.token_hex(_RANDOM_ID_BYTES)
+            lease = await store.claim(session_id, owner, now=now, exclusive=True, keep_owner=False)
+            return lease, self._resume_key("random", owner, session_id)
+        random_key = self._resume_key("random", owner, requested)
+        if hello.resume_key is not None and hmac.compare_digest(hello.resume_key, random_key):
+            # Its own agent, back (after a drop, a lease that ran out, or a relay restart).
+            lease = await store.claim(requested, owner, now=now, exclusive=False, keep_owner=False)
+            return lease, random_key
+        if _RANDOM_ID_RE.fullmatch(requested):
+            raise _Refusal(
+                ErrorCode.UNAUTHORIZED,
+                f"session {requested} is one the relay assigns; only its own agent can "
+                "reclaim it, with its resume key",
             )
-            try:
-                await uplink.wait_closed()
-            finally:
-                self._uplinks.discard(uplink)
-                self.registry.detach(session, uplink, trio.current_time())
-                logger.info("%s disconnected: %s", name, uplink.close_reason)
+        if identity is not None:
+            assert self._tokens is not None
+            if not self._tokens.may_claim(identity, requested):
+                raise _Refusal(
+                    ErrorCode.UNAUTHORIZED,
+                    f"the token of {identity.name} may not hold session {requested}",
+                )
+            # Same identity joins; the owner is kept for good (PROTOCOL.md §3.4).
+            lease = await store.claim(requested, owner, now=now, exclusive=False, keep_owner=True)
+        else:
+            # An open relay knows no identities: a held fixed id is rejoined only with the
+            # resume key of its current holder, and never shared with anyone else.
+            nonce = None
+            if hello.resume_key is not None:
+                current = await store.get(requested, now=now)
+                if current is not None and hmac.compare_digest(
+                    hello.resume_key, self._resume_key("fixed", "", requested, current.nonce)
+                ):
+                    nonce = current.nonce
+            lease = await store.claim(
+                requested, "", now=now, exclusive=True, keep_owner=False, nonce=nonce
+            )
+        return lease, self._resume_key("fixed", owner, requested, lease.nonce)
 
     async def _handshake(
         self, transport: FrameTransport, name: str
-    ) -> tuple[frames.Welcome, _Session, frames.FrameDecoder]:
+    ) -> tuple[frames.Welcome, Lease, frames.FrameDecoder]:
         config = self.config
         decoder = frames.FrameDecoder()
         try:
@@ -299,19 +405,18 @@ class TunnelServer:
                 )
             if self._draining:
                 raise _Refusal(ErrorCode.SESSION_UNAVAILABLE, "relay is shutting down")
-            if config.tokens is not None and (
-                hello.token is None
-                or not any(secrets.compare_digest(hello.token, t) for t in config.tokens)
-            ):
-                raise _Refusal(ErrorCode.UNAUTHORIZED, "invalid or missing token")
-            session, _epoch = self.registry.claim(hello, trio.current_time())
+            identity = self._identify(hello.token)
+            try:
+                lease, resume_key = await self._claim(hello, identity)
+            except SessionTaken as exc:
+                raise _Refusal(ErrorCode.UNAUTHORIZED, exc.reason) from None
         except _Refusal as refusal:
             await self._refuse(transport, refusal.code, refusal.reason)
             raise
         welcome = frames.Welcome(
-            session_id=session.id,
-            public_urls=self.public_urls(session.id),
-            resume_key=session.resume_key,
+            session_id=lease.session_id,
+            public_urls=self.public_urls(lease.session_id),
+            resume_key=resume_key,
             max_frame_size=min(config.max_frame_size, hello.max_frame_size),
             initial_window=config.initial_window,
             connection_window=config.connection_window,
@@ -320,10 +425,10 @@ class TunnelServer:
         try:
             await transport.send(frames.encode(welcome))
         except BaseException:
-            # The claim stands but nobody took it: start its lease so it can expire.
-            self.registry.detach(session, None, trio.current_time())
+            # The claim stands but nobody took it: release it so its lease can run out.
+            await self._release(lease)
             raise
-        return welcome, session, decoder
+        return welcome, lease, decoder
 
     async def _refuse(self, transport: FrameTransport, code: int, reason: str) -> None:
         with trio.move_on_after(1):
