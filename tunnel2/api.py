@@ -25,6 +25,10 @@ from tunnel2.agent import (
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tunnel2.access import AccessPolicy
+
 __all__ = [
     "handler_for",
     "open_tunnel",
@@ -112,6 +116,7 @@ async def open_tunnel(
     max_concurrent: int = 64,
     max_queued: int = 1024,
     connect_timeout: float = 10.0,
+    access: AccessPolicy | None = None,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -127,6 +132,10 @@ async def open_tunnel(
         max_concurrent: requests answered at once.
         max_queued: requests waiting beyond that before the relay answers 503.
         connect_timeout: seconds for the first connection and handshake.
+        access: who may visit the tunnel, e.g.
+            ``AccessPolicy.from_options(basic_auth=["alice:s3cret"])``; the relay turns
+            everyone else away before a request reaches this agent. ``None``: anyone with
+            the URL.
 
     Raises:
         HandshakeRefused: the relay refused the agent (bad token, session held).
@@ -138,6 +147,7 @@ async def open_tunnel(
         max_concurrent=max_concurrent,
         max_queued=max_queued,
         connect_timeout=connect_timeout,
+        access=access,
     )
     handler = handler_for(target)
     agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)

@@ -1,7 +1,7 @@
 """TunnelServer: accepts agents, authenticates them and keeps the session registry.
 
-Layer: above uplink. May import trio, trio-websocket, attrs, frames, transports, uplink,
-errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
+Layer: above uplink. May import trio, trio-websocket, attrs, frames, access, transports,
+uplink, errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
 
 Invariant: the registry changes only synchronously (no ``await`` between a decision and its
 bookkeeping), so a cancelled handshake or a dropped connection can never leave a session
@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from tunnel2 import frames
+from tunnel2.access import AccessPolicy
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
 from tunnel2.transports import FrameTransport, accept_websocket
 from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
@@ -95,6 +96,16 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _access_policy(hello: frames.Hello) -> AccessPolicy | None:
+    """The policy a HELLO sets; a malformed one refuses the agent (PROTOCOL.md §3.1.1)."""
+    if hello.access is None:
+        return None
+    try:
+        return AccessPolicy.from_json(hello.access)
+    except ValueError as exc:
+        raise _Refusal(ErrorCode.PROTOCOL_ERROR, f"malformed access policy: {exc}") from None
 
 
 @final
@@ -208,6 +219,8 @@ class TunnelServer:
         self.base_url = base_url.rstrip("/")
         self.port = port
         self.registry = SessionRegistry(grace_period=config.grace_period)
+        # Visitor access policies of sessions with a connected agent (PROTOCOL.md §3.1.1).
+        self.access_policies: dict[str, AccessPolicy] = {}
         self._uplinks: set[TunnelUplink] = set()
         self._counter = itertools.count(1)
         self._draining = False
@@ -252,7 +265,7 @@ class TunnelServer:
         """
         name = f"agent-{next(self._counter)}"
         try:
-            welcome, session, decoder = await self._handshake(transport, name)
+            welcome, session, decoder, access = await self._handshake(transport, name)
         except (HandshakeError, ProtocolError, _Refusal) as exc:
             logger.info("%s handshake failed: %s", name, exc)
             await trio.aclose_forcefully(transport)
@@ -264,6 +277,7 @@ class TunnelServer:
         async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
             # Decided synchronously: the uplink is routable the moment WELCOME is out.
             self.registry.attach(session, uplink)
+            self._set_policy(session.id, access)  # the most recent agent's policy wins
             self._uplinks.add(uplink)
             logger.info(
                 "%s connected: session %s (epoch %d, %d agent(s))",
@@ -277,11 +291,13 @@ class TunnelServer:
             finally:
                 self._uplinks.discard(uplink)
                 self.registry.detach(session, uplink, trio.current_time())
+                if not session.uplinks:
+                    self.access_policies.pop(session.id, None)
                 logger.info("%s disconnected: %s", name, uplink.close_reason)
 
     async def _handshake(
         self, transport: FrameTransport, name: str
-    ) -> tuple[frames.Welcome, _Session, frames.FrameDecoder]:
+    ) -> tuple[frames.Welcome, _Session, frames.FrameDecoder, AccessPolicy | None]:
         config = self.config
         decoder = frames.FrameDecoder()
         try:
@@ -304,6 +320,7 @@ class TunnelServer:
                 or not any(secrets.compare_digest(hello.token, t) for t in config.tokens)
             ):
                 raise _Refusal(ErrorCode.UNAUTHORIZED, "invalid or missing token")
+            access = _access_policy(hello)
             session, _epoch = self.registry.claim(hello, trio.current_time())
         except _Refusal as refusal:
             await self._refuse(transport, refusal.code, refusal.reason)
@@ -323,7 +340,18 @@ class TunnelServer:
             # The claim stands but nobody took it: start its lease so it can expire.
             self.registry.detach(session, None, trio.current_time())
             raise
-        return welcome, session, decoder
+        return welcome, session, decoder, access
+
+    def policy_for(self, session_id: str) -> AccessPolicy | None:
+        """The visitor access policy of a session, or ``None`` if it has none."""
+        return self.access_policies.get(session_id)
+
+    def _set_policy(self, session_id: str, access: AccessPolicy | None) -> None:
+        if access is None:
+            self.access_policies.pop(session_id, None)
+        else:
+            self.access_policies[session_id] = access
+            logger.info("session %s admits %s", session_id, access.describe())
 
     async def _refuse(self, transport: FrameTransport, code: int, reason: str) -> None:
         with trio.move_on_after(1):
