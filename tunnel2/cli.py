@@ -97,9 +97,9 @@ async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> No
         max_concurrent=args.max_concurrent,
         access=access,
     ) as tunnel:
+        if access is not None:  # on stderr: stdout stays the one Forwarding line
+            logger.info("visitors need: %s", access.describe())
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
-        if access is not None:
-            print(f"Visitors need: {access.describe()}", flush=True)
         await trio.sleep_forever()
 
 

@@ -577,10 +577,10 @@ def _admit(access: AccessPolicy, request: http.RequestHead, head: bytes, peer: b
 
     The address is the TCP peer the entry accepted, never a header a visitor could forge.
     """
-    credentials = request.get_all(CREDENTIAL_HEADER)
+    credentials = request.get_all(CREDENTIAL_HEADER) if access.uses_credentials else []
     if len(credentials) > 1:
         raise _Answer(400, "the request has more than one Authorization header")
-    refusal = access.check(credentials[0] if credentials else None, peer.decode("ascii"))
+    refusal = access.check(credentials[0] if credentials else None, peer.decode("ascii", "replace"))
     if refusal is not None:
         headers = b"".join(b"%s: %s\r\n" % field for field in refusal.headers)
         raise _Answer(refusal.status, refusal.message, headers)
