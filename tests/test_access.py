@@ -281,8 +281,11 @@ def test_hypothesis_only_the_right_bearer_token_passes(token: str, guess: bytes)
 
 
 def test_deny_wins_and_any_allow_denies_the_rest() -> None:
-    pol = policy(allow_cidrs=["10.0.0.0/8", "2001:db8::/32"], deny_cidrs=["10.9.0.0/16"])
+    pol = policy(
+        allow_cidrs=["10.0.0.0/8", "2001:db8::/32", "fe80::/10"], deny_cidrs=["10.9.0.0/16"]
+    )
     assert pol.check(None, "10.1.2.3") is None
+    assert pol.check(None, "fe80::1%eth0") is None  # a link-local peer keeps its scope
     assert pol.check(None, "2001:db8::1") is None
     assert pol.check(None, "::ffff:10.1.2.3") is None  # an IPv4 client on a dual-stack socket
     for refused in ("10.9.1.1", "192.0.2.1", "2001:db9::1", "::ffff:10.9.0.1", "::1"):
@@ -327,6 +330,7 @@ def test_hello_carries_the_policy_as_a_json_object() -> None:
     decoder.receive_data(frames.encode(hello))
     decoded = decoder.next_frame()
     assert decoded == hello
+    assert hash(decoded) == hash(hello)  # the JSON object does not make HELLO unhashable
     assert isinstance(decoded, frames.Hello)
     assert decoded.access is not None
     assert AccessPolicy.from_json(decoded.access) == pol
