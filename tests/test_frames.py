@@ -63,6 +63,10 @@ SAMPLES: Final[list[frames.Frame]] = [
         max_frame_size=16384,
         capabilities=("upgrade", "h2"),
     ),
+    frames.Hello(access={}),
+    frames.Hello(
+        access={"salt": "c2FsdHNhbHQ=", "bearer_sha256": "x", "allow_cidrs": ["10.0.0.0/8"]}
+    ),
     frames.Welcome(session_id="ab12", public_urls=("http://ab12.example.com/",)),
     frames.Welcome(
         session_id="A" * 64,
@@ -384,6 +388,7 @@ hellos = st.builds(
     resume_key=st.none() | short_text,
     max_frame_size=st.integers(frames.MIN_MAX_FRAME_SIZE, 2**32 - 1),
     capabilities=st.lists(short_text, max_size=4).map(tuple),
+    access=st.none() | st.dictionaries(short_text, short_text | st.lists(short_text), max_size=3),
 )
 welcomes = st.builds(
     frames.Welcome,
@@ -496,6 +501,7 @@ _JSON_KEYS: Final = (
     "resume_key",
     "max_frame_size",
     "capabilities",
+    "access",
     "public_urls",
     "initial_window",
     "connection_window",
@@ -655,6 +661,9 @@ MALFORMED: Final[list[tuple[str, bytes, int, str]]] = [
     ("hello-session-empty", hello_with(session_id=""), PE, "session id ''"),
     ("hello-session-65", hello_with(session_id="a" * 65), PE, "is not 1-64"),
     ("hello-session-int", hello_with(session_id=7), PE, "'session_id'"),
+    ("hello-access-list", hello_with(access=["basic"]), PE, "'access'"),
+    ("hello-access-string", hello_with(access="basic"), PE, "'access'"),
+    ("hello-access-nan", hello_with(access={"x": math.nan}), PE, "access policy is not valid"),
     ("welcome-session-bad", welcome_with(session_id="ab/cd"), PE, "session id 'ab/cd'"),
     ("welcome-session-null", welcome_with(session_id=None), PE, "'session_id'"),
     ("welcome-iw-bool", welcome_with(initial_window=True), PE, "'initial_window'"),
@@ -819,6 +828,9 @@ INVALID: Final[list[tuple[str, Callable[[], object], int]]] = [
     ("hello-mfs", lambda: frames.Hello(max_frame_size=1023), PE),
     ("hello-session", lambda: frames.Hello(session_id="no spaces"), PE),
     ("hello-session-empty", lambda: frames.Hello(session_id=""), PE),
+    ("hello-access-list", lambda: frames.Hello(access=[1]), PE),  # type: ignore[arg-type]
+    ("hello-access-nan", lambda: frames.Hello(access={"x": math.inf}), PE),
+    ("hello-access-bytes", lambda: frames.Hello(access={"x": b"1"}), PE),
     ("welcome-session", lambda: frames.Welcome("x" * 65, ("u",)), PE),
     ("welcome-mfs", lambda: frames.Welcome("s", ("u",), max_frame_size=512), PE),
     ("welcome-iw", lambda: frames.Welcome("s", ("u",), initial_window=0), PE),

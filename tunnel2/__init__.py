@@ -5,6 +5,7 @@ The public surface is what ``__all__`` lists; everything else is internal.
 
 from __future__ import annotations
 
+from tunnel2.access import AccessPolicy
 from tunnel2.agent import Agent, AgentConfig
 from tunnel2.api import open_tunnel, open_tunnel_server, serve_tunnel_server
 from tunnel2.entry import ProxyEntry
@@ -25,6 +26,7 @@ from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.uplink import TunnelStream, TunnelUplink
 
 __all__ = [
+    "AccessPolicy",
     "Agent",
     "AgentConfig",
     "ErrorCode",

@@ -1,7 +1,7 @@
 """Agent: dials the relay and answers the streams it opens.
 
-Layer: above uplink. May import trio, trio-websocket, attrs, errors, frames, transports, uplink
-and the internal HTTP/1.1 parser.
+Layer: above uplink. May import trio, trio-websocket, attrs, errors, frames, access, transports,
+uplink and the internal HTTP/1.1 parser.
 
 The agent keeps one uplink to its relay, re-dialling with backoff when it drops (asking for its
 session back with the resume key). A fixed pool of ``max_concurrent`` worker tasks takes
@@ -48,6 +48,10 @@ from tunnel2.uplink import (
     receive_handshake_frame,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tunnel2.access import AccessPolicy
+
 __all__ = [
     "Agent",
     "AgentConfig",
@@ -90,6 +94,8 @@ class AgentConfig:
         backoff_initial: first re-dial delay in seconds, doubled per failure.
         backoff_max: longest re-dial delay.
         max_frame_size: largest frame the agent accepts.
+        access: who may visit the tunnel; sent in HELLO and enforced by the relay
+            (PROTOCOL.md §3.1.1). ``None``: everyone who has the URL.
     """
 
     token: str | None = None
@@ -100,6 +106,7 @@ class AgentConfig:
     backoff_initial: float = 0.25
     backoff_max: float = 30.0
     max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
+    access: AccessPolicy | None = None
 
 
 def agent_url(server_url: str) -> str:
@@ -304,6 +311,7 @@ class Agent:
             session_id=known.session_id if known else config.session_id,
             resume_key=known.resume_key if known else None,
             max_frame_size=config.max_frame_size,
+            access=config.access.to_json() if config.access is not None else None,
         )
         await transport.send(frames.encode(hello))
         decoder = frames.FrameDecoder(max_frame_size=config.max_frame_size)

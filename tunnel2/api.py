@@ -27,6 +27,7 @@ from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
 if TYPE_CHECKING:
+    from tunnel2.access import AccessPolicy
     from tunnel2.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ async def open_tunnel(
     max_concurrent: int = 64,
     max_queued: int = 1024,
     connect_timeout: float = 10.0,
+    access: AccessPolicy | None = None,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -155,6 +157,10 @@ async def open_tunnel(
         max_concurrent: requests answered at once.
         max_queued: requests waiting beyond that before the relay answers 503.
         connect_timeout: seconds for the first connection and handshake.
+        access: who may visit the tunnel, e.g.
+            ``AccessPolicy.from_options(basic_auth=["alice:s3cret"])``; the relay turns
+            everyone else away before a request reaches this agent. ``None``: anyone with
+            the URL.
 
     Raises:
         HandshakeRefused: the relay refused the agent (bad token, session held).
@@ -166,6 +172,7 @@ async def open_tunnel(
         max_concurrent=max_concurrent,
         max_queued=max_queued,
         connect_timeout=connect_timeout,
+        access=access,
     )
     handler = handler_for(target)
     agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)

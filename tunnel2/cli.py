@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from tunnel2._util import unwrap_lone_error
+from tunnel2.access import AccessPolicy
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
@@ -124,7 +125,7 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_http(args: argparse.Namespace) -> None:
+async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> None:
     target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
     async with open_tunnel(
         args.server,
@@ -132,9 +133,29 @@ async def _run_http(args: argparse.Namespace) -> None:
         session_id=args.session,
         token=args.token,
         max_concurrent=args.max_concurrent,
+        access=access,
     ) as tunnel:
+        if access is not None:  # on stderr: stdout stays the one Forwarding line
+            logger.info("visitors need: %s", access.describe())
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
         await trio.sleep_forever()
+
+
+def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
+    """The visitor policy of ``tunnel2 http``; secrets may come from the environment so
+    they need not show in ``ps``. Raises ValueError for a bad value."""
+    basic = args.basic_auth
+    if basic is None:
+        basic = [line for line in os.environ.get("TUNNEL2_BASIC_AUTH", "").splitlines() if line]
+    bearer = args.bearer_token or os.environ.get("TUNNEL2_BEARER_TOKEN") or None
+    if not (basic or bearer or args.allow_cidr or args.deny_cidr):
+        return None
+    return AccessPolicy.from_options(
+        basic_auth=basic,
+        bearer_token=bearer,
+        allow_cidrs=args.allow_cidr or (),
+        deny_cidrs=args.deny_cidr or (),
+    )
 
 
 def _http(args: argparse.Namespace) -> int:
@@ -143,7 +164,12 @@ def _http(args: argparse.Namespace) -> int:
         print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
         return 2
     try:
-        trio.run(_until_terminated, _run_http, args)
+        access = _access_policy(args)
+    except ValueError as exc:
+        print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_until_terminated, _run_http, args, access)
     except KeyboardInterrupt:
         pass
     except HandshakeError as exc:
@@ -208,6 +234,32 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--max-concurrent", type=int, default=64, help="requests answered at once (default 64)"
     )
+    # --- visitor access ---
+    http.add_argument(
+        "--basic-auth",
+        action="append",
+        metavar="USER:PASS",
+        help="visitors must log in as USER with PASS (repeatable; default: the lines of "
+        "$TUNNEL2_BASIC_AUTH)",
+    )
+    http.add_argument(
+        "--bearer-token",
+        metavar="TOKEN",
+        help="visitors must send 'Authorization: Bearer TOKEN' (default: $TUNNEL2_BEARER_TOKEN)",
+    )
+    http.add_argument(
+        "--allow-cidr",
+        action="append",
+        metavar="CIDR",
+        help="admit only visitors from this network (repeatable; IPv4 or IPv6)",
+    )
+    http.add_argument(
+        "--deny-cidr",
+        action="append",
+        metavar="CIDR",
+        help="turn away visitors from this network, even if allowed (repeatable)",
+    )
+    # --- end visitor access ---
     _add_verbosity(http)
     http.set_defaults(func=_http)
 

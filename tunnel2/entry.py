@@ -1,7 +1,7 @@
 """ProxyEntry: the relay's public HTTP/1.1 side.
 
-Layer: above server and uplink. May import trio, attrs, errors, uplink, server and the
-internal HTTP/1.1 parser.
+Layer: above server and uplink. May import trio, attrs, errors, access, uplink, server and
+the internal HTTP/1.1 parser.
 
 Each public connection is served by one task: it reads a request head, validates it strictly
 (malformed and smuggling-shaped requests get a 4xx and the connection is closed), routes it to
@@ -21,6 +21,7 @@ import trio
 
 from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream
+from tunnel2.access import CREDENTIAL_HEADER, AccessPolicy
 from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
 from tunnel2.sessions import DISCONNECTED, Routed
@@ -48,6 +49,8 @@ _DROP_RE: Final = http.field_lines_re(
 )
 _REASONS: Final = {
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
@@ -66,12 +69,14 @@ _RESET_STATUS: Final = {
     ErrorCode.REFUSED_STREAM: 503,
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CREDENTIAL_RE: Final = http.field_lines_re({CREDENTIAL_HEADER})
 
 
 def error_response(
-    status: int, message: str, *, close: bool = False, retry_after: int | None = None
+    status: int, message: str, *, close: bool = False, headers: bytes = b""
 ) -> bytes:
-    """A complete plain-text response whose body says what went wrong."""
+    """A complete plain-text response whose body says what went wrong; ``headers`` are
+    extra field lines, each ending in CRLF."""
     body = f"{status} {_REASONS.get(status, b'Error').decode()}: {message}\n".encode()
     return b"".join(
         [
@@ -79,7 +84,7 @@ def error_response(
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",
-            b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b"",
+            headers,
             b"X-Tunnel2-Error: 1\r\n\r\n",
             body,
         ]
@@ -89,11 +94,11 @@ def error_response(
 class _Answer(Exception):
     """Answer the client with an error response (raised inside a request)."""
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: bytes = b"") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.retry_after = retry_after
+        self.headers = headers
 
 
 class _ClientGone(Exception):
@@ -285,11 +290,10 @@ class ProxyEntry:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
-                await client.send_all(
-                    error_response(
-                        answer.status, answer.message, close=True, retry_after=answer.retry_after
-                    )
+                response = error_response(
+                    answer.status, answer.message, close=True, headers=answer.headers
                 )
+                await client.send_all(response)
                 return
             finally:
                 self.server.request_finished()
@@ -393,11 +397,14 @@ class ProxyEntry:
                     503,
                     f"session {session_id} is not connected yet: the relay restarted "
                     "and its agents are re-dialling",
-                    retry_after=math.ceil(wait),
+                    headers=b"Retry-After: %d\r\n" % math.ceil(wait),
                 )
             raise _Answer(404, f"session {session_id} is not connected to this relay")
         assert isinstance(routed, Routed)
         route = routed.uplink
+        access = self.server.policy_for(session_id)  # refused here, never at the agent
+        if access is not None:
+            head = _admit(access, request, head, conn.peer)
         if route.open_streams >= config.max_streams_per_agent:
             raise _Answer(
                 503,
@@ -573,6 +580,22 @@ class ProxyEntry:
             except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
                 pass
             nursery.cancel_scope.cancel()
+
+
+def _admit(access: AccessPolicy, request: http.RequestHead, head: bytes, peer: bytes) -> bytes:
+    """Check a request against its session's access policy (PROTOCOL.md §3.1.1) and return
+    its head without the credential the policy used; raise _Answer 400/401/403 if refused.
+
+    The address is the TCP peer the entry accepted, never a header a visitor could forge.
+    """
+    credentials = request.get_all(CREDENTIAL_HEADER) if access.uses_credentials else []
+    if len(credentials) > 1:
+        raise _Answer(400, "the request has more than one Authorization header")
+    refusal = access.check(credentials[0] if credentials else None, peer.decode("ascii", "replace"))
+    if refusal is not None:
+        headers = b"".join(b"%s: %s\r\n" % field for field in refusal.headers)
+        raise _Answer(refusal.status, refusal.message, headers)
+    return _CREDENTIAL_RE.sub(b"", head) if access.uses_credentials else head
 
 
 def _upgrade_of(request: http.RequestHead) -> bytes | None:

@@ -120,6 +120,9 @@ class Hello:
         resume_key: the secret from an earlier :class:`Welcome`, to reclaim a random session.
         max_frame_size: the largest frame the agent accepts.
         capabilities: optional features the agent supports.
+        access: the visitor access policy as a JSON object (PROTOCOL.md §3.1.1), or ``None``
+            for none. The codec checks only that it is a JSON object;
+            :class:`tunnel2.access.AccessPolicy` reads it.
     """
 
     version: int = PROTOCOL_VERSION
@@ -128,6 +131,7 @@ class Hello:
     resume_key: str | None = None
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     capabilities: tuple[str, ...] = ()
+    access: dict[str, Any] | None = attrs.field(default=None, hash=False)
 
     stream_id: ClassVar[int] = 0
 
@@ -138,6 +142,13 @@ class Hello:
             raise _fail(f"max_frame_size {self.max_frame_size} is below {MIN_MAX_FRAME_SIZE}")
         if self.session_id is not None and not _valid_session_id(self.session_id):
             raise _fail(f"session id {self.session_id!r} is not 1-64 of [A-Za-z0-9_-]")
+        if self.access is not None:
+            if not isinstance(self.access, dict):
+                raise _fail("HELLO access policy is not a JSON object")
+            try:
+                json.dumps(self.access, allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise _fail(f"HELLO access policy is not valid JSON: {exc}") from exc
 
 
 @attrs.frozen
@@ -365,16 +376,16 @@ def encode(frame: Frame) -> bytes:
         payload += frame.reason.encode()
     elif isinstance(frame, Hello):
         ftype = _TYPE_HELLO
-        payload = _json_payload(
-            frame.version,
-            {
-                "token": frame.token,
-                "session_id": frame.session_id,
-                "resume_key": frame.resume_key,
-                "max_frame_size": frame.max_frame_size,
-                "capabilities": list(frame.capabilities),
-            },
-        )
+        fields: dict[str, Any] = {
+            "token": frame.token,
+            "session_id": frame.session_id,
+            "resume_key": frame.resume_key,
+            "max_frame_size": frame.max_frame_size,
+            "capabilities": list(frame.capabilities),
+        }
+        if frame.access is not None:  # absent = no policy (PROTOCOL.md §3.1)
+            fields["access"] = frame.access
+        payload = _json_payload(frame.version, fields)
     elif isinstance(frame, Welcome):
         ftype = _TYPE_WELCOME
         payload = _json_payload(
@@ -453,6 +464,7 @@ def _decode_hello(payload: bytes) -> Hello:
         resume_key=_field(f, "resume_key", optional, "HELLO"),
         max_frame_size=_field(f, "max_frame_size", int, "HELLO"),
         capabilities=_str_list(f, "capabilities", "HELLO"),
+        access=_field(f, "access", (dict, type(None)), "HELLO"),
     )
 
 

@@ -1,7 +1,7 @@
 """TunnelServer: accepts agents, authenticates them and decides who holds which session.
 
-Layer: above uplink. May import trio, attrs, frames, transports, uplink, sessions, tokens,
-errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
+Layer: above uplink. May import trio, attrs, frames, access, transports, uplink, sessions,
+tokens, errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
 
 Trust (PROTOCOL.md §3.4): a token names an identity; a session belongs to the identity that
 claimed it (or that the token file grants it to). A random session's resume key is a MAC of
@@ -33,6 +33,7 @@ import attrs
 import trio
 
 from tunnel2 import frames
+from tunnel2.access import AccessPolicy
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
 from tunnel2.sessions import (
     Lease,
@@ -120,6 +121,16 @@ class _Refusal(Exception):
         self.reason = reason
 
 
+def _access_policy(hello: frames.Hello) -> AccessPolicy | None:
+    """The policy a HELLO sets; a malformed one refuses the agent (PROTOCOL.md §3.1.1)."""
+    if hello.access is None:
+        return None
+    try:
+        return AccessPolicy.from_json(hello.access)
+    except ValueError as exc:
+        raise _Refusal(ErrorCode.PROTOCOL_ERROR, f"malformed access policy: {exc}") from None
+
+
 def load_tokens(config: ServerConfig) -> TokenTable | None:
     """The token table ``config`` describes, or ``None`` for an open relay.
 
@@ -204,6 +215,8 @@ class TunnelServer:
             store = MemorySessionStore(grace_period=config.grace_period, owners_file=owners)
         self.store: SessionStore = store
         self.routes = RouteTable(grace_period=config.grace_period)
+        # Visitor access policies of sessions with a connected agent (PROTOCOL.md §3.1.1).
+        self.access_policies: dict[str, AccessPolicy] = {}
         # After a restart, agents need a moment to re-dial: unknown sessions get 503 for one
         # grace period instead of 404 (PROTOCOL.md §4.5).
         restarted = _stopped_recently(config.state_dir, config.grace_period)
@@ -290,7 +303,7 @@ class TunnelServer:
         """
         name = f"agent-{next(self._counter)}"
         try:
-            welcome, lease, decoder = await self._handshake(transport, name)
+            welcome, lease, decoder, access = await self._handshake(transport, name)
         except (HandshakeError, ProtocolError, _Refusal) as exc:
             logger.info("%s handshake failed: %s", name, exc)
             await trio.aclose_forcefully(transport)
@@ -303,6 +316,7 @@ class TunnelServer:
             async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
                 # Decided synchronously: the uplink is routable the moment WELCOME is out.
                 self.routes.attach(lease.session_id, uplink)
+                self._set_policy(lease.session_id, access)  # the most recent agent's wins
                 self._uplinks[uplink] = lease.owner
                 logger.info(
                     "%s connected: session %s as %s (epoch %d, %d agent(s))",
@@ -317,6 +331,8 @@ class TunnelServer:
                 finally:
                     self._uplinks.pop(uplink, None)
                     self.routes.detach(lease.session_id, uplink, trio.current_time())
+                    if not self.routes.uplinks_of(lease.session_id):
+                        self.access_policies.pop(lease.session_id, None)
                     logger.info("%s disconnected: %s", name, uplink.close_reason)
         finally:
             await self._release(lease)
@@ -387,7 +403,7 @@ class TunnelServer:
 
     async def _handshake(
         self, transport: FrameTransport, name: str
-    ) -> tuple[frames.Welcome, Lease, frames.FrameDecoder]:
+    ) -> tuple[frames.Welcome, Lease, frames.FrameDecoder, AccessPolicy | None]:
         config = self.config
         decoder = frames.FrameDecoder()
         try:
@@ -406,6 +422,7 @@ class TunnelServer:
             if self._draining:
                 raise _Refusal(ErrorCode.SESSION_UNAVAILABLE, "relay is shutting down")
             identity = self._identify(hello.token)
+            access = _access_policy(hello)
             try:
                 lease, resume_key = await self._claim(hello, identity)
             except SessionTaken as exc:
@@ -428,7 +445,18 @@ class TunnelServer:
             # The claim stands but nobody took it: release it so its lease can run out.
             await self._release(lease)
             raise
-        return welcome, lease, decoder
+        return welcome, lease, decoder, access
+
+    def policy_for(self, session_id: str) -> AccessPolicy | None:
+        """The visitor access policy of a session, or ``None`` if it has none."""
+        return self.access_policies.get(session_id)
+
+    def _set_policy(self, session_id: str, access: AccessPolicy | None) -> None:
+        if access is None:
+            self.access_policies.pop(session_id, None)
+        else:
+            self.access_policies[session_id] = access
+            logger.info("session %s admits %s", session_id, access.describe())
 
     async def _refuse(self, transport: FrameTransport, code: int, reason: str) -> None:
         with trio.move_on_after(1):
