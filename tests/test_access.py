@@ -74,7 +74,7 @@ def test_access_policy_is_public() -> None:
         ({"allow_cidrs": ["10.0.0.0/33"]}, "invalid CIDR '10.0.0.0/33'"),
         ({"deny_cidrs": ["not-an-ip"]}, "invalid CIDR 'not-an-ip'"),
         ({"allow_cidrs": ["10.0.0.1/8"]}, "has host bits set"),
-        ({"basic_auth": ["a:b"], "iterations": 10}, "iterations 10 is not within"),
+        ({"basic_auth": ["a:b"], "iterations": 1001}, "iterations 1001 is not within"),
     ],
 )
 def test_bad_options_are_value_errors_that_say_what(options: Any, message: str) -> None:
@@ -149,7 +149,7 @@ _GOOD: Final = policy(basic_auth=["alice:pw"], bearer_token="tok").to_json()
         ({k: v for k, v in _GOOD.items() if k != "salt"}, "salt is 0 bytes"),
         ({**_GOOD, "iterations": 10**9}, "not within"),
         ({**_GOOD, "iterations": True}, "not within"),
-        ({**_GOOD, "iterations": 5000.0}, "not within"),
+        ({**_GOOD, "iterations": 1.0}, "not within"),
         ({**_GOOD, "bearer_sha256": "AAAA"}, "expected 32"),
         ({"allow_cidrs": "10.0.0.0/8"}, "must be a list of CIDR strings"),
         ({"allow_cidrs": [7]}, "a CIDR must be a string"),

@@ -47,11 +47,14 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 CREDENTIAL_HEADER: Final = b"authorization"
 """The request header a credential policy reads, and the relay strips before forwarding."""
 
-DEFAULT_ITERATIONS: Final = 5000
-"""PBKDF2 rounds for basic-auth hashes: about 1.5 ms per check on our 2-core machines."""
-MIN_ITERATIONS: Final = 1000
-MAX_ITERATIONS: Final = 20000
-"""The most rounds a relay accepts: a policy must not let one agent stall the relay's loop."""
+DEFAULT_ITERATIONS: Final = 1
+"""PBKDF2 rounds for basic-auth hashes. One round (a salted HMAC, ~2 µs): every distinct wrong
+credential a visitor sends costs a hash on the relay's event loop, so a slow hash would let
+one session's visitors stall the relay for all (PROTOCOL.md §3.1.1)."""
+MIN_ITERATIONS: Final = 1
+MAX_ITERATIONS: Final = 1000
+"""The most rounds a relay accepts (~0.3 ms): one agent's policy must not let its visitors
+stall the relay's loop for everyone else."""
 
 _SALT_BYTES: Final = 16
 _DIGEST_BYTES: Final = 32
