@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from tunnel2 import __version__
 from tunnel2._util import unwrap_lone_error
 from tunnel2.access import AccessPolicy
 from tunnel2.api import open_tunnel, serve_tunnel_server
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel2", description="An embeddable HTTP tunnel for Python, built on trio."
     )
+    parser.add_argument("--version", action="version", version=f"tunnel2 {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = subparsers.add_parser("server", help="run a relay (public entry + agent endpoint)")
