@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from tunnel2._util import unwrap_lone_error
+from tunnel2._util import positive_float, positive_int, unwrap_lone_error
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
@@ -64,9 +64,8 @@ async def _run_server(config: ServerConfig) -> None:
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
 
 
-def _server(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
-    config = ServerConfig(
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
         host=args.host,
         port=args.port,
         domain=args.domain,
@@ -74,7 +73,13 @@ def _server(args: argparse.Namespace) -> int:
         tokens=frozenset(args.token) if args.token else None,
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
+        **{field: getattr(args, field) for field, *_ in _FAIR_USE_OPTIONS},
     )
+
+
+def _server(args: argparse.Namespace) -> int:
+    _configure_logging(args.verbose)
+    config = _server_config(args)
     try:
         trio.run(_until_terminated, _run_server, config)
     except KeyboardInterrupt:
@@ -113,6 +118,33 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_ip_cap(text: str) -> int | None:
+    return None if text.strip() == "0" else positive_int(text)
+
+
+# `tunnel2 server` options for the ServerConfig fields they are named after (README, "Fair
+# use: limits for visitors and agents").
+_FAIR_USE_OPTIONS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
+    ("max_visitor_connections", positive_int, "N", "visitor connections at once, then 503"),
+    ("max_agent_connections", positive_int, "N", "agent connections at once, then 503"),
+    (
+        "max_connections_per_ip",
+        _per_ip_cap,
+        "N",
+        "connections from one address that are not agents, then 429; 0: no cap, behind a "
+        "reverse proxy",
+    ),
+    (
+        "head_timeout",
+        positive_float,
+        "SECONDS",
+        "for a request head from its first byte (a fresh connection's from accept), then 408",
+    ),
+    ("write_timeout", positive_float, "SECONDS", "for a write to a visitor that reads nothing"),
+    ("idle_timeout", positive_float, "SECONDS", "for a keep-alive connection's next request"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``tunnel2`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -132,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=30.0, help="seconds before 504 (default 30)"
     )
     server.add_argument("--max-body-size", type=int, help="largest request body in bytes (413)")
+    # --- fair use: limits for visitors and agents ---
+    defaults = ServerConfig()
+    for field, kind, metavar, text in _FAIR_USE_OPTIONS:
+        server.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, field),
+            metavar=metavar,
+            help=text + " (default %(default)s)",
+        )
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
