@@ -107,6 +107,12 @@ def test_one_address_may_hold_max_connections_per_ip() -> None:
     assert limits.by_peer == {b"10.0.0.1": 2, b"10.0.0.2": 1}
 
 
+def test_no_per_address_cap_when_max_connections_per_ip_is_none() -> None:
+    limits = _Limits(ServerConfig(max_connections_per_ip=None))
+    assert all(limits.admit(connection(b"10.0.0.1")) is None for _ in range(300))
+    assert limits.by_peer == {}
+
+
 @pytest.mark.parametrize(
     "field",
     [
@@ -188,6 +194,21 @@ async def test_slowloris_head_on_a_keep_alive_connection_is_cut_with_408(
                 nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert sent < len(request)  # cut while the head was still trickling in
+
+
+async def test_pipelined_partial_head_is_cut_with_408(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The start of a second head arrives with the first request: once the first is
+    # answered, its head timeout runs, not the idle timeout.
+    with trio.fail_after(100):
+        async with ok_tunnel(ServerConfig(head_timeout=5, idle_timeout=1000)) as tunnel:
+            client = tunnel.open_client_stream()
+            request = f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+            await client.send_all(request + request[:10])
+            await read_ok_response(client)
+            answer = await read_to_eof(client)
+    assert answer.startswith(b"HTTP/1.1 408 ")
 
 
 async def test_idle_keep_alive_connection_waits_idle_timeout_and_closes_silently(

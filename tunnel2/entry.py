@@ -298,7 +298,9 @@ class ProxyEntry:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one public connection until it closes; closes ``stream`` before returning.
 
-        Requests on the agents' path with a WebSocket upgrade are handed to the server.
+        Requests on the agents' path with a WebSocket upgrade are handed to the server. A
+        connection past the visitor, agent or per-address caps is answered 503 or 429 and
+        closed (:class:`_Limits`).
         """
         if isinstance(stream, trio.SocketStream):
             stream = FastSocketStream.from_trio(stream)
