@@ -153,6 +153,18 @@ async def read_ok_response(stream: trio.abc.ReceiveStream) -> None:
     assert received.startswith(b"HTTP/1.1 200 ")
 
 
+async def served_client(
+    tunnel: MemoryTunnel, *, extra: bytes = b""
+) -> tuple[trio.abc.HalfCloseableStream, bytes]:
+    """A client connection whose first request (returned) was answered, so it is kept
+    alive; ``extra`` is sent right behind that request."""
+    client = tunnel.open_client_stream()
+    request = f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    await client.send_all(request + extra)
+    await read_ok_response(client)
+    return client, request
+
+
 async def test_fresh_connection_that_sends_nothing_gets_408_within_the_head_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -171,10 +183,7 @@ async def test_slowloris_head_on_a_keep_alive_connection_is_cut_with_408(
     config = ServerConfig(head_timeout=5, idle_timeout=1000)
     with trio.fail_after(500):
         async with ok_tunnel(config) as tunnel:
-            client = tunnel.open_client_stream()
-            request = f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
-            await client.send_all(request)
-            await read_ok_response(client)
+            client, request = await served_client(tunnel)
             sent = 0
             async with trio.open_nursery() as nursery:
 
@@ -203,10 +212,7 @@ async def test_pipelined_partial_head_is_cut_with_408(
     # answered, its head timeout runs, not the idle timeout.
     with trio.fail_after(100):
         async with ok_tunnel(ServerConfig(head_timeout=5, idle_timeout=1000)) as tunnel:
-            client = tunnel.open_client_stream()
-            request = f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
-            await client.send_all(request + request[:10])
-            await read_ok_response(client)
+            client, _ = await served_client(tunnel, extra=b"GET / HTTP")
             answer = await read_to_eof(client)
     assert answer.startswith(b"HTTP/1.1 408 ")
 
@@ -216,10 +222,7 @@ async def test_idle_keep_alive_connection_waits_idle_timeout_and_closes_silently
 ) -> None:
     with trio.fail_after(500):
         async with ok_tunnel(ServerConfig(head_timeout=5, idle_timeout=60)) as tunnel:
-            client = tunnel.open_client_stream()
-            request = f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode()
-            await client.send_all(request)
-            await read_ok_response(client)
+            client, request = await served_client(tunnel)
             await trio.sleep(30)  # longer than the head timeout, within the idle timeout
             await client.send_all(request)
             await read_ok_response(client)
@@ -350,12 +353,14 @@ class Visitor:
 
 
 @asynccontextmanager
-async def open_visitors(server: TunnelServer, count: int) -> AsyncIterator[list[Visitor]]:
-    """``count`` visitor connections, all closed on exit."""
+async def open_visitors(server: TunnelServer, count: int, url: str) -> AsyncIterator[list[Visitor]]:
+    """``count`` keep-alive visitor connections, each served one GET of ``url`` (so each
+    holds its slot for sure), all closed on exit."""
     visitors: list[Visitor] = []
     try:
         for _ in range(count):
             visitors.append(await Visitor.connect(server))
+            assert await visitors[-1].get(url) == (200, b"ok")
         yield visitors
     finally:
         for visitor in visitors:
@@ -407,20 +412,18 @@ async def test_partial_head_over_a_socket_is_answered_408(nursery: trio.Nursery)
 async def test_full_visitor_side_still_lets_agents_in(nursery: trio.Nursery) -> None:
     relay = await start_relay(nursery, max_visitor_connections=3, max_agent_connections=2)
     with trio.fail_after(20):
+        # Agents take no visitor slot: three visitors are served beside the agent.
         async with (
-            tunnel2.open_tunnel(relay.base_url, ok_app) as first_agent,
-            open_visitors(relay, 3) as visitors,
+            tunnel2.open_tunnel(relay.base_url, ok_app) as first,
+            open_visitors(relay, 3, first.public_url) as visitors,
         ):
-            # Agents take no visitor slot: three visitors are served beside the agent.
-            for visitor in visitors:
-                assert await visitor.get(first_agent.public_url) == (200, b"ok")
-            status, body = await fetch(relay, first_agent.public_url)
+            status, body = await fetch(relay, first.public_url)
             assert status == 503
             assert b"maximum of 3 visitor connections" in body
             # The visitor side is full, yet an agent connects and its session serves.
-            async with tunnel2.open_tunnel(relay.base_url, ok_app) as second_agent:
+            async with tunnel2.open_tunnel(relay.base_url, ok_app) as second:
                 await visitors[0].aclose()
-                assert await fetch_until_ok(relay, second_agent.public_url) == (200, b"ok")
+                assert await fetch_until_ok(relay, second.public_url) == (200, b"ok")
                 with pytest.raises(HandshakeError, match="503"):
                     async with tunnel2.open_tunnel(relay.base_url, ok_app):
                         pass  # a third agent: past max_agent_connections
@@ -431,13 +434,11 @@ async def test_one_address_may_hold_max_connections_per_ip_visitors(
 ) -> None:
     relay = await start_relay(nursery, max_connections_per_ip=2)
     with trio.fail_after(20):
+        # The agent also comes from 127.0.0.1, and is not counted once identified.
         async with (
             tunnel2.open_tunnel(relay.base_url, ok_app) as agent,
-            open_visitors(relay, 2) as visitors,
+            open_visitors(relay, 2, agent.public_url) as visitors,
         ):
-            # The agent also comes from 127.0.0.1, and is not counted once identified.
-            for visitor in visitors:
-                assert await visitor.get(agent.public_url) == (200, b"ok")
             # Answered at once; sending nothing, we are sure to read it before the close.
             answer = await read_from_fresh_connection(relay, b"")
             assert answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
