@@ -466,7 +466,7 @@ async def test_connection_and_stream_limits_answer_503() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    config = ServerConfig(max_connections=2, max_streams_per_agent=1)
+    config = ServerConfig(max_visitor_connections=2, max_streams_per_agent=1)
     async with tunnel_for(app, config) as tunnel:
         first = tunnel.open_client_stream()
         await first.send_all(f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
@@ -484,7 +484,7 @@ async def test_connection_and_stream_limits_answer_503() -> None:
     assert busy.status == 503
     assert "requests in flight" in busy.text
     assert refused.startswith(b"HTTP/1.1 503 ")
-    assert b"maximum of 2 connections" in refused
+    assert b"maximum of 2 visitor connections" in refused
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 

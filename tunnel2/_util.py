@@ -1,16 +1,17 @@
-"""Small helpers shared by the layers that own nurseries.
+"""Small helpers shared by the layers that own nurseries, and by the command lines.
 
 Layer: bottom. Imports trio only.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import trio
 
-__all__ = ["unwrap_lone_error"]
+__all__ = ["positive_float", "positive_int", "unwrap_lone_error"]
 
 
 @contextmanager
@@ -35,3 +36,25 @@ def _lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | Non
     if isinstance(errors[0], BaseExceptionGroup):
         return _lone_error(errors[0])
     return errors[0]
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from tunnel2 import __version__
-from tunnel2._util import unwrap_lone_error
+from tunnel2._util import positive_float, positive_int, unwrap_lone_error
 from tunnel2.access import AccessPolicy
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
@@ -97,10 +97,9 @@ def _state_dir(args: argparse.Namespace) -> str | None:
     return default
 
 
-def _server(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+def _server_config(args: argparse.Namespace) -> ServerConfig:
     tokens, token_file = _token_options(args)
-    config = ServerConfig(
+    return ServerConfig(
         host=args.host,
         port=args.port,
         domain=args.domain,
@@ -110,7 +109,13 @@ def _server(args: argparse.Namespace) -> int:
         state_dir=_state_dir(args),
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
+        **{field: getattr(args, field) for field, *_ in _FAIR_USE_OPTIONS},
     )
+
+
+def _server(args: argparse.Namespace) -> int:
+    _configure_logging(args.verbose)
+    config = _server_config(args)
     try:
         load_tokens(config)
     except (TokenError, OSError) as exc:
@@ -179,6 +184,33 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_ip_cap(text: str) -> int | None:
+    return None if text.strip() == "0" else positive_int(text)
+
+
+# `tunnel2 server` options for the ServerConfig fields they are named after (README, "Fair
+# use: limits for visitors and agents").
+_FAIR_USE_OPTIONS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
+    ("max_visitor_connections", positive_int, "N", "visitor connections at once, then 503"),
+    ("max_agent_connections", positive_int, "N", "agent connections at once, then 503"),
+    (
+        "max_connections_per_ip",
+        _per_ip_cap,
+        "N",
+        "connections from one address that are not agents, then 429; 0: no cap, behind a "
+        "reverse proxy",
+    ),
+    (
+        "head_timeout",
+        positive_float,
+        "SECONDS",
+        "for a request head from its first byte (a fresh connection's from accept), then 408",
+    ),
+    ("write_timeout", positive_float, "SECONDS", "for a write to a visitor that reads nothing"),
+    ("idle_timeout", positive_float, "SECONDS", "for a keep-alive connection's next request"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``tunnel2`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -219,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=30.0, help="seconds before 504 (default 30)"
     )
     server.add_argument("--max-body-size", type=int, help="largest request body in bytes (413)")
+    # --- fair use: limits for visitors and agents ---
+    defaults = ServerConfig()
+    for field, kind, metavar, text in _FAIR_USE_OPTIONS:
+        server.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, field),
+            metavar=metavar,
+            help=text + " (default %(default)s)",
+        )
     _add_verbosity(server)
     server.set_defaults(func=_server)
 

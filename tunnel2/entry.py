@@ -54,6 +54,7 @@ _REASONS: Final = {
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -70,6 +71,15 @@ _RESET_STATUS: Final = {
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CREDENTIAL_RE: Final = http.field_lines_re({CREDENTIAL_HEADER})
+
+# Which of the two connection pools a connection's slot is in (_Limits).
+_UNCOUNTED: Final = 0  # refused at accept
+_VISITOR: Final = 1  # a visitor slot: a visitor, or not identified yet
+_SPARE: Final = 2  # an agent slot taken while the visitor slots were full; not identified yet
+_AGENT: Final = 3  # an agent slot: an agent
+_NO_PEER: Final = b"unknown"  # what _peer_address says when it cannot tell
+# _Connection.write_started while a write is under way that no sweep of run_timeouts saw yet.
+_WRITE_BEGUN: Final = -math.inf
 
 
 def error_response(
@@ -108,20 +118,137 @@ class _ClientGone(Exception):
 class _Connection:
     """Per-connection state of the entry."""
 
-    __slots__ = ("buf", "client", "deadline", "gone", "peer", "timer", "waiting")
+    __slots__ = (
+        "buf",
+        "client",
+        "deadline",
+        "gone",
+        "in_head",
+        "peer",
+        "pool",
+        "timer",
+        "waiting",
+        "write_started",
+    )
 
     def __init__(self, client: trio.abc.Stream) -> None:
         self.client = client
         self.peer = _peer_address(client)
         self.buf = bytearray()
         # One scope per connection, cancelled by ProxyEntry.run_timeouts once `deadline`
-        # passes: the idle timeout while a head is awaited, the request timeout while a
-        # response head is, and infinite otherwise. (Moving a CancelScope's own deadline
-        # costs trio a heap update per change; this is a float store.)
+        # passes: the idle or head timeout while a head is awaited, the request timeout
+        # while a response head is, and infinite otherwise. (Moving a CancelScope's own
+        # deadline costs trio a heap update per change; this is a float store.)
         self.timer = trio.CancelScope()
         self.deadline = math.inf
+        self.in_head = False  # `deadline` is the head timeout (answered 408)
         self.gone = False  # run_timeouts saw the client close while we waited
         self.waiting: TunnelStream | None = None
+        self.pool = _UNCOUNTED
+        # When the write to the client under way began, as run_timeouts first saw it
+        # (_WRITE_BEGUN until it has); infinite while no write is under way.
+        self.write_started = math.inf
+
+    async def send(self, data: bytes | bytearray) -> None:
+        """Send to the client, within the write timeout (ProxyEntry.run_timeouts): two float
+        stores, no clock read and no cancel scope per write."""
+        self.write_started = _WRITE_BEGUN
+        await self.client.send_all(data)
+        self.write_started = math.inf
+
+
+@final
+class _Limits:
+    """Connection counts against the relay's caps: plain synchronous bookkeeping, asked at
+    accept and once a connection's first head tells an agent from a visitor.
+
+    Limits for visitors never lock agents out (DESIGN.md, Trust). Two pools bound every
+    connection: visitor slots hold visitors and connections not identified yet; agent slots
+    hold agents, and the connections accepted while the visitor slots were full (spares:
+    their first head decides). A spare that turns out a visitor takes a visitor slot if one
+    is free by then, else it gets 503. So at most both caps together are ever open, and a
+    relay whose visitor side is full still lets agents in. One peer address may hold
+    ``max_connections_per_ip`` connections that are not agents; past it a new connection
+    gets 429 before anything is read (an agent there re-dials with its backoff). Streams
+    whose peer address is unknown (in memory) are not counted per address.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.max_visitors = config.max_visitor_connections
+        self.max_agents = config.max_agent_connections
+        self.max_per_peer = config.max_connections_per_ip
+        self.visitors = 0  # connections in visitor slots
+        self.agents = 0  # connections in agent slots (agents and spares)
+        self.by_peer: dict[bytes, int] = {}  # connections that are not agents, per address
+
+    def admit(self, conn: _Connection) -> bytes | None:
+        """Give a new connection a slot, or return the answer that refuses it."""
+        peer = conn.peer
+        limit = self.max_per_peer if peer != _NO_PEER else None
+        if limit is not None and self.by_peer.get(peer, 0) >= limit:
+            message = (
+                f"{limit} connections from {peer.decode()} are open, the most one address may have"
+            )
+            return error_response(429, message, close=True)
+        if self.visitors < self.max_visitors:
+            self.visitors += 1
+            conn.pool = _VISITOR
+        elif self.agents < self.max_agents:
+            self.agents += 1
+            conn.pool = _SPARE
+        else:
+            message = (
+                f"the relay is serving its maximum of {self.max_visitors} visitor and "
+                f"{self.max_agents} agent connections"
+            )
+            return error_response(503, message, close=True)
+        if limit is not None:
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        return None
+
+    def seat_visitor(self, conn: _Connection) -> bytes | None:
+        """A spare sent a visitor's request: move it to a visitor slot, or return the 503."""
+        if self.visitors >= self.max_visitors:
+            message = f"the relay is serving its maximum of {self.max_visitors} visitor connections"
+            return error_response(503, message, close=True)
+        self.agents -= 1
+        self.visitors += 1
+        conn.pool = _VISITOR
+        return None
+
+    def seat_agent(self, conn: _Connection) -> bytes | None:
+        """A connection asked to be an agent: give it an agent slot, or return the 503."""
+        if conn.pool == _VISITOR:
+            if self.agents >= self.max_agents:
+                message = f"the relay is serving its maximum of {self.max_agents} agents"
+                return error_response(503, message, close=True)
+            self.visitors -= 1
+            self.agents += 1
+        self._forget_peer(conn)
+        conn.pool = _AGENT
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        """Free the slot of a connection that closed."""
+        pool = conn.pool
+        conn.pool = _UNCOUNTED
+        if pool == _VISITOR:
+            self.visitors -= 1
+        elif pool == _UNCOUNTED:
+            return
+        else:
+            self.agents -= 1
+        if pool != _AGENT:
+            self._forget_peer(conn)
+
+    def _forget_peer(self, conn: _Connection) -> None:
+        peer = conn.peer
+        if self.max_per_peer is not None and peer != _NO_PEER:
+            left = self.by_peer[peer] - 1
+            if left:
+                self.by_peer[peer] = left
+            else:
+                del self.by_peer[peer]
 
 
 class _PrefixedStream(trio.abc.Stream):
@@ -167,8 +294,13 @@ class ProxyEntry:
         self.config = server.config
         self._proto = server.base_url.partition("://")[0].encode() or b"http"
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
+        # Connections that are not agents (run_timeouts sweeps them).
         self._connections: set[_Connection] = set()
         self._host = server.base_url.partition("://")[2].encode()
+        self._limits = _Limits(self.config)
+        self._head_timeout_answer = error_response(
+            408, f"the request head did not arrive within {self.config.head_timeout:g}s", close=True
+        )
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -176,29 +308,26 @@ class ProxyEntry:
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one public connection until it closes; closes ``stream`` before returning.
 
-        Requests on the agents' path with a WebSocket upgrade are handed to the server.
+        Requests on the agents' path with a WebSocket upgrade are handed to the server. A
+        connection past the visitor, agent or per-address caps is answered 503 or 429 and
+        closed (:class:`_Limits`).
         """
         if isinstance(stream, trio.SocketStream):
             stream = FastSocketStream.from_trio(stream)
         conn = _Connection(stream)
+        refusal = self._limits.admit(conn)
         self._connections.add(conn)
         try:
-            if len(self._connections) > self.config.max_connections:
-                message = (
-                    f"the relay is serving its maximum of {self.config.max_connections} connections"
-                )
-                await stream.send_all(error_response(503, message, close=True))
-                return
             with conn.timer:
+                if refusal is not None:
+                    await conn.send(refusal)
+                    return
+                # A fresh connection's first head is due within the head timeout from
+                # accept (nginx's client_header_timeout), not the longer idle timeout.
+                self._arm_head_timeout(conn)
                 await self._serve(conn)
-            if conn.timer.cancelled_caught and conn.waiting is not None and conn.gone:
-                conn.waiting.reset(ErrorCode.CANCEL, "the client went away")
-            elif conn.timer.cancelled_caught and conn.waiting is not None:
-                # The request timeout fired while we waited for the response head.
-                conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
-                message = f"no response from the tunnel within {self.config.request_timeout:g}s"
-                with trio.move_on_after(5):
-                    await stream.send_all(error_response(504, message, close=True))
+            if conn.timer.cancelled_caught:
+                await self._timed_out(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
         except Exception:
@@ -206,29 +335,66 @@ class ProxyEntry:
             logger.exception("entry connection failed unexpectedly")
         finally:
             self._connections.discard(conn)
+            self._limits.release(conn)
             await trio.aclose_forcefully(stream)
+
+    async def _timed_out(self, conn: _Connection) -> None:
+        """Finish a connection whose timer run_timeouts cancelled, as the cause demands."""
+        config = self.config
+        if conn.waiting is not None and conn.gone:
+            conn.waiting.reset(ErrorCode.CANCEL, "the client went away")
+        elif conn.waiting is not None:
+            # The request timeout fired while we waited for the response head.
+            conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
+            message = f"no response from the tunnel within {config.request_timeout:g}s"
+            await self._send_last(conn, error_response(504, message, close=True))
+        elif conn.write_started != math.inf:
+            # The client read nothing for write_timeout; the stream it was fed from is
+            # reset by now (_proxy's finally), which frees the agent's worker.
+            logger.debug("entry: %s read nothing for %gs", conn.peer, config.write_timeout)
+        elif conn.in_head:
+            await self._send_last(conn, self._head_timeout_answer)
+        # else the idle timeout: the connection closes without an answer.
+
+    async def _send_last(self, conn: _Connection, data: bytes) -> None:
+        """Send a connection's final answer, within the write timeout."""
+        with trio.move_on_after(self.config.write_timeout):
+            await conn.client.send_all(data)
+
+    def _arm_head_timeout(self, conn: _Connection) -> None:
+        conn.deadline = trio.current_time() + self.config.head_timeout
+        conn.in_head = True
 
     @property
     def connections(self) -> int:
-        """Public connections open now."""
+        """Public connections open now that are not agents (visitors, and connections
+        whose first head is not read yet)."""
         return len(self._connections)
 
     async def run_timeouts(self) -> NoReturn:
-        """Enforce the idle and request timeouts of every connection, and notice clients
-        that close while they wait for a response head (their stream is reset, so the agent
-        stops working for nobody); runs until cancelled.
+        """Enforce the idle, head, request and write timeouts of every connection that is
+        not an agent, and notice clients that close while they wait for a response head
+        (their stream is reset, so the agent stops working for nobody); runs until cancelled.
 
         :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Timeouts fire up
-        to a twentieth of their length late (at most 0.5 s), as does the notice.
+        to a twentieth of their length late (at most 0.5 s), as does the notice; the write
+        timeout up to a tenth (at most 1 s), as a write is first seen by a sweep.
         """
         config = self.config
-        tick = max(0.01, min(0.5, config.request_timeout / 20, config.idle_timeout / 20))
+        write_timeout = config.write_timeout
+        timeouts = (config.request_timeout, config.idle_timeout, config.head_timeout)
+        tick = max(0.01, min(0.5, write_timeout / 20, *(t / 20 for t in timeouts)))
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
             for conn in self._connections:
                 if conn.deadline <= now:
                     conn.timer.cancel()
+                elif conn.write_started != math.inf:
+                    if conn.write_started == _WRITE_BEGUN:
+                        conn.write_started = now
+                    elif conn.write_started + write_timeout <= now:
+                        conn.timer.cancel()
                 elif (
                     conn.waiting is not None
                     and isinstance(conn.client, FastSocketStream)
@@ -238,25 +404,37 @@ class ProxyEntry:
                     conn.timer.cancel()
 
     async def _read_head(self, conn: _Connection) -> int:
-        """Read until ``conn.buf`` holds a whole head, within the idle timeout and the size
-        limit; return its end, or -1 if the client closed or was answered 431."""
+        """Read until ``conn.buf`` holds a whole head, within the size limit; return its end,
+        or -1 if the client closed or was answered 431.
+
+        Until a keep-alive request's first byte the idle timeout runs, from there to the
+        head's end the head timeout (a slowloris trickling bytes is cut); a fresh
+        connection's head timeout runs from accept (handle_connection arms it).
+        """
         config = self.config
         client, buf = conn.client, conn.buf
         end = http.find_head_end(buf) if buf else -1
         if end >= 0:
             return end
-        conn.deadline = trio.current_time() + config.idle_timeout
+        if buf:
+            self._arm_head_timeout(conn)  # part of a pipelined head is in
+        elif not conn.in_head:
+            conn.deadline = trio.current_time() + config.idle_timeout
         while end < 0:
             if len(buf) > config.max_head_size:
                 message = f"request head is over {config.max_head_size} bytes"
-                await client.send_all(error_response(431, message, close=True))
+                await conn.send(error_response(431, message, close=True))
                 return -1
             data = await client.receive_some(_RECEIVE_SIZE)
             if not data:
                 return -1
             buf += data
             end = http.find_head_end(buf, max(0, len(buf) - len(data) - 3))
+            if end < 0 and not conn.in_head:
+                self._arm_head_timeout(conn)  # the first bytes of a head, and not all of it
         conn.deadline = math.inf
+        if conn.in_head:
+            conn.in_head = False
         return end
 
     async def _serve(self, conn: _Connection) -> None:
@@ -267,7 +445,7 @@ class ProxyEntry:
             try:
                 end = await self._read_head(conn)
             except ProtocolError as exc:
-                await client.send_all(error_response(exc.status_hint, str(exc), close=True))
+                await conn.send(error_response(exc.status_hint, str(exc), close=True))
                 return
             if end < 0:
                 return  # the client closed, or its head was too large (answered 431)
@@ -276,24 +454,35 @@ class ProxyEntry:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)
             except ProtocolError as exc:
-                await client.send_all(error_response(exc.status_hint, str(exc), close=True))
+                await conn.send(error_response(exc.status_hint, str(exc), close=True))
                 return
             if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"
             ):
+                refusal = self._limits.seat_agent(conn)
+                if refusal is not None:
+                    await conn.send(refusal)
+                    return
+                self._connections.discard(conn)  # agents have no entry timeouts
                 agent = _PrefixedStream(client, bytes(buf)) if buf else client
                 await self.server.handle_websocket(agent, head)
                 return
+            if conn.pool == _SPARE:  # accepted while the visitor slots were full
+                refusal = self._limits.seat_visitor(conn)
+                if refusal is not None:
+                    await conn.send(refusal)
+                    return
             # Counted in flight until the response is out, so a draining relay waits for it.
             self.server.request_started()
             try:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
                 # Nothing of a response went out yet; the request body may be unread.
-                response = error_response(
-                    answer.status, answer.message, close=True, headers=answer.headers
+                await conn.send(
+                    error_response(
+                        answer.status, answer.message, close=True, headers=answer.headers
+                    )
                 )
-                await client.send_all(response)
                 return
             finally:
                 self.server.request_finished()
@@ -418,7 +607,7 @@ class ProxyEntry:
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
         if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
-            await conn.client.send_all(_CONTINUE)
+            await conn.send(_CONTINUE)
         try:
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
@@ -427,11 +616,11 @@ class ProxyEntry:
                     await self._splice(conn, response_head, stream)
                     return False
                 stream.send_end()
-                return await self._respond(conn.client, request, response_head, stream)
+                return await self._respond(conn, request, response_head, stream)
             if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
                 stream.send_end()
                 response_head = await self._wait_response(conn, stream)
-                return await self._respond(conn.client, request, response_head, stream)
+                return await self._respond(conn, request, response_head, stream)
             return await self._exchange(conn, request, framing, length, stream)
         except StreamReset as exc:
             status = _RESET_STATUS.get(exc.code, 502)
@@ -473,7 +662,7 @@ class ProxyEntry:
             nursery.start_soon(pump.run)
             try:
                 response_head = await self._wait_response(conn, stream)
-                result = await self._respond(conn.client, request, response_head, stream)
+                result = await self._respond(conn, request, response_head, stream)
             except (StreamReset, UplinkClosed, _ClientGone, ProtocolError) as exc:
                 result = pump.error or exc
             nursery.cancel_scope.cancel()
@@ -483,7 +672,7 @@ class ProxyEntry:
 
     async def _respond(
         self,
-        client: trio.abc.Stream,
+        conn: _Connection,
         request: http.RequestHead,
         response_head: bytes,
         stream: TunnelStream,
@@ -524,7 +713,7 @@ class ProxyEntry:
                 except trio.WouldBlock:
                     if pending:
                         # Send what we have: the head and a small body go out in one write.
-                        await client.send_all(b"".join(parts))
+                        await conn.send(b"".join(parts))
                         parts = []
                         pending = 0
                     data = await stream.receive_data()
@@ -537,12 +726,12 @@ class ProxyEntry:
                 parts.append(http.encode_chunk(data) if chunked else data)
                 pending += len(data)
                 if pending >= _RECEIVE_SIZE:  # a large body goes out in ~64 KiB writes
-                    await client.send_all(b"".join(parts))
+                    await conn.send(b"".join(parts))
                     parts = []
                     pending = 0
             if chunked:
                 parts.append(http.LAST_CHUNK)
-            await client.send_all(b"".join(parts))
+            await conn.send(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset(ErrorCode.CANCEL, "client went away")
             raise _ClientGone() from None
@@ -559,7 +748,7 @@ class ProxyEntry:
         """After a 101 answer: carry raw bytes both ways until either side is done."""
         http.parse_response_head(response_head)  # validated before it reaches the client
         client = conn.client
-        await client.send_all(response_head)
+        await conn.send(response_head)
 
         async def upstream() -> None:
             try:
@@ -576,7 +765,7 @@ class ProxyEntry:
             nursery.start_soon(upstream)
             try:
                 while data := await stream.receive_data():
-                    await client.send_all(data)
+                    await conn.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
                 pass
             nursery.cancel_scope.cancel()

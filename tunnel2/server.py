@@ -75,10 +75,10 @@ class ServerConfig:
         grace_period: seconds a session is held for its agent to re-dial.
         handshake_timeout: seconds an agent has to send HELLO.
         request_timeout: seconds the entry waits for a response head before 504.
-        idle_timeout: seconds an idle public keep-alive connection is kept.
+        idle_timeout: seconds a public keep-alive connection may wait for the first byte of
+            its next request (then it is closed without an answer).
         max_head_size: largest request head (431 past it).
         max_body_size: largest request body in bytes (413 past it); ``None`` for no limit.
-        max_connections: public connections served at once; past it new ones get 503.
         max_streams_per_agent: requests in flight per agent connection; past it 503.
         max_frame_size: the frame size limit offered to agents.
         initial_window: per-stream credit.
@@ -90,6 +90,19 @@ class ServerConfig:
         state_dir: a directory for what must survive a restart: the relay's secret (so
             random sessions can be resumed) and the owners of fixed session ids. ``None``:
             a fresh secret per process, owners kept in memory.
+        max_visitor_connections: visitor connections served at once, counting those whose
+            first request head is not read yet; past it a visitor gets 503 (an agent still
+            connects: see ``max_agent_connections``).
+        max_agent_connections: agent connections at once; past it an agent gets 503. Their
+            slots also take connections accepted while the visitor side is full, until
+            their first head tells whether they are agents.
+        max_connections_per_ip: connections that are not agents from one TCP peer address;
+            past it new ones get 429 at once. ``None`` for no cap (behind a reverse proxy,
+            where every visitor has the proxy's address).
+        head_timeout: seconds from the first byte of a request head to its end, and from
+            accept to the end of a connection's first head; past it 408 and close.
+        write_timeout: seconds a write to a visitor may go without completing (the visitor
+            reads nothing); past it the connection is closed and its stream reset.
     """
 
     host: str = "127.0.0.1"
@@ -103,7 +116,6 @@ class ServerConfig:
     idle_timeout: float = 75.0
     max_head_size: int = 65536
     max_body_size: int | None = None
-    max_connections: int = 10000
     max_streams_per_agent: int = 4096
     max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
     initial_window: int = 256 * 1024
@@ -112,6 +124,14 @@ class ServerConfig:
     drain_timeout: float = 10.0
     token_file: str | None = None
     state_dir: str | None = None
+    max_visitor_connections: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    max_agent_connections: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
+    max_connections_per_ip: int | None = attrs.field(
+        default=256,
+        validator=attrs.validators.optional(attrs.validators.ge(1)),  # type: ignore[arg-type]
+    )
+    head_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    write_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
 
 
 class _Refusal(Exception):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
+from tunnel2._util import positive_float, positive_int
 from tunnel2.loadtest.backend import BackendConfig, serve_backend
 from tunnel2.loadtest.loadgen import LoadConfig, Progress, run_load
 from tunnel2.loadtest.profiles import PROFILES, parse_stages, profile_stages, total_requests
@@ -58,30 +59,10 @@ def _stages(text: str) -> str:
     return text
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
 def _percent(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value > 100:
         raise argparse.ArgumentTypeError(f"{text!r} is over 100 %")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
 
 
@@ -103,7 +84,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     backend.add_argument(
         "--max-body-size",
-        type=_positive_int,
+        type=positive_int,
         default=BackendConfig().max_body_size,
         metavar="BYTES",
         help="largest request body accepted, 413 above (64 MiB)",
@@ -149,14 +130,14 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     load.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         metavar="SECONDS",
         help="from scheduled send time to complete answer (10)",
     )
     load.add_argument(
         "--connections",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="connection pool size = most requests in flight (100)",
@@ -167,7 +148,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     load.add_argument(
         "--watch-pid",
-        type=_positive_int,
+        type=positive_int,
         action="append",
         default=[],
         metavar="PID",
@@ -175,7 +156,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     load.add_argument(
         "--max-p99-ms",
-        type=_positive_float,
+        type=positive_float,
         default=default.max_p99_ms,
         metavar="MS",
         help=f"fail if overall p99 latency is above this ({default.max_p99_ms:g})",
@@ -189,7 +170,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     load.add_argument(
         "--max-mean-ms",
-        type=_positive_float,
+        type=positive_float,
         default=default.max_mean_ms,
         metavar="MS",
         help=f"fail if the mean latency is above this ({default.max_mean_ms:g})",
