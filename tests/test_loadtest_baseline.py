@@ -20,7 +20,7 @@ from tunnel2.loadtest.baseline import (
     BASELINE_VERSION,
     BaselineError,
     check_baseline,
-    check_stages,
+    check_comparable,
     load_baseline,
     machine_info,
     make_baseline,
@@ -318,7 +318,7 @@ def test_single_stage_compares_overall() -> None:
 )
 def test_stages_must_match_in_count_and_rate(stages: tuple[Stage, ...]) -> None:
     with pytest.raises(BaselineError) as info:
-        check_stages(saved(), stages, source="base.json")
+        check_comparable(saved(), stages, source="base.json")
     assert str(info.value).startswith("stages differ from baseline base.json: it has 2 (50x5,")
     assert "run with --stages 50x5,100x5, or save a new baseline with --save-baseline" in str(
         info.value
@@ -337,7 +337,7 @@ def test_differences_that_only_warn() -> None:
         ),
         connections=10,
     )
-    check_stages(saved(), (Stage(50, 2), Stage(100, 5)))  # durations may differ
+    check_comparable(saved(), (Stage(50, 2), Stage(100, 5)))  # durations may differ
     elsewhere = attrs.evolve(MACHINE, hostname="ci-2", cpu_model="Intel Xeon", cpu_count=4)
     result = check_baseline(run, saved(), Tolerances(), machine=elsewhere)
     assert result.regressions == ()
@@ -396,3 +396,87 @@ def test_passing_html_says_so() -> None:
     )
     assert report.passed
     assert "every threshold met, no regression against the baseline." in render_html(report)
+
+
+# --- ratios to the direct run (--baseline-ratios) ---------------------------------------------
+
+
+def direct_run(p99: float, throughput: float = 100.0) -> RunReport:
+    """A --compare run of 50x5,100x5 whose stage 2 has ``p99`` and ``throughput``."""
+    return run_report(
+        "http://direct/",
+        stages=(
+            stage("stage 1", 50.0, latency=latency(mean=1.0, p50=1.0, p99=10.0)),
+            stage(
+                "stage 2",
+                100.0,
+                throughput_rps=throughput,
+                latency=latency(mean=1.0, p50=1.0, p99=p99),
+            ),
+        ),
+        overall=summary(throughput_rps=75.0, latency=latency(mean=1.0, p50=1.0, p99=10.0)),
+    )
+
+
+def with_direct(direct: RunReport) -> Baseline:
+    report = build_report(two_stage_run(), direct, Thresholds())
+    return make_baseline(report, machine=MACHINE, now=NOW)
+
+
+def ratio_check(run: RunReport, direct: RunReport) -> list[str]:
+    report = build_report(run, direct, Thresholds())
+    baseline = with_direct(direct_run(p99=10.0))
+    checked = with_baseline(report, baseline, Tolerances(), ratios=True, machine=MACHINE)
+    assert checked.baseline is not None
+    assert checked.baseline.scaled
+    return [r.message for r in checked.baseline.regressions]
+
+
+def test_ratios_cancel_a_slower_machine() -> None:
+    # Today everything is twice as slow: the tunnel's p99 30 -> 60 ms, the direct 10 -> 20 ms,
+    # and the direct throughput fell by half as much as the tunnel's.
+    slow = two_stage_run(stage2={"throughput_rps": 50.0, "latency": latency(p99=60.0)})
+    assert len(check(slow, with_direct(direct_run(p99=10.0)))) == 2  # absolute: regressed
+    assert ratio_check(slow, direct_run(p99=20.0, throughput=50.0)) == []
+
+
+def test_ratios_find_a_slower_tunnel() -> None:
+    # The direct run is as fast as with the baseline; only the tunnel got slower.
+    slow = two_stage_run(stage2={"latency": latency(p99=60.0)})
+    assert ratio_check(slow, direct_run(p99=10.0)) == [
+        "stage 2 (100 rps) p99: baseline 30.00 ms, now 60.00 ms, +100.0 % "
+        "(tolerance +20 % and +1 ms)"
+    ]
+    # A direct run 1.5x slower explains 45 ms of it; the other 15 ms (+33 %) regressed.
+    assert ratio_check(slow, direct_run(p99=15.0)) == [
+        "stage 2 (100 rps) p99: baseline 45.00 ms, now 60.00 ms, +33.3 % "
+        "(tolerance +20 % and +1 ms)"
+    ]
+    report = build_report(slow, direct_run(p99=15.0), Thresholds())
+    checked = with_baseline(report, with_direct(direct_run(p99=10.0)), Tolerances(), ratios=True)
+    assert "against the baseline (URL now vs baseline scaled by --compare;" in render_text(checked)
+    assert "<th>baseline scaled by --compare</th>" in render_html(checked)
+
+
+def test_ratios_without_a_direct_latency_compare_nothing() -> None:
+    no_answers = attrs.evolve(
+        direct_run(p99=10.0),
+        stages=(direct_run(p99=10.0).stages[0], stage("stage 2", 100.0, latency=None)),
+    )
+    slow = two_stage_run(stage2={"latency": latency(p99=60.0)})
+    assert ratio_check(slow, no_answers) == []
+
+
+def test_ratios_need_a_direct_run_on_both_sides() -> None:
+    report = build_report(two_stage_run(), None, Thresholds())
+    with pytest.raises(BaselineError, match=r"^comparing ratios with a baseline needs a --compare"):
+        with_baseline(report, with_direct(direct_run(p99=10.0)), Tolerances(), ratios=True)
+    report = build_report(two_stage_run(), direct_run(p99=10.0), Thresholds())
+    with pytest.raises(
+        BaselineError,
+        match=r"^baseline base\.json has no --compare run to take ratios from; save it with "
+        r"--compare URL2 --save-baseline$",
+    ):
+        with_baseline(report, saved(), Tolerances(), ratios=True, source="base.json")
+    # Without ratios the direct runs are not used.
+    assert with_baseline(report, saved(), Tolerances(), machine=MACHINE).passed

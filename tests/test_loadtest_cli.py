@@ -251,9 +251,30 @@ def test_loadtest_baseline_save_then_compare(backend: BackendProcess, tmp_path: 
     )
 
 
+def test_loadtest_baseline_ratios(backend: BackendProcess, tmp_path: Path) -> None:
+    url, direct = f"{backend.url}/loadtest/ping", f"{backend.url}/loadtest/ping?direct"
+    base = tmp_path / "base.json"
+    common = ["--stages", "50x1", "--quiet", "--no-thresholds", "--compare", direct]
+    result = run_cli("loadtest", url, *common, "--save-baseline", str(base))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(base.read_text())["compare"]["url"] == direct
+    result = run_cli(
+        "loadtest", url, *common, "--baseline", str(base), "--baseline-ratios", *GENEROUS,
+        "--min-latency-delta-ms", "5000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "against the baseline (URL now vs baseline scaled by --compare;" in result.stdout
+    assert "PASS: no regression" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("content", "args", "message"),
     [
+        (
+            "saved",
+            ["--stages", "20x1", "--compare", "http://127.0.0.1:1/", "--baseline-ratios"],
+            "baseline {base} has no --compare run to take ratios from",
+        ),
         (None, [], "cannot read baseline {base}: No such file or directory"),
         ("{", [], "baseline {base} is not JSON"),
         ('{"tunnel2_baseline": 2}', [], "baseline {base} has version 2"),
@@ -289,6 +310,11 @@ def test_loadtest_unusable_baseline(
         (["--min-latency-delta-ms", "2"], "--min-latency-delta-ms needs --baseline FILE"),
         (["--max-regression", "p98=1"], "unknown figure 'p98'"),
         (["--min-latency-delta-ms", "-1"], "'-1' must be 0 or more"),
+        (["--baseline-ratios"], "--baseline-ratios needs --baseline FILE"),
+        (
+            ["--baseline-ratios", "--baseline", "base.json"],
+            "--baseline-ratios needs --compare URL2 (the direct run)",
+        ),
     ],
 )
 def test_loadtest_baseline_bad_arguments(args: list[str], message: str) -> None:

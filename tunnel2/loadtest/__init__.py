@@ -22,7 +22,7 @@ from tunnel2.loadtest.backend import (
 from tunnel2.loadtest.baseline import (
     BaselineError,
     check_baseline,
-    check_stages,
+    check_comparable,
     load_baseline,
     machine_info,
     make_baseline,
@@ -96,7 +96,7 @@ __all__ = [
     "TimelinePoint",
     "Tolerances",
     "check_baseline",
-    "check_stages",
+    "check_comparable",
     "load_baseline",
     "machine_info",
     "make_baseline",

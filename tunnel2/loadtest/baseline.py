@@ -43,6 +43,7 @@ from tunnel2.loadtest.report import (
     MachineInfo,
     Regression,
     RunReport,
+    Summary,
     Tolerances,
     _fmt_metric,  # the comparison table's number format: a regression line reads the same
     compare_runs,
@@ -54,7 +55,7 @@ __all__ = [
     "FIGURES",
     "BaselineError",
     "check_baseline",
-    "check_stages",
+    "check_comparable",
     "load_baseline",
     "machine_info",
     "make_baseline",
@@ -287,14 +288,16 @@ def _stages_of(run: RunReport) -> tuple[Stage, ...]:
     return tuple(Stage(s.target_rps, s.duration_s) for s in run.stages)
 
 
-def check_stages(baseline: Baseline, stages: Sequence[Stage], *, source: str = "") -> None:
-    """Check that a run of ``stages`` can be compared with ``baseline``: same count and rates.
-
-    Durations may differ (see :func:`check_baseline`'s warnings).
+def check_comparable(
+    baseline: Baseline, stages: Sequence[Stage], *, ratios: bool = False, source: str = ""
+) -> None:
+    """Check that a run of ``stages`` can be compared with ``baseline``: same count and rates
+    (durations may differ: :func:`check_baseline` warns), and with ``ratios`` that the
+    baseline holds a ``--compare`` run to take ratios from.
 
     Raises:
-        BaselineError: the count or a rate differs; the message gives both plans and the
-            ``--stages`` that would match.
+        BaselineError: the count or a rate differs (the message gives both plans and the
+            ``--stages`` that would match), or ``ratios`` and the baseline has no direct run.
     """
     saved = _stages_of(baseline.run)
     same = len(saved) == len(stages) and all(
@@ -306,6 +309,45 @@ def check_stages(baseline: Baseline, stages: Sequence[Stage], *, source: str = "
             f"({_plan(saved)}), this run {len(stages)} ({_plan(stages)}); run with "
             f"--stages {_plan(saved)}, or save a new baseline with --save-baseline"
         )
+    if ratios and baseline.compare is None:
+        raise BaselineError(
+            f"baseline {source or 'file'} has no --compare run to take ratios from; save it "
+            "with --compare URL2 --save-baseline"
+        )
+
+
+_LATENCY_FIELDS: Final = ("mean_ms", "p50_ms", "p75_ms", "p95_ms", "p99_ms", "max_ms")
+
+
+def _scaled_summary(saved: Summary, now: Summary, then: Summary) -> Summary:
+    """``saved`` with throughput and each latency times ``now / then`` (the direct runs);
+    latency ``None`` (nothing to compare) where the direct runs have no latency to scale by."""
+    latency = None
+    sl, nl, tl = saved.latency, now.latency, then.latency
+    if sl and nl and tl and all(getattr(tl, name) > 0 for name in _LATENCY_FIELDS):
+        latency = attrs.evolve(
+            sl,
+            **{
+                name: getattr(sl, name) * getattr(nl, name) / getattr(tl, name)
+                for name in _LATENCY_FIELDS
+            },
+        )
+    throughput = 0.0
+    if then.throughput_rps > 0:
+        throughput = saved.throughput_rps * now.throughput_rps / then.throughput_rps
+    return attrs.evolve(saved, throughput_rps=throughput, latency=latency)
+
+
+def _scaled(saved: RunReport, then: RunReport, now: RunReport) -> RunReport:
+    """The baseline run as it would measure today: each stage's figures times how much faster
+    or slower the direct run is now (``now``) than with the baseline (``then``)."""
+    stages = tuple(
+        _scaled_summary(s, n, t)
+        for s, n, t in zip(saved.stages, now.stages, then.stages, strict=True)
+    )
+    return attrs.evolve(
+        saved, stages=stages, overall=_scaled_summary(saved.overall, now.overall, then.overall)
+    )
 
 
 def _warnings(run: RunReport, baseline: Baseline, machine: MachineInfo) -> list[str]:
@@ -387,6 +429,7 @@ def check_baseline(
     baseline: Baseline,
     tolerances: Tolerances,
     *,
+    direct: RunReport | None = None,
     source: str = "",
     machine: MachineInfo | None = None,
 ) -> BaselineCheck:
@@ -396,15 +439,24 @@ def check_baseline(
         run: the new run (against URL).
         baseline: the saved one.
         tolerances: how far each figure may move the wrong way.
+        direct: this invocation's ``--compare`` run. If given, the baseline's throughput and
+            latencies are first scaled by ``direct / baseline.compare``, figure by figure and
+            stage by stage, so that what is compared is each figure's ratio to the direct run
+            (a machine twice as slow today slows both, and cancels out). Success rates are
+            compared as they are.
         source: where the baseline came from, for messages (its path).
         machine: this machine; :func:`machine_info` if ``None``. A baseline from a machine
             that differs in OS, architecture, CPU or Python gets a warning, not a failure.
 
     Raises:
-        BaselineError: the stages differ in count or rate (:func:`check_stages`).
+        BaselineError: the stages differ in count or rate, or ``direct`` is given and the
+            baseline has no ``--compare`` run (:func:`check_comparable`).
     """
-    check_stages(baseline, _stages_of(run), source=source)
-    rows = compare_runs(run, baseline.run)
+    check_comparable(baseline, _stages_of(run), ratios=direct is not None, source=source)
+    reference = baseline.run
+    if direct is not None and baseline.compare is not None:
+        reference = _scaled(baseline.run, baseline.compare, direct)
+    rows = compare_runs(run, reference)
     by_metric = {metric: figure for figure, metric in FIGURES.items()}
     regressions = [
         r for row in rows if (r := _regression(row, by_metric[row.metric], tolerances)) is not None
@@ -416,6 +468,7 @@ def check_baseline(
         comparison=rows,
         regressions=tuple(regressions),
         warnings=tuple(_warnings(run, baseline, machine or machine_info())),
+        scaled=direct is not None,
     )
 
 
@@ -424,14 +477,30 @@ def with_baseline(
     baseline: Baseline,
     tolerances: Tolerances,
     *,
+    ratios: bool = False,
     source: str = "",
     machine: MachineInfo | None = None,
 ) -> LoadReport:
     """Return ``report`` with its run checked against ``baseline`` (:func:`check_baseline`);
     ``passed`` is then false if a figure regressed.
 
+    Args:
+        report: the load test.
+        baseline: the saved one.
+        tolerances: how far each figure may move the wrong way.
+        ratios: compare ratios to the direct run (``report.compare``, the ``--compare`` run)
+            rather than absolute figures (``--baseline-ratios``).
+        source: where the baseline came from, for messages (its path).
+        machine: this machine; :func:`machine_info` if ``None``.
+
     Raises:
-        BaselineError: the stages differ in count or rate.
+        BaselineError: the stages differ in count or rate; ``ratios`` and the report or the
+            baseline has no ``--compare`` run.
     """
-    check = check_baseline(report.run, baseline, tolerances, source=source, machine=machine)
+    if ratios and report.compare is None:
+        raise BaselineError("comparing ratios with a baseline needs a --compare run")
+    direct = report.compare if ratios else None
+    check = check_baseline(
+        report.run, baseline, tolerances, direct=direct, source=source, machine=machine
+    )
     return attrs.evolve(report, baseline=check)

@@ -22,7 +22,7 @@ import trio
 
 from tunnel2.loadtest.backend import BackendConfig, serve_backend
 from tunnel2.loadtest.baseline import (
-    check_stages,
+    check_comparable,
     load_baseline,
     make_baseline,
     parse_tolerances,
@@ -267,6 +267,12 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         help=f"a latency figure regresses only if it also rose by more than this "
         f"({tolerances.min_latency_delta_ms:g})",
     )
+    load.add_argument(
+        "--baseline-ratios",
+        action="store_true",
+        help="with --compare, and a baseline saved with --compare: compare each figure's "
+        "ratio to the direct run rather than its value (machine speed cancels out)",
+    )
     load.add_argument("--quiet", "-q", action="store_true", help="no live progress")
     load.add_argument(
         "--log-level", type=_log_level, default=logging.WARNING, help="warning (default), info"
@@ -388,17 +394,22 @@ def _load_baseline(
         for flag, value in (
             ("--max-regression", args.max_regression),
             ("--min-latency-delta-ms", args.min_latency_delta_ms),
+            ("--baseline-ratios", args.baseline_ratios or None),
         ):
             if value not in (None, []):
                 raise ValueError(f"{flag} needs --baseline FILE")
         return None
+    if args.baseline_ratios and config.compare_url is None:
+        raise ValueError("--baseline-ratios needs --compare URL2 (the direct run)")
     delta = args.min_latency_delta_ms
     tolerances = parse_tolerances(
         args.max_regression,
         min_latency_delta_ms=Tolerances().min_latency_delta_ms if delta is None else delta,
     )
     baseline = load_baseline(args.baseline)
-    check_stages(baseline, config.stages, source=str(args.baseline))
+    check_comparable(
+        baseline, config.stages, ratios=args.baseline_ratios, source=str(args.baseline)
+    )
     return baseline, tolerances
 
 
@@ -437,7 +448,9 @@ def _loadtest_main(args: argparse.Namespace) -> int:
         printer.finish()
     if baseline is not None:
         saved, tolerances = baseline
-        report = with_baseline(report, saved, tolerances, source=str(args.baseline))
+        report = with_baseline(
+            report, saved, tolerances, ratios=args.baseline_ratios, source=str(args.baseline)
+        )
     sys.stdout.write(render_text(report))
     sys.stdout.flush()
     if args.json:

@@ -362,6 +362,9 @@ class BaselineCheck:
         regressions: the figures that moved past their tolerance (empty: no regression).
         warnings: differences that make the comparison less meaningful (machine, durations,
             URL, method, connections), one line each.
+        scaled: whether the baseline's throughput and latencies were scaled by how fast the
+            direct (``--compare``) run was now against the baseline's own direct run
+            (``--baseline-ratios``): the comparison is then of ratios to the direct run.
     """
 
     source: str
@@ -370,6 +373,7 @@ class BaselineCheck:
     comparison: tuple[ComparisonRow, ...]
     regressions: tuple[Regression, ...]
     warnings: tuple[str, ...]
+    scaled: bool = False
 
 
 @final
@@ -645,14 +649,18 @@ def _tolerances_text(t: Tolerances) -> str:
     return ", ".join(parts)
 
 
+def _baseline_column(check: BaselineCheck) -> str:
+    return "baseline scaled by --compare" if check.scaled else "baseline"
+
+
 def _render_baseline(check: BaselineCheck) -> list[str]:
     lines = _render_run(check.baseline.run, "baseline")
     lines.insert(1, f"  {_saved_text(check)}")
     lines += [
         "",
         *_render_comparison(
-            "against the baseline (URL now vs baseline; ms and req/s):",
-            "baseline",
+            f"against the baseline (URL now vs {_baseline_column(check)}; ms and req/s):",
+            _baseline_column(check),
             check.comparison,
         ),
     ]
@@ -895,7 +903,7 @@ def _html_baseline(check: BaselineCheck) -> str:
         f"<p>Baseline {html.escape(_saved_text(check))}.</p>",
         "<h2>Against the baseline</h2>",
         f"<p>Tolerances: {html.escape(_tolerances_text(check.tolerances))}.</p>",
-        _html_table(_comparison_headers("baseline"), rows),
+        _html_table(_comparison_headers(_baseline_column(check)), rows),
         *(f'<p class="fail"><b>WARNING</b>: {html.escape(w)}</p>' for w in check.warnings),
     ]
     return "\n".join(parts)
