@@ -26,6 +26,7 @@ from tunnel2.loadtest.baseline import (
     make_baseline,
     parse_tolerances,
     save_baseline,
+    speed_factors,
     with_baseline,
 )
 from tunnel2.loadtest.profiles import Stage
@@ -401,20 +402,12 @@ def test_passing_html_says_so() -> None:
 # --- ratios to the direct run (--baseline-ratios) ---------------------------------------------
 
 
-def direct_run(p99: float, throughput: float = 100.0) -> RunReport:
-    """A --compare run of 50x5,100x5 whose stage 2 has ``p99`` and ``throughput``."""
+def direct_run(p50: float = 1.0, throughput: float = 75.0) -> RunReport:
+    """A --compare run of 50x5,100x5 whose overall median latency is ``p50``."""
     return run_report(
         "http://direct/",
-        stages=(
-            stage("stage 1", 50.0, latency=latency(mean=1.0, p50=1.0, p99=10.0)),
-            stage(
-                "stage 2",
-                100.0,
-                throughput_rps=throughput,
-                latency=latency(mean=1.0, p50=1.0, p99=p99),
-            ),
-        ),
-        overall=summary(throughput_rps=75.0, latency=latency(mean=1.0, p50=1.0, p99=10.0)),
+        stages=(stage("stage 1", 50.0), stage("stage 2", 100.0)),
+        overall=summary(throughput_rps=throughput, latency=latency(mean=5.0, p50=p50, p99=90.0)),
     )
 
 
@@ -423,55 +416,81 @@ def with_direct(direct: RunReport) -> Baseline:
     return make_baseline(report, machine=MACHINE, now=NOW)
 
 
-def ratio_check(run: RunReport, direct: RunReport) -> list[str]:
+def ratio_report(run: RunReport, direct: RunReport) -> LoadReport:
     report = build_report(run, direct, Thresholds())
-    baseline = with_direct(direct_run(p99=10.0))
-    checked = with_baseline(report, baseline, Tolerances(), ratios=True, machine=MACHINE)
-    assert checked.baseline is not None
-    assert checked.baseline.scaled
-    return [r.message for r in checked.baseline.regressions]
+    baseline = with_direct(direct_run(p50=1.0))
+    return with_baseline(report, baseline, Tolerances(), ratios=True, machine=MACHINE)
+
+
+def ratio_check(run: RunReport, direct: RunReport) -> list[str]:
+    checked = ratio_report(run, direct).baseline
+    assert checked is not None
+    assert checked.scaled
+    return [r.message for r in checked.regressions]
+
+
+def test_speed_factors() -> None:
+    assert speed_factors(direct_run(p50=2.0), direct_run(p50=3.0, throughput=60.0)) == (
+        1.5,
+        0.8,
+    )
+    no_answers = run_report(overall=summary(latency=None, throughput_rps=0.0))
+    assert speed_factors(no_answers, direct_run()) == (None, None)
 
 
 def test_ratios_cancel_a_slower_machine() -> None:
-    # Today everything is twice as slow: the tunnel's p99 30 -> 60 ms, the direct 10 -> 20 ms,
-    # and the direct throughput fell by half as much as the tunnel's.
-    slow = two_stage_run(stage2={"throughput_rps": 50.0, "latency": latency(p99=60.0)})
-    assert len(check(slow, with_direct(direct_run(p99=10.0)))) == 2  # absolute: regressed
-    assert ratio_check(slow, direct_run(p99=20.0, throughput=50.0)) == []
+    # Today everything is twice as slow: the direct median 1 -> 2 ms, the tunnel's latencies
+    # doubled, and (past saturation) throughput fell to 0.7x on both.
+    slow = run_report(
+        stages=(
+            stage("stage 1", 50.0, throughput_rps=35.0, latency=latency(10.0, 8.0, 60.0)),
+            stage("stage 2", 100.0, throughput_rps=70.0, latency=latency(10.0, 8.0, 60.0)),
+        ),
+        overall=summary(target_rps=75.0, throughput_rps=52.5, latency=latency(10.0, 8.0, 60.0)),
+    )
+    assert len(check(slow, with_direct(direct_run()))) == 9  # absolute: everything regressed
+    assert ratio_check(slow, direct_run(p50=2.0, throughput=52.5)) == []
+    text = render_text(ratio_report(slow, direct_run(p50=2.0, throughput=52.5)))
+    assert (
+        "  scaled to this machine's speed by the --compare runs: latencies x2.00 (the direct "
+        "median latency now / then), throughput x0.70"
+    ) in text
 
 
 def test_ratios_find_a_slower_tunnel() -> None:
     # The direct run is as fast as with the baseline; only the tunnel got slower.
     slow = two_stage_run(stage2={"latency": latency(p99=60.0)})
-    assert ratio_check(slow, direct_run(p99=10.0)) == [
+    assert ratio_check(slow, direct_run(p50=1.0)) == [
         "stage 2 (100 rps) p99: baseline 30.00 ms, now 60.00 ms, +100.0 % "
         "(tolerance +20 % and +1 ms)"
     ]
-    # A direct run 1.5x slower explains 45 ms of it; the other 15 ms (+33 %) regressed.
-    assert ratio_check(slow, direct_run(p99=15.0)) == [
+    # A machine 1.5x slower explains 45 ms of it; the other 15 ms (+33 %) regressed.
+    assert ratio_check(slow, direct_run(p50=1.5)) == [
         "stage 2 (100 rps) p99: baseline 45.00 ms, now 60.00 ms, +33.3 % "
         "(tolerance +20 % and +1 ms)"
     ]
-    report = build_report(slow, direct_run(p99=15.0), Thresholds())
-    checked = with_baseline(report, with_direct(direct_run(p99=10.0)), Tolerances(), ratios=True)
+    checked = ratio_report(slow, direct_run(p50=1.5))
     assert "against the baseline (URL now vs baseline scaled by --compare;" in render_text(checked)
-    assert "<th>baseline scaled by --compare</th>" in render_html(checked)
+    page = render_html(checked)
+    assert "<th>baseline scaled by --compare</th>" in page
+    assert "latencies x1.50" in page
 
 
-def test_ratios_without_a_direct_latency_compare_nothing() -> None:
-    no_answers = attrs.evolve(
-        direct_run(p99=10.0),
-        stages=(direct_run(p99=10.0).stages[0], stage("stage 2", 100.0, latency=None)),
-    )
+def test_ratios_without_a_direct_latency_compare_no_latency() -> None:
     slow = two_stage_run(stage2={"latency": latency(p99=60.0)})
+    no_answers = run_report("http://direct/", overall=summary(latency=None, throughput_rps=75.0))
     assert ratio_check(slow, no_answers) == []
+    checked = ratio_report(slow, no_answers).baseline
+    assert checked is not None
+    assert (checked.latency_scale, checked.throughput_scale) == (None, 1.0)
+    assert "latencies unknown" in render_text(ratio_report(slow, no_answers))
 
 
 def test_ratios_need_a_direct_run_on_both_sides() -> None:
     report = build_report(two_stage_run(), None, Thresholds())
     with pytest.raises(BaselineError, match=r"^comparing ratios with a baseline needs a --compare"):
-        with_baseline(report, with_direct(direct_run(p99=10.0)), Tolerances(), ratios=True)
-    report = build_report(two_stage_run(), direct_run(p99=10.0), Thresholds())
+        with_baseline(report, with_direct(direct_run()), Tolerances(), ratios=True)
+    report = build_report(two_stage_run(), direct_run(), Thresholds())
     with pytest.raises(
         BaselineError,
         match=r"^baseline base\.json has no --compare run to take ratios from; save it with "

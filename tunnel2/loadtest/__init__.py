@@ -28,6 +28,7 @@ from tunnel2.loadtest.baseline import (
     make_baseline,
     parse_tolerances,
     save_baseline,
+    speed_factors,
     with_baseline,
 )
 from tunnel2.loadtest.loadgen import (
@@ -110,6 +111,7 @@ __all__ = [
     "run_profile",
     "save_baseline",
     "serve_backend",
+    "speed_factors",
     "tcp_connector",
     "to_json",
     "total_requests",

@@ -61,6 +61,7 @@ __all__ = [
     "make_baseline",
     "parse_tolerances",
     "save_baseline",
+    "speed_factors",
     "with_baseline",
 ]
 
@@ -319,34 +320,45 @@ def check_comparable(
 _LATENCY_FIELDS: Final = ("mean_ms", "p50_ms", "p75_ms", "p95_ms", "p99_ms", "max_ms")
 
 
-def _scaled_summary(saved: Summary, now: Summary, then: Summary) -> Summary:
-    """``saved`` with throughput and each latency times ``now / then`` (the direct runs);
-    latency ``None`` (nothing to compare) where the direct runs have no latency to scale by."""
-    latency = None
-    sl, nl, tl = saved.latency, now.latency, then.latency
-    if sl and nl and tl and all(getattr(tl, name) > 0 for name in _LATENCY_FIELDS):
-        latency = attrs.evolve(
-            sl,
-            **{
-                name: getattr(sl, name) * getattr(nl, name) / getattr(tl, name)
-                for name in _LATENCY_FIELDS
-            },
-        )
-    throughput = 0.0
-    if then.throughput_rps > 0:
-        throughput = saved.throughput_rps * now.throughput_rps / then.throughput_rps
-    return attrs.evolve(saved, throughput_rps=throughput, latency=latency)
+def _factor(now: float | None, then: float | None) -> float | None:
+    return now / then if now is not None and then else None
 
 
-def _scaled(saved: RunReport, then: RunReport, now: RunReport) -> RunReport:
-    """The baseline run as it would measure today: each stage's figures times how much faster
-    or slower the direct run is now (``now``) than with the baseline (``then``)."""
-    stages = tuple(
-        _scaled_summary(s, n, t)
-        for s, n, t in zip(saved.stages, now.stages, then.stages, strict=True)
+def speed_factors(then: RunReport, now: RunReport) -> tuple[float | None, float | None]:
+    """How much slower this machine is now than when the baseline was saved, as seen by the
+    direct (``--compare``) runs: ``(latency, throughput)``.
+
+    The latency factor is the ratio of the direct runs' overall *median* latency (a
+    percentile that a few stalls of a shared machine do not move, unlike the mean or p99);
+    the throughput factor the ratio of their overall throughput. ``None`` where the direct
+    baseline has no such figure.
+    """
+    nl, tl = now.overall.latency, then.overall.latency
+    return (
+        _factor(nl and nl.p50_ms, tl and tl.p50_ms),
+        _factor(now.overall.throughput_rps, then.overall.throughput_rps),
     )
+
+
+def _scaled_summary(saved: Summary, latency: float | None, throughput: float | None) -> Summary:
+    sl = saved.latency
     return attrs.evolve(
-        saved, stages=stages, overall=_scaled_summary(saved.overall, now.overall, then.overall)
+        saved,
+        throughput_rps=saved.throughput_rps * throughput if throughput is not None else 0.0,
+        latency=attrs.evolve(sl, **{n: getattr(sl, n) * latency for n in _LATENCY_FIELDS})
+        if sl is not None and latency is not None
+        else None,
+    )
+
+
+def _scaled(saved: RunReport, latency: float | None, throughput: float | None) -> RunReport:
+    """The baseline run as it would measure on this machine today: every throughput and
+    latency figure times its factor (:func:`speed_factors`); nothing to compare (0 req/s, no
+    latency) where a factor is unknown."""
+    return attrs.evolve(
+        saved,
+        stages=tuple(_scaled_summary(s, latency, throughput) for s in saved.stages),
+        overall=_scaled_summary(saved.overall, latency, throughput),
     )
 
 
@@ -440,10 +452,9 @@ def check_baseline(
         baseline: the saved one.
         tolerances: how far each figure may move the wrong way.
         direct: this invocation's ``--compare`` run. If given, the baseline's throughput and
-            latencies are first scaled by ``direct / baseline.compare``, figure by figure and
-            stage by stage, so that what is compared is each figure's ratio to the direct run
-            (a machine twice as slow today slows both, and cancels out). Success rates are
-            compared as they are.
+            latencies are first scaled by how much slower the machine is now than then, as
+            the direct runs tell (:func:`speed_factors`), so that a machine twice as slow
+            today cancels out. Success rates are compared as they are.
         source: where the baseline came from, for messages (its path).
         machine: this machine; :func:`machine_info` if ``None``. A baseline from a machine
             that differs in OS, architecture, CPU or Python gets a warning, not a failure.
@@ -454,8 +465,10 @@ def check_baseline(
     """
     check_comparable(baseline, _stages_of(run), ratios=direct is not None, source=source)
     reference = baseline.run
+    factors: tuple[float | None, float | None] = (None, None)
     if direct is not None and baseline.compare is not None:
-        reference = _scaled(baseline.run, baseline.compare, direct)
+        factors = speed_factors(baseline.compare, direct)
+        reference = _scaled(baseline.run, *factors)
     rows = compare_runs(run, reference)
     by_metric = {metric: figure for figure, metric in FIGURES.items()}
     regressions = [
@@ -469,6 +482,8 @@ def check_baseline(
         regressions=tuple(regressions),
         warnings=tuple(_warnings(run, baseline, machine or machine_info())),
         scaled=direct is not None,
+        latency_scale=factors[0],
+        throughput_scale=factors[1],
     )
 
 

@@ -147,7 +147,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         description="Send requests to URL at a constant rate per stage (open loop: on "
         "schedule, whether or not earlier ones have answered; latency counts from the "
         "scheduled time). Prints live progress to stderr and the report to stdout. Exits 1 "
-        "if a threshold is breached.",
+        "if a threshold is breached or a figure regressed against --baseline.",
     )
     load.add_argument("url", metavar="URL", help="http:// URL to request")
     load.add_argument(
@@ -270,8 +270,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     load.add_argument(
         "--baseline-ratios",
         action="store_true",
-        help="with --compare, and a baseline saved with --compare: compare each figure's "
-        "ratio to the direct run rather than its value (machine speed cancels out)",
+        help="with --compare, against a baseline saved with --compare: first scale the "
+        "baseline to this machine's speed (the direct runs' median latency and throughput, "
+        "now / then), so that a slower or faster runner cancels out",
     )
     load.add_argument("--quiet", "-q", action="store_true", help="no live progress")
     load.add_argument(

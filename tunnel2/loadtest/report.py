@@ -362,9 +362,12 @@ class BaselineCheck:
         regressions: the figures that moved past their tolerance (empty: no regression).
         warnings: differences that make the comparison less meaningful (machine, durations,
             URL, method, connections), one line each.
-        scaled: whether the baseline's throughput and latencies were scaled by how fast the
-            direct (``--compare``) run was now against the baseline's own direct run
-            (``--baseline-ratios``): the comparison is then of ratios to the direct run.
+        scaled: whether the baseline's throughput and latencies were scaled by how fast
+            the direct (``--compare``) run was now against the baseline's own direct run
+            (``--baseline-ratios``); ``comparison`` then holds the scaled baseline.
+        latency_scale: the factor the baseline's latencies were multiplied by (this direct
+            run's median latency over the baseline's), ``None`` if not scaled or unknown.
+        throughput_scale: the same for throughput (ratio of the direct runs' throughput).
     """
 
     source: str
@@ -374,6 +377,8 @@ class BaselineCheck:
     regressions: tuple[Regression, ...]
     warnings: tuple[str, ...]
     scaled: bool = False
+    latency_scale: float | None = None
+    throughput_scale: float | None = None
 
 
 @final
@@ -653,9 +658,22 @@ def _baseline_column(check: BaselineCheck) -> str:
     return "baseline scaled by --compare" if check.scaled else "baseline"
 
 
+def _scale_text(check: BaselineCheck) -> str:
+    lat, thr = (
+        "unknown" if f is None else f"x{f:.2f}"
+        for f in (check.latency_scale, check.throughput_scale)
+    )
+    return (
+        f"scaled to this machine's speed by the --compare runs: latencies {lat} (the direct "
+        f"median latency now / then), throughput {thr}"
+    )
+
+
 def _render_baseline(check: BaselineCheck) -> list[str]:
     lines = _render_run(check.baseline.run, "baseline")
     lines.insert(1, f"  {_saved_text(check)}")
+    if check.scaled:
+        lines.insert(2, f"  {_scale_text(check)}")
     lines += [
         "",
         *_render_comparison(
@@ -901,6 +919,7 @@ def _html_baseline(check: BaselineCheck) -> str:
     parts = [
         _html_run(check.baseline.run, "baseline"),
         f"<p>Baseline {html.escape(_saved_text(check))}.</p>",
+        f"<p>{html.escape(_scale_text(check))}.</p>" if check.scaled else "",
         "<h2>Against the baseline</h2>",
         f"<p>Tolerances: {html.escape(_tolerances_text(check.tolerances))}.</p>",
         _html_table(_comparison_headers(_baseline_column(check)), rows),
