@@ -15,7 +15,8 @@ and its type: anything else is a :class:`BaselineError` naming the first bad fie
 
 The comparison reuses :func:`~tunnel2.loadtest.report.compare_runs` (the rows of
 ``--compare``); a figure regresses when it moves the wrong way past its tolerance (see
-:class:`~tunnel2.loadtest.report.Tolerances`).
+:class:`~tunnel2.loadtest.report.Tolerances`). With ``--baseline-ratios`` the baseline is
+first scaled to this machine's speed by the two ``--compare`` runs (:func:`speed_factors`).
 """
 
 from __future__ import annotations
