@@ -171,7 +171,7 @@ def _structure(tp: Any, value: object, where: str) -> Any:
         except (TypeError, ValueError) as exc:
             raise BaselineError(f"{where}: {exc}") from None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is types.UnionType or origin is typing.Union:
+    if origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         (inner,) = (a for a in args if a is not type(None))
