@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_loadtest_report import run_report, summary
 
-from tunnel2.loadtest.report import SCHEMA
+from tunnel2.loadtest.baseline import make_baseline, save_baseline
+from tunnel2.loadtest.report import SCHEMA, Thresholds, build_report
 
 CLI = [sys.executable, "-m", "tunnel2.cli"]
 
@@ -192,5 +194,130 @@ def test_loadtest_bad_arguments(args: list[str], message: str) -> None:
 )
 def test_loadtest_unusable_url(url: str, message: str) -> None:
     result = run_cli("loadtest", url, "--stages", "1x1")
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+# --- baselines --------------------------------------------------------------------------------
+
+# Tolerances far past anything a noisy machine does to a 50-request run, except where a test
+# narrows one figure on purpose.
+GENEROUS = ["--max-regression", "1000000", "--max-regression", "success=100"]
+
+
+def test_loadtest_baseline_save_then_compare(backend: BackendProcess, tmp_path: Path) -> None:
+    url = f"{backend.url}/loadtest/ping"
+    base, html_path = tmp_path / "base.json", tmp_path / "r.html"
+    result = run_cli(
+        "loadtest", url, "--stages", "50x1", "--quiet", "--no-thresholds",
+        "--save-baseline", str(base),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"saved the baseline to {base}" in result.stderr
+    data = json.loads(base.read_text())
+    assert data["tunnel2_baseline"] == 1
+    assert data["run"]["url"] == url
+    assert [(s["target_rps"], s["sent"]) for s in data["run"]["stages"]] == [(50, 50)]
+    assert data["machine"]["cpu_count"] >= 1
+
+    result = run_cli(
+        "loadtest", url, "--stages", "50x1", "--quiet", "--no-thresholds",
+        "--baseline", str(base), *GENEROUS, "--min-latency-delta-ms", "5000",
+        "--html", str(html_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"  {base}, saved {data['created_at']} by tunnel2 " in result.stdout
+    assert re.search(r"overall\s+rps\s+[\d.]+\s+[\d.]+", result.stdout)
+    assert "PASS: no regression (throughput -1e+06 %" in result.stdout
+    assert "REGRESSION" not in result.stdout
+    assert html_path.read_text().count("<svg") == 2
+
+    # A doctored baseline claiming 10x the throughput: this run regressed on it.
+    for s in [*data["run"]["stages"], data["run"]["overall"]]:
+        s["throughput_rps"] *= 10
+    base.write_text(json.dumps(data))
+    result = run_cli(
+        "loadtest", url, "--stages", "50x1", "--quiet", "--no-thresholds",
+        "--baseline", str(base), *GENEROUS, "--max-regression", "throughput=50",
+        "--min-latency-delta-ms", "5000",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    regressions = [line for line in result.stdout.splitlines() if line.startswith("REGRESSION")]
+    assert len(regressions) == 1, result.stdout
+    assert re.fullmatch(
+        r"REGRESSION: overall throughput: baseline [\d.]+ req/s, now [\d.]+ req/s, "
+        r"-[\d.]+ % \(tolerance -50 %\)",
+        regressions[0],
+    )
+
+
+def test_loadtest_baseline_ratios(backend: BackendProcess, tmp_path: Path) -> None:
+    url, direct = f"{backend.url}/loadtest/ping", f"{backend.url}/loadtest/ping?direct"
+    base = tmp_path / "base.json"
+    common = ["--stages", "50x1", "--quiet", "--no-thresholds", "--compare", direct]
+    result = run_cli("loadtest", url, *common, "--save-baseline", str(base))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(base.read_text())["compare"]["url"] == direct
+    result = run_cli(
+        "loadtest", url, *common, "--baseline", str(base), "--baseline-ratios", *GENEROUS,
+        "--min-latency-delta-ms", "5000",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "against the baseline (URL now vs baseline scaled by --compare;" in result.stdout
+    assert "PASS: no regression" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (
+            "saved",
+            ["--stages", "20x1", "--compare", "http://127.0.0.1:1/", "--baseline-ratios"],
+            "baseline {base} has no --compare run to take ratios from",
+        ),
+        (None, [], "cannot read baseline {base}: No such file or directory"),
+        ("{", [], "baseline {base} is not JSON"),
+        ('{"tunnel2_baseline": 2}', [], "baseline {base} has version 2"),
+        (
+            "saved",
+            ["--stages", "50x1,100x1"],
+            "stages differ from baseline {base}: it has 1 (20x1), this run 2 (50x1,100x1); "
+            "run with --stages 20x1",
+        ),
+    ],
+)
+def test_loadtest_unusable_baseline(
+    tmp_path: Path, content: str | None, args: list[str], message: str
+) -> None:
+    """Checked before any load is sent: the URL here answers nothing."""
+    base = tmp_path / "base.json"
+    if content == "saved":
+        run = run_report(stages=(summary("stage 1", target_rps=20.0, duration_s=1.0),))
+        save_baseline(make_baseline(build_report(run, None, Thresholds())), base)
+    elif content is not None:
+        base.write_text(content)
+    result = run_cli("loadtest", "http://127.0.0.1:1/", "--baseline", str(base), *args)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()  # one line
+    assert line.startswith(f"tunnel2 loadtest: {message.format(base=base)}")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-regression", "20"], "tunnel2 loadtest: --max-regression needs --baseline FILE"),
+        (["--min-latency-delta-ms", "2"], "--min-latency-delta-ms needs --baseline FILE"),
+        (["--max-regression", "p98=1"], "unknown figure 'p98'"),
+        (["--min-latency-delta-ms", "-1"], "'-1' must be 0 or more"),
+        (["--baseline-ratios"], "--baseline-ratios needs --baseline FILE"),
+        (
+            ["--baseline-ratios", "--baseline", "base.json"],
+            "--baseline-ratios needs --compare URL2 (the direct run)",
+        ),
+    ],
+)
+def test_loadtest_baseline_bad_arguments(args: list[str], message: str) -> None:
+    result = run_cli("loadtest", "http://127.0.0.1:1/", *args)
     assert result.returncode == 2
     assert message in result.stderr

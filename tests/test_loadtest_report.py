@@ -351,7 +351,17 @@ def test_write_html(tmp_path: Path) -> None:
 def test_package_all_matches_public_names() -> None:
     import tunnel2.loadtest as package
 
-    modules = {"backend", "cli", "loadgen", "procstats", "profiles", "report", "sockets", "stats"}
+    modules = {
+        "backend",
+        "baseline",
+        "cli",
+        "loadgen",
+        "procstats",
+        "profiles",
+        "report",
+        "sockets",
+        "stats",
+    }
     # (names starting with "@" are pytest's assertion-rewriting helpers, present when the
     # package is imported through the installed pytest plugin)
     public = {name for name in vars(package) if not name.startswith(("_", "@"))} - modules

@@ -4,8 +4,9 @@ Layer: top (called by :mod:`tunnel2.cli`). No logic of its own: it turns flags i
 :class:`~tunnel2.loadtest.backend.BackendConfig` or a
 :class:`~tunnel2.loadtest.loadgen.LoadConfig` and calls the library.
 
-Exit status of ``tunnel2 loadtest``: 0 when every threshold is met, 1 when one is breached
-(each is named on stdout), 2 for bad arguments or an unresolvable host.
+Exit status of ``tunnel2 loadtest``: 0 when every threshold is met and nothing regressed
+against ``--baseline``, 1 when a threshold is breached or a figure regressed (each is named on
+stdout), 2 for bad arguments, an unresolvable host, or a baseline that cannot be used.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ import trio
 
 from tunnel2._util import positive_float, positive_int
 from tunnel2.loadtest.backend import BackendConfig, serve_backend
+from tunnel2.loadtest.baseline import (
+    check_comparable,
+    load_baseline,
+    make_baseline,
+    parse_tolerances,
+    save_baseline,
+    with_baseline,
+)
 from tunnel2.loadtest.loadgen import LoadConfig, Progress, run_load
 from tunnel2.loadtest.profiles import PROFILES, parse_stages, profile_stages, total_requests
-from tunnel2.loadtest.report import Thresholds, render_text, write_html, write_json
+from tunnel2.loadtest.report import Thresholds, Tolerances, render_text, write_html, write_json
 
 if TYPE_CHECKING:
-    from tunnel2.loadtest.report import LoadReport
+    from tunnel2.loadtest.report import Baseline, LoadReport
 
 __all__ = ["add_parsers"]
 
@@ -66,6 +75,24 @@ def _percent(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _regression_spec(text: str) -> str:
+    try:
+        parse_tolerances([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``backend`` and ``loadtest`` on the ``tunnel2`` parser's subparsers.
 
@@ -101,7 +128,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         description="Send requests to URL at a constant rate per stage (open loop: on "
         "schedule, whether or not earlier ones have answered; latency counts from the "
         "scheduled time). Prints live progress to stderr and the report to stdout. Exits 1 "
-        "if a threshold is breached.",
+        "if a threshold is breached or a figure regressed against --baseline.",
     )
     load.add_argument("url", metavar="URL", help="http:// URL to request")
     load.add_argument(
@@ -175,12 +202,58 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         metavar="MS",
         help=f"fail if the mean latency is above this ({default.max_mean_ms:g})",
     )
-    load.add_argument("--no-thresholds", action="store_true", help="report only, never exit 1")
+    load.add_argument(
+        "--no-thresholds",
+        action="store_true",
+        help="turn off --max-p99-ms, --min-success and --max-mean-ms (a --baseline check "
+        "still applies)",
+    )
     load.add_argument(
         "--compare",
         metavar="URL2",
         help="then run the same profile against URL2 (the direct backend) and print the "
         "overhead table",
+    )
+    # --- baselines ---
+    tolerances = Tolerances()
+    load.add_argument(
+        "--save-baseline",
+        type=Path,
+        metavar="FILE",
+        help="save this run's figures (per stage and overall), stages, URL, date, version "
+        "and machine as a baseline for --baseline",
+    )
+    load.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="FILE",
+        help="compare this run with a saved baseline, per stage; exit 1 naming each figure "
+        "that regressed past --max-regression, 2 if the stages differ in count or rate",
+    )
+    load.add_argument(
+        "--max-regression",
+        type=_regression_spec,
+        action="append",
+        default=[],
+        metavar="PCT|FIGURE=PCT",
+        help=f"how far a figure may move the wrong way from --baseline (repeatable): PCT for "
+        f"throughput, mean and p99 ({tolerances.throughput_pct:g}); FIGURE=PCT or FIGURE=off "
+        f"for one of throughput, mean, p50 (off), p99; success=POINTS in percentage points "
+        f"({tolerances.success_points:g})",
+    )
+    load.add_argument(
+        "--min-latency-delta-ms",
+        type=_non_negative_float,
+        metavar="MS",
+        help=f"a latency figure regresses only if it also rose by more than this "
+        f"({tolerances.min_latency_delta_ms:g})",
+    )
+    load.add_argument(
+        "--baseline-ratios",
+        action="store_true",
+        help="with --compare, against a baseline saved with --compare: first scale the "
+        "baseline to this machine's speed (the direct runs' median latency and throughput, "
+        "now / then), so that a slower or faster runner cancels out",
     )
     load.add_argument("--quiet", "-q", action="store_true", help="no live progress")
     load.add_argument(
@@ -295,10 +368,38 @@ def _load_config(args: argparse.Namespace) -> LoadConfig:
     )
 
 
+def _load_baseline(
+    args: argparse.Namespace, config: LoadConfig
+) -> tuple[Baseline, Tolerances] | None:
+    """Read ``--baseline`` and its tolerances, and check its stages before anything runs."""
+    if args.baseline is None:
+        for flag, value in (
+            ("--max-regression", args.max_regression),
+            ("--min-latency-delta-ms", args.min_latency_delta_ms),
+            ("--baseline-ratios", args.baseline_ratios or None),
+        ):
+            if value not in (None, []):
+                raise ValueError(f"{flag} needs --baseline FILE")
+        return None
+    if args.baseline_ratios and config.compare_url is None:
+        raise ValueError("--baseline-ratios needs --compare URL2 (the direct run)")
+    delta = args.min_latency_delta_ms
+    tolerances = parse_tolerances(
+        args.max_regression,
+        min_latency_delta_ms=Tolerances().min_latency_delta_ms if delta is None else delta,
+    )
+    baseline = load_baseline(args.baseline)
+    check_comparable(
+        baseline, config.stages, ratios=args.baseline_ratios, source=str(args.baseline)
+    )
+    return baseline, tolerances
+
+
 def _loadtest_main(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         config = _load_config(args)
+        baseline = _load_baseline(args, config)
     except (ValueError, OSError) as exc:
         print(f"tunnel2 loadtest: {exc}", file=sys.stderr)
         return 2
@@ -327,10 +428,22 @@ def _loadtest_main(args: argparse.Namespace) -> int:
         raise
     if printer:
         printer.finish()
+    if baseline is not None:
+        saved, tolerances = baseline
+        report = with_baseline(
+            report, saved, tolerances, ratios=args.baseline_ratios, source=str(args.baseline)
+        )
     sys.stdout.write(render_text(report))
     sys.stdout.flush()
     if args.json:
         write_json(report, args.json)
     if args.html:
         write_html(report, args.html)
+    if args.save_baseline:
+        try:
+            save_baseline(make_baseline(report), args.save_baseline)
+        except OSError as exc:
+            print(f"tunnel2 loadtest: cannot save the baseline: {exc}", file=sys.stderr)
+            return 2
+        print(f"tunnel2 loadtest: saved the baseline to {args.save_baseline}", file=sys.stderr)
     return 0 if report.passed else 1

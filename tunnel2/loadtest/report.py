@@ -22,18 +22,23 @@ import attrs
 
 __all__ = [
     "SCHEMA",
+    "Baseline",
+    "BaselineCheck",
     "Breach",
     "ComparisonRow",
     "FailureKind",
     "GeneratorUsage",
     "LatencySummary",
     "LoadReport",
+    "MachineInfo",
     "ProcessSample",
     "ProcessUsage",
+    "Regression",
     "RunReport",
     "Summary",
     "Thresholds",
     "TimelinePoint",
+    "Tolerances",
     "build_report",
     "check_thresholds",
     "compare_runs",
@@ -259,19 +264,140 @@ class ComparisonRow:
 
 @final
 @attrs.frozen
+class MachineInfo:
+    """The machine a baseline was measured on (:func:`tunnel2.loadtest.baseline.machine_info`).
+
+    Attributes:
+        hostname: the host name; shown, never compared (CI runners get a new one each run).
+        system: operating system and kernel release, e.g. ``"Linux 6.1.0-18-amd64"``.
+        arch: the machine type, e.g. ``"x86_64"``.
+        cpu_model: the CPU's model name, or ``"unknown"``.
+        cpu_count: logical CPUs.
+        python: implementation and version, e.g. ``"CPython 3.11.2"``.
+    """
+
+    hostname: str
+    system: str
+    arch: str
+    cpu_model: str
+    cpu_count: int
+    python: str
+
+
+@final
+@attrs.frozen
+class Baseline:
+    """A run saved with ``--save-baseline``, for later runs to be compared with.
+
+    Attributes:
+        created_at: when it was saved, ISO 8601 in UTC (``2026-12-01T11:50:00Z``).
+        tunnel2_version: the version that measured it.
+        machine: where it was measured.
+        run: the run against URL, every figure of it.
+        compare: the ``--compare`` run of the same invocation, if there was one.
+    """
+
+    created_at: str
+    tunnel2_version: str
+    machine: MachineInfo
+    run: RunReport
+    compare: RunReport | None
+
+
+@final
+@attrs.frozen
+class Tolerances:
+    """How far each figure may move the wrong way from its baseline (``None``: not checked).
+
+    Latency figures regress when they rise by more than their percentage *and* by more than
+    ``min_latency_delta_ms`` (so 0.4 ms -> 0.6 ms is noise, not a regression); throughput
+    when it falls by more than its percentage; the success rate when it falls by more than
+    ``success_points`` percentage points (99.5 % -> 98 % is 1.5 points).
+    """
+
+    throughput_pct: float | None = 20.0
+    mean_pct: float | None = 20.0
+    p50_pct: float | None = None
+    p99_pct: float | None = 20.0
+    success_points: float | None = 1.0
+    min_latency_delta_ms: float = 1.0
+
+
+@final
+@attrs.frozen
+class Regression:
+    """A figure that moved past its tolerance against the baseline.
+
+    Attributes:
+        scope: ``"overall"`` or a stage, as in :class:`ComparisonRow`.
+        figure: ``throughput``, ``mean``, ``p50``, ``p99`` or ``success``.
+        baseline: the baseline's value (req/s, ms, or a fraction for ``success``).
+        measured: this run's value; ``None`` if it had no answers.
+        change: percent for throughput and latency, percentage points for ``success``;
+            ``None`` when it cannot be computed.
+        limit: the tolerance it broke (percent or points).
+        message: one line naming all of the above.
+    """
+
+    scope: str
+    figure: str
+    baseline: float
+    measured: float | None
+    change: float | None
+    limit: float
+    message: str
+
+
+@final
+@attrs.frozen
+class BaselineCheck:
+    """This run compared with a saved baseline (``--baseline FILE``).
+
+    Attributes:
+        source: the file it was read from.
+        baseline: what the file holds.
+        tolerances: the limits applied.
+        comparison: this run (``measured``) against the baseline run (``baseline``), rows as
+            :func:`compare_runs` makes them.
+        regressions: the figures that moved past their tolerance (empty: no regression).
+        warnings: differences that make the comparison less meaningful (machine, durations,
+            URL, method, connections), one line each.
+        scaled: whether the baseline's throughput and latencies were scaled by how fast
+            the direct (``--compare``) run was now against the baseline's own direct run
+            (``--baseline-ratios``); ``comparison`` then holds the scaled baseline.
+        latency_scale: the factor the baseline's latencies were multiplied by (this direct
+            run's median latency over the baseline's), ``None`` if not scaled or unknown.
+        throughput_scale: the same for throughput (ratio of the direct runs' throughput).
+    """
+
+    source: str
+    baseline: Baseline
+    tolerances: Tolerances
+    comparison: tuple[ComparisonRow, ...]
+    regressions: tuple[Regression, ...]
+    warnings: tuple[str, ...]
+    scaled: bool = False
+    latency_scale: float | None = None
+    throughput_scale: float | None = None
+
+
+@final
+@attrs.frozen
 class LoadReport:
-    """The result of ``tunnel2 loadtest``: the run, the optional baseline run and the verdict."""
+    """The result of ``tunnel2 loadtest``: the run, the optional ``--compare`` run, the optional
+    baseline check, and the verdict."""
 
     run: RunReport
     compare: RunReport | None
     comparison: tuple[ComparisonRow, ...]
     thresholds: Thresholds
     breaches: tuple[Breach, ...]
+    baseline: BaselineCheck | None = None
 
     @property
     def passed(self) -> bool:
-        """Whether every threshold was met."""
-        return not self.breaches
+        """Whether every threshold was met and nothing regressed against the baseline."""
+        return not self.breaches and not (self.baseline and self.baseline.regressions)
 
 
 def check_thresholds(summary: Summary, thresholds: Thresholds) -> tuple[Breach, ...]:
@@ -491,13 +617,73 @@ def _comparison_cells(r: ComparisonRow) -> list[str]:
     ]
 
 
-def _render_comparison(rows: Sequence[ComparisonRow]) -> list[str]:
+def _comparison_headers(other: str) -> tuple[str, ...]:
+    return ("scope", "metric", "URL", other, "difference", "ratio")
+
+
+def _render_comparison(title: str, other: str, rows: Sequence[ComparisonRow]) -> list[str]:
     table = [_comparison_cells(r) for r in rows]
-    headers = ("scope", "metric", "URL", "--compare", "difference", "ratio")
-    return [
-        "overhead (URL vs --compare URL; ms and req/s):",
-        *("  " + x for x in _table(headers, table)),
+    return [title, *("  " + x for x in _table(_comparison_headers(other), table))]
+
+
+def _machine_text(m: MachineInfo) -> str:
+    return f"{m.hostname} ({m.system} {m.arch}, {m.cpu_count} x {m.cpu_model}, {m.python})"
+
+
+def _saved_text(check: BaselineCheck) -> str:
+    b = check.baseline
+    return (
+        f"{check.source}, saved {b.created_at} by tunnel2 {b.tunnel2_version} "
+        f"on {_machine_text(b.machine)}"
+    )
+
+
+def _tolerances_text(t: Tolerances) -> str:
+    parts = [
+        f"{name} {sign}{limit:g} {unit}"
+        for name, sign, limit, unit in (
+            ("throughput", "-", t.throughput_pct, "%"),
+            ("mean", "+", t.mean_pct, "%"),
+            ("p50", "+", t.p50_pct, "%"),
+            ("p99", "+", t.p99_pct, "%"),
+            ("success", "-", t.success_points, "points"),
+        )
+        if limit is not None
     ]
+    parts.append(f"latency floor {t.min_latency_delta_ms:g} ms")
+    return ", ".join(parts)
+
+
+def _baseline_column(check: BaselineCheck) -> str:
+    return "baseline scaled by --compare" if check.scaled else "baseline"
+
+
+def _scale_text(check: BaselineCheck) -> str:
+    lat, thr = (
+        "unknown" if f is None else f"x{f:.2f}"
+        for f in (check.latency_scale, check.throughput_scale)
+    )
+    return (
+        f"scaled to this machine's speed by the --compare runs: latencies {lat} (the direct "
+        f"median latency now / then), throughput {thr}"
+    )
+
+
+def _render_baseline(check: BaselineCheck) -> list[str]:
+    lines = _render_run(check.baseline.run, "baseline")
+    lines.insert(1, f"  {_saved_text(check)}")
+    if check.scaled:
+        lines.insert(2, f"  {_scale_text(check)}")
+    lines += [
+        "",
+        *_render_comparison(
+            f"against the baseline (URL now vs {_baseline_column(check)}; ms and req/s):",
+            _baseline_column(check),
+            check.comparison,
+        ),
+    ]
+    lines += [f"WARNING: {w}" for w in check.warnings]
+    return lines
 
 
 def render_text(report: LoadReport) -> str:
@@ -505,7 +691,15 @@ def render_text(report: LoadReport) -> str:
     lines = _render_run(report.run, "loadtest")
     if report.compare is not None:
         lines += ["", *_render_run(report.compare, "compare")]
-        lines += ["", *_render_comparison(report.comparison)]
+        lines += [
+            "",
+            *_render_comparison(
+                "overhead (URL vs --compare URL; ms and req/s):", "--compare", report.comparison
+            ),
+        ]
+    check = report.baseline
+    if check is not None:
+        lines += ["", *_render_baseline(check)]
     lines.append("")
     t = report.thresholds
     limits = []
@@ -515,10 +709,13 @@ def render_text(report: LoadReport) -> str:
         limits.append(f"success >= {t.min_success * 100:g} %")
     if t.max_mean_ms is not None:
         limits.append(f"mean <= {t.max_mean_ms:g} ms")
+    if check is not None:
+        limits.append(f"no regression ({_tolerances_text(check.tolerances)})")
     if report.passed:
         lines.append(f"PASS: {', '.join(limits) or 'no thresholds'}")
     else:
         lines += [f"FAIL: {b.message}" for b in report.breaches]
+        lines += [f"REGRESSION: {r.message}" for r in (check.regressions if check else ())]
     return "\n".join(lines) + "\n"
 
 
@@ -717,13 +914,34 @@ _CSS: Final = (
 )
 
 
+def _html_baseline(check: BaselineCheck) -> str:
+    rows = [_comparison_cells(r) for r in check.comparison]
+    parts = [
+        _html_run(check.baseline.run, "baseline"),
+        f"<p>Baseline {html.escape(_saved_text(check))}.</p>",
+        f"<p>{html.escape(_scale_text(check))}.</p>" if check.scaled else "",
+        "<h2>Against the baseline</h2>",
+        f"<p>Tolerances: {html.escape(_tolerances_text(check.tolerances))}.</p>",
+        _html_table(_comparison_headers(_baseline_column(check)), rows),
+        *(f'<p class="fail"><b>WARNING</b>: {html.escape(w)}</p>' for w in check.warnings),
+    ]
+    return "\n".join(parts)
+
+
 def render_html(report: LoadReport) -> str:
     """Return a self-contained HTML page (inline CSS and SVG, nothing fetched)."""
+    check = report.baseline
     verdict = (
-        '<p class="pass"><b>PASS</b>: every threshold met.</p>'
+        '<p class="pass"><b>PASS</b>: every threshold met'
+        + (", no regression against the baseline" if check else "")
+        + ".</p>"
         if report.passed
         else "".join(
-            f'<p class="fail"><b>FAIL</b>: {html.escape(b.message)}</p>' for b in report.breaches
+            [f'<p class="fail"><b>FAIL</b>: {html.escape(b.message)}</p>' for b in report.breaches]
+            + [
+                f'<p class="fail"><b>REGRESSION</b>: {html.escape(r.message)}</p>'
+                for r in (check.regressions if check else ())
+            ]
         )
     )
     parts = [
@@ -737,10 +955,9 @@ def render_html(report: LoadReport) -> str:
     if report.compare is not None:
         parts.append(_html_run(report.compare, "--compare"))
         rows = [_comparison_cells(r) for r in report.comparison]
-        parts += [
-            "<h2>Overhead</h2>",
-            _html_table(("scope", "metric", "URL", "--compare", "difference", "ratio"), rows),
-        ]
+        parts += ["<h2>Overhead</h2>", _html_table(_comparison_headers("--compare"), rows)]
+    if check is not None:
+        parts.append(_html_baseline(check))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
