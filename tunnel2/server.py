@@ -23,7 +23,7 @@ import trio
 from tunnel2 import frames
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
 from tunnel2.transports import FrameTransport, accept_websocket
-from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
+from tunnel2.uplink import TunnelUplink, UplinkLimits, open_uplink, receive_handshake_frame
 
 __all__ = ["AGENT_PATH", "ServerConfig", "SessionRegistry", "TunnelServer"]
 
@@ -57,6 +57,7 @@ class ServerConfig:
         connection_window: per-connection credit.
         ping_interval: keepalive interval on uplinks (0 disables).
         drain_timeout: seconds in-flight requests get when the relay shuts down.
+        uplink_limits: flood and stall limits for each agent's uplink (PROTOCOL.md §7).
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +78,7 @@ class ServerConfig:
     connection_window: int = 4 * 1024 * 1024
     ping_interval: float = 15.0
     drain_timeout: float = 10.0
+    uplink_limits: UplinkLimits = attrs.field(factory=UplinkLimits)
 
 
 @attrs.define
@@ -261,7 +263,9 @@ class TunnelServer:
             logger.info("%s disconnected during the handshake", name)
             await trio.aclose_forcefully(transport)
             return
-        async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
+        async with open_uplink(
+            transport, decoder, welcome, role="relay", name=name, limits=self.config.uplink_limits
+        ) as uplink:
             # Decided synchronously: the uplink is routable the moment WELCOME is out.
             self.registry.attach(session, uplink)
             self._uplinks.add(uplink)
