@@ -7,6 +7,7 @@ close reasons), never on timing. Stalls run under ``autojump_clock`` on memory t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +17,8 @@ from typing import Final
 import pytest
 import trio
 import trio.testing
+import wsproto
+import wsproto.events
 from test_uplink import (
     REQUEST_HEAD,
     RESPONSE_HEAD,
@@ -26,6 +29,7 @@ from test_uplink import (
     uplink_pair,
     welcome,
 )
+from wsproto.connection import ConnectionType
 
 from tunnel2 import frames
 from tunnel2.errors import ErrorCode, UplinkClosed
@@ -33,6 +37,7 @@ from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.transports import (
     FrameTransport,
     StreamTransport,
+    WsprotoTransport,
     lockstep_transport_pair,
     memory_transport_pair,
 )
@@ -153,6 +158,54 @@ async def test_reader_yields_to_other_tasks_while_a_peer_sends_many_tiny_frames(
     # two reader turns apart (trio may run the reader twice between two of its turns).
     assert max(per_turn) <= 2 * _FRAMES_PER_CHECKPOINT
     assert len([got for got in per_turn if got]) >= count // (2 * _FRAMES_PER_CHECKPOINT)
+
+
+class EagerTransport(FrameTransport):
+    """Hands out queued chunks without a checkpoint while it has any, as FastSocketStream
+    does when the socket has data; then waits forever."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = collections.deque(chunks)
+
+    async def send(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive(self) -> bytes:
+        if self.chunks:
+            return self.chunks.popleft()
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_reader_yields_while_big_frames_stream_in_without_checkpoints() -> None:
+    # 64 KiB DATA frames arriving 1 KiB per receive: few frames, many receives.
+    settings = welcome(max_frame_size=65536, initial_window=1 << 24, connection_window=1 << 24)
+    frame_count = 32
+    encoded = wire(*(frames.Data(1, bytes(65536)) for _ in range(frame_count)))
+    chunks = [encoded[i : i + 1024] for i in range(0, len(encoded), 1024)]
+    transport = EagerTransport(chunks)
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while transport.chunks:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10 * TIMEOUT):
+        async with (
+            open_uplink(transport, frames.FrameDecoder(), settings, role="relay") as relay,
+            trio.open_nursery() as nursery,
+        ):
+            stream = relay.open_stream(REQUEST_HEAD)
+            nursery.start_soon(other_task)
+            received = 0
+            while received < frame_count * 65536:
+                received += len(await stream.receive_data())
+    # One receive of up to 2 KiB is one unit of the reader's turn: it yields every 128.
+    assert turns >= len(chunks) // (2 * _FRAMES_PER_CHECKPOINT)
 
 
 # --- 2. floods close the uplink, and only that one ------------------------------------------
@@ -337,7 +390,9 @@ async def test_a_peer_that_does_not_read_gets_one_pong_at_a_time() -> None:
             decoder.receive_data(await raw.receive())
             assert decoder.next_frame() == frames.Pong((0).to_bytes(8, "big"))
             assert decoder.next_frame() is None
-            # Once that PONG is out, the next PING is answered again.
+            # Once that PONG is out (the writer saw its send complete), the next PING is
+            # answered again.
+            await trio.testing.wait_all_tasks_blocked()
             await raw.send(wire(frames.Ping(b"nextping")))
             decoder.receive_data(await raw.receive())
             assert decoder.next_frame() == frames.Pong(b"nextping")
@@ -471,3 +526,79 @@ async def test_an_infinite_write_timeout_never_closes(
 def test_limits_reject_values_below_one_or_zero(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         UplinkLimits(**{field: 0})
+
+
+# --- 5. WebSocket-level PINGs (WsprotoTransport) --------------------------------------------
+
+
+class EagerStream(trio.abc.Stream):
+    """A byte stream that hands out queued chunks without a checkpoint, as FastSocketStream
+    does when the socket has data; records what is sent."""
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.sent = bytearray()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.chunks:
+            return self.chunks.popleft()
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def websocket_pair() -> tuple[wsproto.WSConnection, WsprotoTransport, EagerStream]:
+    """A wsproto client and the server WsprotoTransport it is connected to."""
+    client = wsproto.WSConnection(ConnectionType.CLIENT)
+    server = wsproto.WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(wsproto.events.Request(host="relay.test", target="/")))
+    assert isinstance(next(server.events()), wsproto.events.Request)
+    client.receive_data(server.send(wsproto.events.AcceptConnection()))
+    assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+    stream = EagerStream()
+    return client, WsprotoTransport(stream, server), stream
+
+
+async def test_websocket_pings_get_one_pong_for_the_latest() -> None:
+    client, transport, stream = websocket_pair()
+    pings = b"".join(client.send(wsproto.events.Ping(b"%d" % i)) for i in range(5000))
+    stream.chunks.extend([pings, client.send(wsproto.events.BytesMessage(b"data"))])
+    with trio.fail_after(TIMEOUT):
+        assert await transport.receive() == b"data"
+        await transport.send(b"reply")
+    client.receive_data(bytes(stream.sent))
+    events = list(client.events())
+    assert [type(e) for e in events] == [wsproto.events.Pong, wsproto.events.BytesMessage]
+    assert isinstance(events[0], wsproto.events.Pong)
+    assert events[0].payload == b"4999"
+
+
+async def test_websocket_receive_yields_while_only_pings_arrive() -> None:
+    client, transport, stream = websocket_pair()
+    reads = 40
+    for _ in range(reads):
+        stream.chunks.append(b"".join(client.send(wsproto.events.Ping(b"")) for _ in range(100)))
+    stream.chunks.append(client.send(wsproto.events.BytesMessage(b"data")))
+    turns = 0
+    done = False
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            assert await transport.receive() == b"data"
+            done = True
+    assert turns >= reads // 2

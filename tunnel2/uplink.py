@@ -18,13 +18,14 @@ Memory is bounded by flow control: DATA waits for stream and connection credit b
 queued, so ``_out`` holds at most the peer's connection window of DATA plus small control
 frames and one head per stream; per-stream receive buffers hold at most ``initial_window``.
 Replies the peer provokes (PONG, RESET for OPENs we refuse) are bounded too: one PONG at a
-time, and at most ``UplinkLimits.max_unsent_replies`` unsent (PROTOCOL.md §7).
+time, and at most ``UplinkLimits.max_unsent_replies`` unsent (PROTOCOL.md §7.1).
 
-One peer cannot hurt the others (PROTOCOL.md §7): the reader yields to other tasks every
-``_FRAMES_PER_CHECKPOINT`` frames however fast they arrive, and frames that do no useful work
-(PINGs, WINDOWs returning no credit we used, frames for streams that are gone) draw on token
-buckets; an empty bucket closes the uplink with ``ENHANCE_YOUR_CALM``. Taking a batch off
-``_out`` costs O(frames taken), so draining any backlog is linear.
+One peer cannot hurt the others (PROTOCOL.md §7.1): the reader yields to other tasks after
+at most ``_FRAMES_PER_CHECKPOINT`` frames or ~256 KiB however fast they arrive, and frames
+that do no useful work (PINGs, WINDOWs returning no credit we used, frames for streams that
+are gone) draw on token buckets; an empty bucket closes the uplink with
+``ENHANCE_YOUR_CALM``. Taking a batch off ``_out`` costs O(frames taken), so draining any
+backlog is linear.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
 _DEAD_AFTER_PINGS: Final = 3
 _CREDIT_RETURN_FRACTION: Final = 2
-# The reader yields to other tasks after this many frames (PROTOCOL.md §7): a message of
-# thousands of tiny frames cannot hold the event loop, and the common case (a few frames per
-# message) pays nothing. FastSocketStream's receive returns without a checkpoint when data
-# is ready, so the count runs across receives.
+# The reader yields to other tasks after this much work (PROTOCOL.md §7.1): a frame is one
+# unit, a receive one unit per started 2 KiB. So a message of thousands of tiny frames, or a
+# peer streaming huge frames, cannot hold the event loop (at most 128 frames or ~256 KiB per
+# turn), and the common case (a few frames per message) pays one checkpoint in ~100
+# messages. FastSocketStream's receive returns without a checkpoint when data is ready, so
+# the count runs across receives.
 _FRAMES_PER_CHECKPOINT: Final = 128
+_RECEIVE_BYTES_PER_UNIT_SHIFT: Final = 11
 # Frames for a stream that is gone which each stream opened lets through without charge: the
 # peer's OPEN, END and RESET may cross our RESET or our close (PROTOCOL.md §4.1, §7).
 _STRAY_FRAMES_PER_STREAM: Final = 3
@@ -91,7 +95,7 @@ _WINDOWS_PER_DATA_FRAME: Final = 2
 @final
 @attrs.frozen
 class UplinkLimits:
-    """What one peer may make an uplink do before it is closed (PROTOCOL.md §7).
+    """What one peer may make an uplink do before it is closed (PROTOCOL.md §7.1).
 
     The defaults are far above what a busy legitimate peer sends: only frames that do no
     useful work are counted (see each attribute), and they never reach the rates below.
@@ -471,10 +475,10 @@ class TunnelUplink:
         )
         self._last_received = trio.current_time()
         self._last_sent = self._last_received
-        self._send_started = self._last_received
+        self._sends = 0  # writes started; the watchdog sees a stuck one by it
         self._aux_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
-        # Flood accounting (PROTOCOL.md §7): free allowances earned by our own traffic, then
+        # Flood accounting (PROTOCOL.md §7.1): free allowances earned by our own traffic, then
         # the buckets.
         self._window_allowance = 0
         self._stray_allowance = 0
@@ -704,7 +708,7 @@ class TunnelUplink:
         transport = self.transport
         while True:
             if transport.pending:
-                self._send_started = trio.current_time()
+                self._sends += 1
                 self._writer_sending = True
                 await transport.flush()
                 self._writer_sending = False
@@ -722,7 +726,7 @@ class TunnelUplink:
             self._taken += len(batch)
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             self._wake_drained()
-            self._send_started = trio.current_time()
+            self._sends += 1
             self._writer_sending = True
             if self._closing:
                 with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
@@ -747,7 +751,7 @@ class TunnelUplink:
 
     def _queue_reply(self, data: bytes) -> None:
         # A frame the peer's frame obliges us to send. A peer that makes us reply but does
-        # not read could grow _out without bound: cap what waits unsent (PROTOCOL.md §7).
+        # not read could grow _out without bound: cap what waits unsent (PROTOCOL.md §7.1).
         replies = self._unsent_replies
         while replies and replies[0] < self._sent:
             replies.popleft()
@@ -760,7 +764,7 @@ class TunnelUplink:
         self._queue(data)
 
     def _charge(self, bucket: TokenBucket, kind: str) -> None:
-        # A frame that does no useful work draws a token; none left is a flood (§7).
+        # A frame that does no useful work draws a token; none left is a flood (§7.1).
         if not bucket.take(self._last_received):
             raise RemoteProtocolError(
                 f"{kind} flood: more than {bucket.burst:g} at once or {bucket.rate:g}/s",
@@ -785,15 +789,19 @@ class TunnelUplink:
                     if self._closing:
                         return
                     budget -= 1
-                    if not budget:
-                        # Let other uplinks and streams run however fast frames arrive (§7).
+                    if budget <= 0:
+                        # Let other uplinks and streams run however fast frames arrive (§7.1).
                         budget = _FRAMES_PER_CHECKPOINT
                         await trio.lowlevel.checkpoint()
                 if decoder.at_eof:
                     self.close("peer closed the connection")
                     return
+                if budget <= 0:
+                    budget = _FRAMES_PER_CHECKPOINT
+                    await trio.lowlevel.checkpoint()
                 data = await transport.receive()
                 self._last_received = trio.current_time()
+                budget -= 1 + (len(data) >> _RECEIVE_BYTES_PER_UNIT_SHIFT)
                 decoder.receive_data(data)
         except ProtocolError as exc:
             logger.warning("%s protocol error: %s", self, exc)
@@ -840,7 +848,7 @@ class TunnelUplink:
         elif kind is frames.Window:
             assert isinstance(frame, frames.Window)
             # Credit comes back for DATA we sent; a WINDOW beyond that returns nothing we
-            # used (PROTOCOL.md §7).
+            # used (PROTOCOL.md §7.1).
             if self._window_allowance > 0:
                 self._window_allowance -= 1
             else:
@@ -951,12 +959,19 @@ class TunnelUplink:
                 self._queue(frames.encode(frames.Ping(os.urandom(8))))
 
     async def _watchdog_task(self) -> None:
-        # Polls rather than arming a deadline per write: the writer's hot path only notes
-        # when a write started. A stuck write is caught between timeout and 1.25 x timeout.
+        # Polls rather than arming a deadline per write: the writer's hot path only counts
+        # the writes it starts. A stuck write is caught between timeout and 1.25 x timeout.
         timeout = self.limits.write_timeout
+        watched = -1  # the write in progress at the last poll
+        since = 0.0  # when a poll first saw it in progress
         while True:
             await trio.sleep(timeout / 4)
-            if self._writer_sending and trio.current_time() - self._send_started >= timeout:
+            now = trio.current_time()
+            if not self._writer_sending:
+                watched = -1
+            elif self._sends != watched:
+                watched, since = self._sends, now
+            elif now - since >= timeout:
                 self.close(
                     f"peer is not reading: a write made no progress for {timeout:g}s",
                     ErrorCode.ENHANCE_YOUR_CALM,
@@ -1019,7 +1034,7 @@ async def open_uplink(
             reset with OVERLOADED.
         name: the short id used in log lines.
         limits: what the peer may make this uplink do before it is closed
-            (:class:`UplinkLimits`, PROTOCOL.md §7).
+            (:class:`UplinkLimits`, PROTOCOL.md §7.1).
     """
     uplink = TunnelUplink(
         transport,
