@@ -71,6 +71,8 @@ TINY_STREAM_ID = 2
 """Stream of the tiny DATA frames: even, so the relay never opened it."""
 REDIAL_LIMIT = 100_000
 """The flooder gives up after this many connections (bounds its loop)."""
+IDLE_TIMEOUT = 30.0
+"""Seconds the relay gets to go idle after a flood before the next round starts."""
 
 
 # --- the flooder (a separate process: ``flood.py --flooder URL --mode MODE``) ---------------
@@ -240,6 +242,9 @@ def one_round(
     note = ""
     if flooder is not None:
         procs.stop(flooder)
+        # What the flooder left in the socket buffers (megabytes) is still read by the relay:
+        # let it finish before the next round, so no flood leaks into a quiet one.
+        wait_idle(relay)
         match = re.search(r"sent (\d+) bytes over (\d+) connections", flooder.stdout_text())
         if match:
             mib = int(match.group(1)) / MESSAGE_SIZE
@@ -247,6 +252,17 @@ def one_round(
         else:
             note = "no report"
     return Round(index, mode, p50, p99, succeeded, sent, 100 * relay_cpu, note)
+
+
+def wait_idle(proc: Proc, timeout: float = IDLE_TIMEOUT) -> None:
+    """Wait until PROC uses under 5 % of a core over half a second (at most TIMEOUT s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_ticks(proc.pid) or 0
+        time.sleep(0.5)
+        if ((cpu_ticks(proc.pid) or 0) - before) / CLK_TCK < 0.025:
+            return
+    log(f"{proc.name} still busy {timeout:g} s after the flood stopped")
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
