@@ -23,7 +23,7 @@ from tunnel2.errors import (
     UplinkClosed,
 )
 from tunnel2.server import ServerConfig, TunnelServer
-from tunnel2.uplink import TunnelStream, TunnelUplink
+from tunnel2.uplink import TunnelStream, TunnelUplink, UplinkLimits
 
 __all__ = [
     "AccessPolicy",
@@ -45,6 +45,7 @@ __all__ = [
     "TunnelStream",
     "TunnelUplink",
     "UplinkClosed",
+    "UplinkLimits",
     "open_tunnel",
     "open_tunnel_server",
     "serve_tunnel_server",

@@ -42,6 +42,7 @@ class ErrorCode:
     UNAUTHORIZED: Final = 10
     SESSION_UNAVAILABLE: Final = 11
     UNSUPPORTED_VERSION: Final = 12
+    ENHANCE_YOUR_CALM: Final = 13
 
     @classmethod
     def name_of(cls, code: int) -> str:

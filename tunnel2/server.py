@@ -44,7 +44,7 @@ from tunnel2.sessions import (
 )
 from tunnel2.tokens import Identity, TokenTable
 from tunnel2.transports import FrameTransport, accept_websocket
-from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
+from tunnel2.uplink import TunnelUplink, UplinkLimits, open_uplink, receive_handshake_frame
 
 __all__ = ["AGENT_PATH", "ServerConfig", "TunnelServer"]
 
@@ -103,6 +103,7 @@ class ServerConfig:
             accept to the end of a connection's first head; past it 408 and close.
         write_timeout: seconds a write to a visitor may go without completing (the visitor
             reads nothing); past it the connection is closed and its stream reset.
+        uplink_limits: flood and stall limits for each agent's uplink (PROTOCOL.md §7).
     """
 
     host: str = "127.0.0.1"
@@ -132,6 +133,7 @@ class ServerConfig:
     )
     head_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     write_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    uplink_limits: UplinkLimits = attrs.field(factory=UplinkLimits)
 
 
 class _Refusal(Exception):
@@ -333,7 +335,14 @@ class TunnelServer:
             await trio.aclose_forcefully(transport)
             return
         try:
-            async with open_uplink(transport, decoder, welcome, role="relay", name=name) as uplink:
+            async with open_uplink(
+                transport,
+                decoder,
+                welcome,
+                role="relay",
+                name=name,
+                limits=self.config.uplink_limits,
+            ) as uplink:
                 # Decided synchronously: the uplink is routable the moment WELCOME is out.
                 self.routes.attach(lease.session_id, uplink)
                 self._set_policy(lease.session_id, access)  # the most recent agent's wins

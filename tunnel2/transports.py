@@ -176,7 +176,10 @@ class WsprotoTransport(FrameTransport):
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
         self._stream = stream
         self._ws = ws
-        self._control: list[bytes] = []  # pongs and close replies, sent with the next write
+        # Sent ahead of the next write: the PONG to the latest PING only (RFC 6455 §5.5.3
+        # allows it, and a peer that pings without reading cannot grow it), close replies.
+        self._pong = b""
+        self._control: list[bytes] = []
         self._closed = False
         self._pending = b""  # what the socket did not take from send_nowait
 
@@ -188,10 +191,10 @@ class WsprotoTransport(FrameTransport):
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError as exc:
             raise trio.BrokenResourceError(f"websocket is closing: {exc}") from exc
-        if self._control or self._pending:
-            out = b"".join([self._pending, *self._control, out])
+        if self._control or self._pending or self._pong:
+            out = b"".join([self._pending, self._pong, *self._control, out])
             self._control.clear()
-            self._pending = b""
+            self._pending = self._pong = b""
         await self._stream.send_all(out)
 
     def send_nowait(self, data: bytes) -> bool:
@@ -202,9 +205,10 @@ class WsprotoTransport(FrameTransport):
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError:
             return False  # closing: let send() report it
-        if self._control:
-            out = b"".join([*self._control, out])
+        if self._control or self._pong:
+            out = b"".join([self._pong, *self._control, out])
             self._control.clear()
+            self._pong = b""
         sent = stream.send_nowait(out)
         if sent < len(out):
             self._pending = out[sent:]
@@ -220,13 +224,14 @@ class WsprotoTransport(FrameTransport):
 
     async def receive(self) -> bytes | bytearray:
         ws = self._ws
+        read_before = False
         while True:
             chunks: list[bytes] = []
             for event in ws.events():
                 if isinstance(event, wsproto.events.BytesMessage):
                     chunks.append(bytes(event.data))
                 elif isinstance(event, wsproto.events.Ping):
-                    self._control.append(ws.send(event.response()))
+                    self._pong = ws.send(event.response())
                 elif isinstance(event, wsproto.events.CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
                         self._control.append(ws.send(event.response()))
@@ -237,6 +242,12 @@ class WsprotoTransport(FrameTransport):
                 return b"".join(chunks)
             if self._closed:
                 return b""
+            if read_before:
+                # What we read held no message data (PINGs, a partial header): let other tasks
+                # run before reading more, however fast the peer sends such bytes (a
+                # FastSocketStream with data ready returns without a checkpoint).
+                await trio.lowlevel.checkpoint()
+            read_before = True
             data = await self._stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 return b""
@@ -253,7 +264,11 @@ class WsprotoTransport(FrameTransport):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._stream.send_all(
                         b"".join(
-                            [*self._control, self._ws.send(wsproto.events.CloseConnection(1000))]
+                            [
+                                self._pong,
+                                *self._control,
+                                self._ws.send(wsproto.events.CloseConnection(1000)),
+                            ]
                         )
                     )
         await trio.aclose_forcefully(self._stream)

@@ -11,16 +11,28 @@ Tasks (all in the nursery of :func:`open_uplink`):
   ``_out`` without awaiting and wakes it; it puts everything pending into one transport write,
   so frames coalesce under load without timers (DESIGN.md, performance model).
 * ``_keepalive_task`` pings an idle connection and closes a dead one (PROTOCOL.md §6).
+* ``_watchdog_task`` closes the uplink when a write makes no progress for
+  ``UplinkLimits.write_timeout`` (a peer that stopped reading).
 
 Memory is bounded by flow control: DATA waits for stream and connection credit before it is
 queued, so ``_out`` holds at most the peer's connection window of DATA plus small control
 frames and one head per stream; per-stream receive buffers hold at most ``initial_window``.
+Replies the peer provokes (PONG, RESET for OPENs we refuse) are bounded too: one PONG at a
+time, and at most ``UplinkLimits.max_unsent_replies`` unsent (PROTOCOL.md §7.1).
+
+One peer cannot hurt the others (PROTOCOL.md §7.1): the reader yields to other tasks after
+at most ``_FRAMES_PER_CHECKPOINT`` frames or ~256 KiB however fast they arrive, and frames
+that do no useful work (PINGs, WINDOWs returning no credit we used, frames for streams that
+are gone) draw on token buckets; an empty bucket closes the uplink with
+``ENHANCE_YOUR_CALM``. Taking a batch off ``_out`` costs O(frames taken), so draining any
+backlog is linear.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +42,7 @@ import attrs
 import trio
 
 from tunnel2 import frames
+from tunnel2._ratelimit import TokenBucket
 from tunnel2.errors import (
     ErrorCode,
     HandshakeError,
@@ -45,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TunnelStream",
     "TunnelUplink",
+    "UplinkLimits",
     "UplinkStatistics",
     "open_uplink",
     "receive_handshake_frame",
@@ -62,6 +76,51 @@ _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
 _DEAD_AFTER_PINGS: Final = 3
 _CREDIT_RETURN_FRACTION: Final = 2
+# The reader yields to other tasks after this much work (PROTOCOL.md §7.1): a frame is one
+# unit, a receive one unit per started 2 KiB. So a message of thousands of tiny frames, or a
+# peer streaming huge frames, cannot hold the event loop (at most 128 frames or ~256 KiB per
+# turn), and the common case (a few frames per message) pays one checkpoint in ~100
+# messages. FastSocketStream's receive returns without a checkpoint when data is ready, so
+# the count runs across receives.
+_FRAMES_PER_CHECKPOINT: Final = 128
+_RECEIVE_BYTES_PER_UNIT_SHIFT: Final = 11
+# Frames for a stream that is gone which each stream opened lets through without charge: the
+# peer's OPEN, END and RESET may cross our RESET or our close (PROTOCOL.md §4.1, §7).
+_STRAY_FRAMES_PER_STREAM: Final = 3
+# WINDOWs each DATA frame we send lets through without charge: the peer returns its credit
+# on the stream and on the connection (PROTOCOL.md §6.1).
+_WINDOWS_PER_DATA_FRAME: Final = 2
+
+
+@final
+@attrs.frozen
+class UplinkLimits:
+    """What one peer may make an uplink do before it is closed (PROTOCOL.md §7.1).
+
+    The defaults are far above what a busy legitimate peer sends: only frames that do no
+    useful work are counted (see each attribute), and they never reach the rates below.
+
+    Attributes:
+        ping_rate: PING and PONG frames per second the peer may send on average. Our
+            keepalive sends at most two per ``ping_interval``.
+        ping_burst: PING and PONG frames it may send at once.
+        control_rate: per second, on average: WINDOW frames beyond two per DATA frame we
+            sent (credit we did not use cannot come back), frames (OPEN, END, RESET) for
+            streams that are gone beyond three per stream opened, and GOAWAY frames.
+        control_burst: such frames at once.
+        max_unsent_replies: replies the peer provokes (PONG, RESET refusing its OPEN) that may
+            wait unsent because it does not read; one more closes the uplink.
+        write_timeout: seconds one transport write (at most 1 MiB) may take; past it the
+            peer is taken to have stopped reading and the uplink closes. ``math.inf``
+            disables it.
+    """
+
+    ping_rate: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    ping_burst: int = attrs.field(default=100, validator=attrs.validators.ge(1))
+    control_rate: float = attrs.field(default=1000.0, validator=attrs.validators.gt(0))
+    control_burst: int = attrs.field(default=10000, validator=attrs.validators.ge(1))
+    max_unsent_replies: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+    write_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
 
 
 @final
@@ -250,6 +309,7 @@ class TunnelStream:
             chunk = data if size == len(data) else bytes(view[sent : sent + size])
             self._send_window -= size
             uplink._remote_window -= size
+            uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
             uplink._queue(frames.encode(frames.Data(self.id, chunk)))
             sent += size
             if sent < len(data):
@@ -279,6 +339,7 @@ class TunnelStream:
                 raise trio.WouldBlock
             self._send_window -= size
             uplink._remote_window -= size
+            uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
             uplink._queue(frames.encode(frames.Data(self.id, data)))
         if end:
             self.send_end()
@@ -371,8 +432,10 @@ class TunnelUplink:
         role: Role,
         max_incoming: int = 1024,
         name: str = "uplink",
+        limits: UplinkLimits = UplinkLimits(),
     ) -> None:
         self.transport = transport
+        self.limits = limits
         self.settings = settings
         self.role: Role = role
         self.name = name
@@ -385,8 +448,14 @@ class TunnelUplink:
         self._conn_unacked = 0
         self._streams: dict[int, TunnelStream] = {}
         self._last_stream_id = 0
-        self._out: list[bytes] = []
+        self._out: collections.deque[bytes] = collections.deque()
         self._out_size = 0
+        # Positions in the sequence of everything ever queued: items before _taken left _out,
+        # items before _sent were handed to the transport (PONG and reply bookkeeping).
+        self._taken = 0
+        self._sent = 0
+        self._pong_at = -1
+        self._unsent_replies: collections.deque[int] = collections.deque()
         self._out_event = trio.Event()
         self._drained_event = trio.Event()
         self._drained_waiters = 0
@@ -406,7 +475,19 @@ class TunnelUplink:
         )
         self._last_received = trio.current_time()
         self._last_sent = self._last_received
+        self._sends = 0  # writes started; the watchdog sees a stuck one by it
         self._aux_scope = trio.CancelScope()
+        self._writer_scope = trio.CancelScope()
+        # Flood accounting (PROTOCOL.md §7.1): free allowances earned by our own traffic, then
+        # the buckets.
+        self._window_allowance = 0
+        self._stray_allowance = 0
+        self._ping_bucket = TokenBucket(
+            limits.ping_rate, limits.ping_burst, now=self._last_received
+        )
+        self._control_bucket = TokenBucket(
+            limits.control_rate, limits.control_burst, now=self._last_received
+        )
 
     def __repr__(self) -> str:
         state = "CLOSED" if self._closing else "DRAINING" if self._draining else "OPEN"
@@ -462,6 +543,7 @@ class TunnelUplink:
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
         frame = frames.Open(stream_id, head)
         self._last_stream_id = stream_id
+        self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, None)
         self._streams[stream_id] = stream
         if self._idle_event.is_set():
@@ -545,6 +627,8 @@ class TunnelUplink:
             # whole burst waiting for the writer's turn (the pipeline overlaps).
             data = b"".join(out)
             if self.transport.send_nowait(data):
+                self._taken += len(out)
+                self._sent = self._taken
                 out.clear()
                 self._out_size = 0
                 self._last_sent = trio.current_time()
@@ -610,78 +694,120 @@ class TunnelUplink:
     # --- tasks ------------------------------------------------------------------------
 
     async def _writer_task(self) -> None:
-        transport = self.transport
         try:
-            while True:
-                if transport.pending:
-                    self._writer_sending = True
-                    await transport.flush()
-                    self._writer_sending = False
-                if not self._out:
-                    if self._closing:
-                        return
-                    self._out_event = trio.Event()
-                    await self._out_event.wait()
-                    continue
-                if self._out_size <= _MAX_BATCH:
-                    batch, self._out = self._out, []
-                    self._out_size = 0
-                else:
-                    batch = self._take_batch()
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
-                self._wake_drained()
-                self._writer_sending = True
-                if self._closing:
-                    with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
-                        await transport.send(data)
-                    return
-                await transport.send(data)
-                self._writer_sending = False
-                self._last_sent = trio.current_time()
+            # _watchdog_task cancels this scope when a write makes no progress; the write it
+            # interrupts leaves the transport broken, so nothing is sent after it.
+            with self._writer_scope:
+                await self._write_loop()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost while sending: {exc}")
         finally:
             self._writer_done.set()
 
-    def _take_batch(self) -> list[bytes]:
-        batch: list[bytes] = []
-        size = 0
+    async def _write_loop(self) -> None:
+        transport = self.transport
+        while True:
+            if transport.pending:
+                self._sends += 1
+                self._writer_sending = True
+                await transport.flush()
+                self._writer_sending = False
+            if not self._out:
+                if self._closing:
+                    return
+                self._out_event = trio.Event()
+                await self._out_event.wait()
+                continue
+            if self._out_size <= _MAX_BATCH:
+                batch, self._out = self._out, collections.deque()
+                self._out_size = 0
+            else:
+                batch = self._take_batch()
+            self._taken += len(batch)
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            self._wake_drained()
+            self._sends += 1
+            self._writer_sending = True
+            if self._closing:
+                with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+                    await transport.send(data)
+                return
+            await transport.send(data)
+            self._writer_sending = False
+            self._sent = self._taken
+            self._last_sent = trio.current_time()
+
+    def _take_batch(self) -> collections.deque[bytes]:
+        # O(frames taken), however long the backlog (a list's del out[:n] is not).
+        batch: collections.deque[bytes] = collections.deque()
         out = self._out
-        index = 0
-        while index < len(out) and (not batch or size + len(out[index]) <= _MAX_BATCH):
-            size += len(out[index])
-            batch.append(out[index])
-            index += 1
-        del out[:index]
+        size = len(out[0])
+        batch.append(out.popleft())
+        while out and size + len(out[0]) <= _MAX_BATCH:
+            size += len(out[0])
+            batch.append(out.popleft())
         self._out_size -= size
         return batch
+
+    def _queue_reply(self, data: bytes) -> None:
+        # A frame the peer's frame obliges us to send. A peer that makes us reply but does
+        # not read could grow _out without bound: cap what waits unsent (PROTOCOL.md §7.1).
+        replies = self._unsent_replies
+        while replies and replies[0] < self._sent:
+            replies.popleft()
+        if len(replies) >= self.limits.max_unsent_replies:
+            raise RemoteProtocolError(
+                f"peer is not reading: {len(replies)} replies to its frames wait unsent",
+                code=ErrorCode.ENHANCE_YOUR_CALM,
+            )
+        replies.append(self._taken + len(self._out))
+        self._queue(data)
+
+    def _charge(self, bucket: TokenBucket, kind: str) -> None:
+        # A frame that does no useful work draws a token; none left is a flood (§7.1).
+        if not bucket.take(self._last_received):
+            raise RemoteProtocolError(
+                f"{kind} flood: more than {bucket.burst:g} at once or {bucket.rate:g}/s",
+                code=ErrorCode.ENHANCE_YOUR_CALM,
+            )
+
+    def _charge_stray(self, kind: str) -> None:
+        if self._stray_allowance > 0:
+            self._stray_allowance -= 1
+        else:
+            self._charge(self._control_bucket, f"{kind} for unknown streams")
 
     async def _reader_task(self) -> None:
         transport = self.transport
         decoder = self._decoder
+        budget = _FRAMES_PER_CHECKPOINT
         try:
-            # A peer may have sent frames right behind its handshake frame.
-            self._dispatch_all(decoder)
             while True:
-                data = await transport.receive()
-                self._last_received = trio.current_time()
-                decoder.receive_data(data)
-                if not data:
-                    self._dispatch_all(decoder)
+                # First round: frames the peer sent right behind its handshake frame.
+                while (frame := decoder.next_frame()) is not None:
+                    self._dispatch(frame)
+                    if self._closing:
+                        return
+                    budget -= 1
+                    if budget <= 0:
+                        # Let other uplinks and streams run however fast frames arrive (§7.1).
+                        budget = _FRAMES_PER_CHECKPOINT
+                        await trio.lowlevel.checkpoint()
+                if decoder.at_eof:
                     self.close("peer closed the connection")
                     return
-                self._dispatch_all(decoder)
+                if budget <= 0:
+                    budget = _FRAMES_PER_CHECKPOINT
+                    await trio.lowlevel.checkpoint()
+                data = await transport.receive()
+                self._last_received = trio.current_time()
+                budget -= 1 + (len(data) >> _RECEIVE_BYTES_PER_UNIT_SHIFT)
+                decoder.receive_data(data)
         except ProtocolError as exc:
             logger.warning("%s protocol error: %s", self, exc)
             self.close(f"protocol error: {exc}", exc.code)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost: {exc}")
-
-    def _dispatch_all(self, decoder: frames.FrameDecoder) -> None:
-        while (frame := decoder.next_frame()) is not None:
-            self._dispatch(frame)
-            if self._closing:
-                return
 
     def _dispatch(self, frame: frames.Frame) -> None:
         kind = type(frame)
@@ -710,7 +836,9 @@ class TunnelUplink:
             stream._wake()
         elif kind is frames.End:
             stream = self._streams.get(frame.stream_id)
-            if stream is not None:
+            if stream is None or stream._remote_ended:
+                self._charge_stray("END")
+            else:
                 stream._remote_ended = True
                 stream._wake()
                 stream._maybe_finish()
@@ -719,6 +847,12 @@ class TunnelUplink:
             self._dispatch_open(frame)
         elif kind is frames.Window:
             assert isinstance(frame, frames.Window)
+            # Credit comes back for DATA we sent; a WINDOW beyond that returns nothing we
+            # used (PROTOCOL.md §7.1).
+            if self._window_allowance > 0:
+                self._window_allowance -= 1
+            else:
+                self._charge(self._control_bucket, "WINDOW")
             if frame.stream_id == 0:
                 self._remote_window += frame.increment
                 if self._remote_window > frames.MAX_WINDOW:
@@ -739,7 +873,9 @@ class TunnelUplink:
         elif kind is frames.Reset:
             assert isinstance(frame, frames.Reset)
             stream = self._streams.get(frame.stream_id)
-            if stream is not None:
+            if stream is None:
+                self._charge_stray("RESET")
+            else:
                 error = StreamReset(stream_id=frame.stream_id, code=frame.code, reason=frame.reason)
                 if stream._remote_ended and frame.code == ErrorCode.NO_ERROR:
                     # The peer finished its direction, then stopped ours (an early
@@ -754,11 +890,17 @@ class TunnelUplink:
                     stream._finish()
         elif kind is frames.Ping:
             assert isinstance(frame, frames.Ping)
-            self._queue(frames.encode(frames.Pong(frame.opaque)))
+            self._charge(self._ping_bucket, "PING")
+            # One PONG at a time: while one waits unsent, a PING gets none (liveness is any
+            # frame, PROTOCOL.md §6.2), so a peer that does not read cannot pile them up.
+            if self._pong_at < self._sent:
+                self._pong_at = self._taken + len(self._out)
+                self._queue_reply(frames.encode(frames.Pong(frame.opaque)))
         elif kind is frames.Pong:
-            pass  # liveness was recorded when the bytes arrived
+            self._charge(self._ping_bucket, "PONG")  # liveness was recorded on arrival
         elif kind is frames.GoAway:
             assert isinstance(frame, frames.GoAway)
+            self._charge(self._control_bucket, "GOAWAY")
             logger.info("%s peer sent GOAWAY: %s", self, frame.reason or "no reason")
             self._peer_goaway = frame
             if frame.code != ErrorCode.NO_ERROR:
@@ -773,7 +915,8 @@ class TunnelUplink:
         if self.role == "relay":
             stream = self._streams.get(stream_id)
             if stream is None:
-                return  # an answer to a stream we already gave up on
+                self._charge_stray("OPEN")  # an answer to a stream we already gave up on
+                return
             if stream._head is not None:
                 raise RemoteProtocolError(f"second OPEN on stream {stream_id}")
             stream._head = frame.head
@@ -785,16 +928,17 @@ class TunnelUplink:
                 "relay streams are odd and increasing"
             )
         self._last_stream_id = stream_id
+        self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, frame.head)
         if self._draining:
-            self._queue(
+            self._queue_reply(
                 frames.encode(frames.Reset(stream_id, ErrorCode.REFUSED_STREAM, "draining"))
             )
             return
         try:
             self._incoming_send.send_nowait(stream)
         except trio.WouldBlock:
-            self._queue(
+            self._queue_reply(
                 frames.encode(
                     frames.Reset(stream_id, ErrorCode.OVERLOADED, "agent request queue is full")
                 )
@@ -813,6 +957,27 @@ class TunnelUplink:
                 return
             if now - self._last_sent >= interval:
                 self._queue(frames.encode(frames.Ping(os.urandom(8))))
+
+    async def _watchdog_task(self) -> None:
+        # Polls rather than arming a deadline per write: the writer's hot path only counts
+        # the writes it starts. A stuck write is caught between timeout and 1.25 x timeout.
+        timeout = self.limits.write_timeout
+        watched = -1  # the write in progress at the last poll
+        since = 0.0  # when a poll first saw it in progress
+        while True:
+            await trio.sleep(timeout / 4)
+            now = trio.current_time()
+            if not self._writer_sending:
+                watched = -1
+            elif self._sends != watched:
+                watched, since = self._sends, now
+            elif now - since >= timeout:
+                self.close(
+                    f"peer is not reading: a write made no progress for {timeout:g}s",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                )
+                self._writer_scope.cancel()
+                return
 
 
 async def receive_handshake_frame(
@@ -851,6 +1016,7 @@ async def open_uplink(
     role: Role,
     max_incoming: int = 1024,
     name: str = "uplink",
+    limits: UplinkLimits = UplinkLimits(),
 ) -> AsyncIterator[TunnelUplink]:
     """Run an uplink over a transport whose handshake is done.
 
@@ -867,9 +1033,17 @@ async def open_uplink(
         max_incoming: agent side: streams that may wait for a handler before new ones are
             reset with OVERLOADED.
         name: the short id used in log lines.
+        limits: what the peer may make this uplink do before it is closed
+            (:class:`UplinkLimits`, PROTOCOL.md §7.1).
     """
     uplink = TunnelUplink(
-        transport, decoder, settings, role=role, max_incoming=max_incoming, name=name
+        transport,
+        decoder,
+        settings,
+        role=role,
+        max_incoming=max_incoming,
+        name=name,
+        limits=limits,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -894,3 +1068,5 @@ async def _run_aux(uplink: TunnelUplink) -> None:
             nursery.start_soon(uplink._reader_task)
             if uplink.settings.ping_interval > 0:
                 nursery.start_soon(uplink._keepalive_task, uplink.settings.ping_interval)
+            if not math.isinf(uplink.limits.write_timeout):
+                nursery.start_soon(uplink._watchdog_task)
