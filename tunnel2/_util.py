@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import sniffio
 import trio
 
-__all__ = ["unwrap_lone_error"]
+__all__ = ["require_async_library", "unwrap_lone_error"]
 
 
 @contextmanager
@@ -35,3 +36,26 @@ def _lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | Non
     if isinstance(errors[0], BaseExceptionGroup):
         return _lone_error(errors[0])
     return errors[0]
+
+
+def require_async_library(expected: str, name: str, instead: str) -> None:
+    """Raise a clear error if the caller runs on another event loop than ``expected``.
+
+    Called first thing by loop-specific entry points, so that the first error an asyncio
+    caller of a trio API sees says what to use instead (not trio's confusion deep in a
+    cleanup), and the other way round.
+
+    Args:
+        expected: the sniffio name of the library the entry point needs.
+        name: the entry point, e.g. ``"tunnel2.open_tunnel"``.
+        instead: what to call from other event loops.
+
+    Raises:
+        RuntimeError: the current async library is not ``expected``.
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return  # not in async code at all: the library raises its own clear error
+    if library != expected:
+        raise RuntimeError(f"{name} runs on trio, but this code runs on {library}: use {instead}")

@@ -1,0 +1,179 @@
+"""Tests for :mod:`tunnel2.sync`: ``tunnel2.connect`` and ``tunnel2.start_relay``, the
+thread-backed handles for synchronous code (scripts, threads, the REPL, Flask)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from apps.flask_app import app as flask_app
+from embed_helpers import (
+    STEP_TIMEOUT,
+    fetch,
+    hello_app,
+    silent_listener,
+    sync_relay,
+    tunnel_threads,
+    wsgi_server,
+)
+
+import tunnel2
+
+
+def test_connect_serves_an_asgi_app_and_close_removes_the_session() -> None:
+    with sync_relay() as relay:
+        with tunnel2.connect(hello_app, server=relay.base_url) as tunnel:
+            assert tunnel.public_url.startswith(relay.base_url)
+            assert tunnel.session_id in tunnel.public_url
+            assert tunnel.public_urls[0] == tunnel.public_url
+            assert fetch(tunnel.public_url + "x") == (200, "hello /x")
+            states = [tunnel.closed]
+        states.append(tunnel.closed)
+        assert states == [False, True]
+        status, body = fetch(tunnel.public_url)
+        assert status in (404, 502), body  # the relay saw the agent leave
+        assert tunnel_threads() == ["tunnel2-relay"], "close() joins the tunnel's thread"
+
+
+def test_flask_behind_a_real_wsgi_server_through_the_tunnel() -> None:
+    with (
+        wsgi_server(flask_app) as port,
+        sync_relay() as relay,
+        tunnel2.connect(port, server=relay.base_url) as tunnel,
+    ):
+        answer = httpx.get(tunnel.public_url, timeout=STEP_TIMEOUT)
+        assert answer.status_code == 200
+        assert answer.text == "hello from flask, path /"
+        item = httpx.get(tunnel.public_url + "items/7", timeout=STEP_TIMEOUT)
+        assert item.json() == {"item": 7}
+
+
+def test_several_handles_at_once() -> None:
+    with sync_relay() as relay, sync_relay() as other:
+        tunnels = [tunnel2.connect(hello_app, server=r.base_url) for r in (relay, relay, other)]
+        try:
+            assert len({t.session_id for t in tunnels}) == 3
+            for n, tunnel in enumerate(tunnels):
+                assert fetch(tunnel.public_url + str(n)) == (200, f"hello /{n}")
+        finally:
+            for tunnel in tunnels:
+                tunnel.close()
+        assert tunnel_threads() == ["tunnel2-relay", "tunnel2-relay"]
+
+
+def test_connect_from_a_plain_thread() -> None:
+    results: list[tuple[int, str]] = []
+    with sync_relay() as relay:
+
+        def worker() -> None:
+            with tunnel2.connect(hello_app, server=relay.base_url) as tunnel:
+                results.append(fetch(tunnel.public_url + "t"))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(STEP_TIMEOUT)
+    assert results == [(200, "hello /t")]
+
+
+def test_close_is_idempotent() -> None:
+    with sync_relay() as relay:
+        tunnel = tunnel2.connect(hello_app, server=relay.base_url)
+        tunnel.close()
+        tunnel.close()
+        assert tunnel.closed
+        assert "CLOSED" in repr(tunnel)
+
+
+def test_a_refusal_is_raised_from_connect_with_its_reason() -> None:
+    with (
+        sync_relay(tokens=frozenset({"right"})) as relay,
+        pytest.raises(tunnel2.HandshakeRefused) as info,
+    ):
+        tunnel2.connect(hello_app, server=relay.base_url, token="wrong")
+    assert "token" in info.value.reason
+    assert tunnel_threads() == []
+
+
+def test_an_unreachable_relay_is_raised_from_connect() -> None:
+    with silent_listener() as port:
+        pass  # closed again: nothing listens there now
+    with pytest.raises(tunnel2.HandshakeError, match="cannot connect"):
+        tunnel2.connect(hello_app, server=f"http://127.0.0.1:{port}")
+    assert tunnel_threads() == []
+
+
+def test_a_silent_relay_fails_connect_in_time() -> None:
+    with silent_listener() as port, pytest.raises(tunnel2.HandshakeError):
+        tunnel2.connect(hello_app, server=f"http://127.0.0.1:{port}", connect_timeout=0.5)
+    assert tunnel_threads() == []
+
+
+def test_start_relay_reports_a_bind_error() -> None:
+    with sync_relay() as relay, pytest.raises(OSError, match="in use"):
+        tunnel2.start_relay(tunnel2.ServerConfig(port=relay.port))
+
+
+def run_python(code: str, *, repl: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter (as a ``-c`` script, or typed into ``python -i``)
+    that can import this directory's helpers."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    code = textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-i"] if repl else [sys.executable, "-c", code],
+        input=code if repl else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+# Registered before tunnel2 is imported, so it runs after tunnel2's own atexit hook.
+EXIT_PROBE = """\
+import atexit, threading
+names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("tunnel2-")]
+_ = atexit.register(lambda: print("AT EXIT", tunnel.closed, relay.closed, names()))
+import tunnel2
+from embed_helpers import hello_app
+relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0, drain_timeout=1.0))
+tunnel = tunnel2.connect(hello_app, server=relay.base_url)
+print("OPEN", tunnel.public_url.startswith(relay.base_url), flush=True)
+"""
+
+
+def test_exit_with_open_handles_closes_them() -> None:
+    done = run_python(EXIT_PROBE)
+    assert done.returncode == 0, done.stderr
+    assert "OPEN True" in done.stdout
+    assert "AT EXIT True True []" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_repl_can_open_a_tunnel_and_exit() -> None:
+    done = run_python(EXIT_PROBE + "print('REPL', tunnel.closed)\n", repl=True)
+    assert done.returncode == 0, done.stderr
+    assert "REPL False" in done.stdout
+    assert "AT EXIT True True []" in done.stdout, done.stdout + done.stderr
+
+
+def test_exit_is_bounded_when_a_handle_cannot_stop() -> None:
+    code = """\
+    import time
+    import tunnel2, tunnel2.sync
+    tunnel2.sync.EXIT_TIMEOUT = 0.2
+    relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0))
+    async def block_the_thread() -> None:
+        time.sleep(3600)  # a bug: blocks trio's thread, so the relay can never stop
+    relay._run.submit(block_the_thread)
+    print("BLOCKED", flush=True)
+    """
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "BLOCKED" in done.stdout
+    assert "did not stop within 0.2s at exit" in done.stderr
