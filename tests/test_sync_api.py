@@ -3,15 +3,19 @@ thread-backed handles for synchronous code (scripts, threads, the REPL, Flask)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from apps.flask_app import app as flask_app
 from embed_helpers import (
     STEP_TIMEOUT,
@@ -24,6 +28,7 @@ from embed_helpers import (
 )
 
 import tunnel2
+from tunnel2.sync import TrioThread
 
 
 def test_connect_serves_an_asgi_app_and_close_removes_the_session() -> None:
@@ -141,6 +146,7 @@ import atexit, threading
 names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("tunnel2-")]
 _ = atexit.register(lambda: print("AT EXIT", tunnel.closed, relay.closed, names()))
 import tunnel2
+from tunnel2.sync import TrioThread
 from embed_helpers import hello_app
 relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0, drain_timeout=1.0))
 tunnel = tunnel2.connect(hello_app, server=relay.base_url)
@@ -177,3 +183,48 @@ def test_exit_is_bounded_when_a_handle_cannot_stop() -> None:
     assert done.returncode == 0, done.stderr
     assert "BLOCKED" in done.stdout
     assert "did not stop within 0.2s at exit" in done.stderr
+
+
+# --- TrioThread: the bridge both front doors and tunnel2.testing stand on ---------------
+
+
+@asynccontextmanager
+async def nothing() -> AsyncIterator[str]:
+    await trio.lowlevel.checkpoint()
+    yield "value"
+
+
+async def fail(message: str) -> None:
+    await trio.lowlevel.checkpoint()
+    raise ValueError(message)
+
+
+def test_a_submitted_call_returns_raises_and_cancels() -> None:
+    run = TrioThread(nothing, "tunnel2-test")
+    run.start()
+    try:
+        assert run.ready.result(STEP_TIMEOUT) == "value"
+        future, _ = run.submit(trio.to_thread.run_sync, sum, [1, 2])
+        assert future.result(STEP_TIMEOUT) == 3
+        future, _ = run.submit(fail, "as itself")
+        with pytest.raises(ValueError, match="as itself"):
+            future.result(STEP_TIMEOUT)
+        future, cancel = run.submit(trio.sleep_forever)
+        cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(STEP_TIMEOUT)
+    finally:
+        run.stop()
+        assert run.join(STEP_TIMEOUT)
+    assert run.done.result(0) is None
+    with pytest.raises(RuntimeError, match="not open"):
+        run.submit(trio.sleep_forever)
+
+
+def test_stopping_before_the_block_is_entered() -> None:
+    run = TrioThread(nothing, "tunnel2-test")
+    run.stop()  # before start: the run gives up at once
+    run.start()
+    assert run.join(STEP_TIMEOUT)
+    with pytest.raises(RuntimeError, match="stopped before"):
+        run.ready.result(0)

@@ -93,7 +93,9 @@ class TrioThread(Generic[T]):
     def stop(self) -> None:
         """Ask the run to leave the block (or to give up entering it). Never blocks."""
         self._stop = True
-        self._token_set.wait()
+        if self._thread.ident is None:  # not started: it will see _stop when it starts
+            return
+        self._token_set.wait()  # set at once by a started run
         if self._token is None:  # the run already ended
             return
         with suppress(trio.RunFinishedError):
