@@ -120,15 +120,15 @@ async def test_the_aio_api_from_trio_says_to_use_the_trio_one() -> None:
 
 
 def test_a_fastapi_lifespan_under_uvicorn_opens_the_tunnel() -> None:
-    apps = Path(__file__).parent / "apps"
+    examples = Path(__file__).parent.parent / "examples"
     with sync_relay() as relay, socket.create_server(("127.0.0.1", 0)) as listener:
         env = {
             **os.environ,
             "TUNNEL2_RELAY": relay.base_url,
             "TUNNEL2_PORT": str(listener.getsockname()[1]),
         }
-        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(apps)]
-        command += ["--fd", str(listener.fileno()), "fastapi_app:app"]
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(examples)]
+        command += ["--fd", str(listener.fileno()), "embed_fastapi:app"]
         process = subprocess.Popen(
             command,
             env=env,

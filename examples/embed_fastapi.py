@@ -1,7 +1,13 @@
-"""A FastAPI app whose lifespan opens a tunnel to itself (run by uvicorn in a subprocess).
+"""A FastAPI app whose lifespan exposes it through a tunnel (tunnel2.aio), under uvicorn.
 
-Environment: ``TUNNEL2_RELAY`` (the relay URL) and ``TUNNEL2_PORT`` (the port uvicorn
-serves, which the tunnel exposes). The public URL is printed as ``PUBLIC_URL <url>``.
+Run a relay (``tunnel2 server``), then::
+
+    TUNNEL2_RELAY=http://127.0.0.1:8000 TUNNEL2_PORT=8001 \
+        uvicorn --app-dir examples embed_fastapi:app --port 8001
+
+``TUNNEL2_RELAY`` is the relay, ``TUNNEL2_PORT`` the port uvicorn serves (the tunnel
+forwards to it). The public URL is printed as ``PUBLIC_URL <url>``; Ctrl-C closes the
+tunnel in the lifespan's shutdown, then uvicorn exits. tests/test_aio_api.py runs it.
 """
 
 from __future__ import annotations
