@@ -154,3 +154,27 @@ def test_a_fastapi_lifespan_under_uvicorn_opens_the_tunnel() -> None:
         assert "TUNNEL_CLOSED" in out
         assert "Application shutdown complete" in err
         assert fetch(url)[0] in (404, 502)
+
+
+def test_top_level_await_in_the_asyncio_repl() -> None:
+    # ``python -m asyncio`` runs each line on one running loop, as Jupyter does.
+    lines = """\
+import tunnel2
+from embed_helpers import fetch, hello_app, tunnel_threads
+relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0))
+async with tunnel2.aio.open_tunnel(relay.base_url, hello_app) as tunnel:
+    print("FETCHED", await asyncio.to_thread(fetch, tunnel.public_url + "nb"))
+
+print("LEFT", tunnel_threads(join=True))
+"""
+    done = subprocess.run(
+        [sys.executable, "-m", "asyncio"],
+        input=lines,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "FETCHED (200, 'hello /nb')" in done.stdout, done.stdout + done.stderr
+    assert "LEFT ['tunnel2-relay']" in done.stdout, done.stdout + done.stderr

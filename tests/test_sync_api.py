@@ -28,7 +28,7 @@ from embed_helpers import (
 )
 
 import tunnel2
-from tunnel2.sync import TrioThread
+from tunnel2.sync import ThreadHandle, TrioThread
 
 
 def test_connect_serves_an_asgi_app_and_close_removes_the_session() -> None:
@@ -146,7 +146,7 @@ import atexit, threading
 names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("tunnel2-")]
 _ = atexit.register(lambda: print("AT EXIT", tunnel.closed, relay.closed, names()))
 import tunnel2
-from tunnel2.sync import TrioThread
+from tunnel2.sync import ThreadHandle, TrioThread
 from embed_helpers import hello_app
 relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0, drain_timeout=1.0))
 tunnel = tunnel2.connect(hello_app, server=relay.base_url)
@@ -228,3 +228,18 @@ def test_stopping_before_the_block_is_entered() -> None:
     assert run.join(STEP_TIMEOUT)
     with pytest.raises(RuntimeError, match="stopped before"):
         run.ready.result(0)
+
+
+@asynccontextmanager
+async def fails_on_exit() -> AsyncIterator[str]:
+    yield "value"
+    await trio.lowlevel.checkpoint()
+    raise ValueError("raised after the block was open")
+
+
+def test_close_raises_what_the_background_run_raised_once() -> None:
+    handle = ThreadHandle(fails_on_exit, "tunnel2-test", STEP_TIMEOUT)
+    with pytest.raises(ValueError, match="after the block was open"):
+        handle.close()
+    handle.close()
+    assert handle.closed
