@@ -3,12 +3,17 @@ silent listener, a blocking fetch. Imported by name, like ``httpbackend``."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from werkzeug.serving import make_server
@@ -77,3 +82,21 @@ def tunnel_threads(*, join: bool = False) -> list[str]:
     for thread in threads if join else ():
         thread.join(STEP_TIMEOUT)
     return [t.name for t in threads if t.is_alive()]
+
+
+def run_python(
+    code: str, *, repl: bool = False, args: tuple[str, ...] = ("-i",)
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new interpreter that can import this directory's helpers: as a
+    ``-c`` script, or (``repl``) typed into ``python ARGS`` (``-i``, ``-m asyncio``)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    code = textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, *args] if repl else [sys.executable, "-c", code],
+        input=code if repl else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )

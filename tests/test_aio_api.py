@@ -21,6 +21,7 @@ from embed_helpers import (
     STEP_TIMEOUT,
     fetch,
     hello_app,
+    run_python,
     silent_listener,
     sync_relay,
     tunnel_threads,
@@ -167,14 +168,28 @@ async with tunnel2.aio.open_tunnel(relay.base_url, hello_app) as tunnel:
 
 print("LEFT", tunnel_threads(join=True))
 """
-    done = subprocess.run(
-        [sys.executable, "-m", "asyncio"],
-        input=lines,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(lines, repl=True, args=("-m", "asyncio"))
     assert "FETCHED (200, 'hello /nb')" in done.stdout, done.stdout + done.stderr
     assert "LEFT ['tunnel2-relay']" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_loop_closed_with_the_block_still_open_does_not_keep_the_process() -> None:
+    # The loop is closed without leaving the block (no asyncio.run to cancel the task):
+    # the thread is left running, and interpreter exit closes it.
+    code = """\
+import asyncio, atexit, threading
+names = lambda: [t.name for t in threading.enumerate() if t.name.startswith("tunnel2-")]
+_ = atexit.register(lambda: print("AT EXIT", names()))
+import tunnel2
+from embed_helpers import hello_app
+relay = tunnel2.start_relay(tunnel2.ServerConfig(port=0, drain_timeout=1.0))
+loop = asyncio.new_event_loop()
+block = tunnel2.aio.open_tunnel(relay.base_url, hello_app)
+tunnel = loop.run_until_complete(block.__aenter__())
+loop.close()
+print("OPEN", names())
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "OPEN ['tunnel2-relay', 'tunnel2-aio-tunnel']" in done.stdout, done.stdout
+    assert "AT EXIT []" in done.stdout, done.stdout + done.stderr

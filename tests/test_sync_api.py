@@ -4,14 +4,9 @@ thread-backed handles for synchronous code (scripts, threads, the REPL, Flask)."
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +16,7 @@ from embed_helpers import (
     STEP_TIMEOUT,
     fetch,
     hello_app,
+    run_python,
     silent_listener,
     sync_relay,
     tunnel_threads,
@@ -122,22 +118,6 @@ def test_a_silent_relay_fails_connect_in_time() -> None:
 def test_start_relay_reports_a_bind_error() -> None:
     with sync_relay() as relay, pytest.raises(OSError, match="in use"):
         tunnel2.start_relay(tunnel2.ServerConfig(port=relay.port))
-
-
-def run_python(code: str, *, repl: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a new interpreter (as a ``-c`` script, or typed into ``python -i``)
-    that can import this directory's helpers."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    code = textwrap.dedent(code)
-    return subprocess.run(
-        [sys.executable, "-i"] if repl else [sys.executable, "-c", code],
-        input=code if repl else None,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 # Registered before tunnel2 is imported, so it runs after tunnel2's own atexit hook.

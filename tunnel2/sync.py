@@ -213,7 +213,8 @@ class ThreadHandle(Generic[T]):
             self._run.stop()
             self._run.join(EXIT_TIMEOUT)
             raise TimeoutError(f"{name} did not start within {timeout}s") from None
-        except BaseException:
+        except BaseException:  # the run's own error (it has ended), or KeyboardInterrupt here
+            self._run.stop()
             self._run.join(EXIT_TIMEOUT)
             raise
         self._closed = False
