@@ -65,8 +65,13 @@ class TrioThread(Generic[T]):
     ``ready`` resolves to the value the block yields (or the exception entering it
     raised); ``done`` resolves when the run has ended (to the exception leaving the block
     raised, if any). Both are :class:`concurrent.futures.Future`, so a thread waits with
-    ``.result()`` and asyncio with ``asyncio.wrap_future``. Internal: the public handles
-    are :class:`Tunnel` and :class:`Relay`.
+    ``.result()`` and asyncio with ``asyncio.wrap_future``. The building block of
+    :class:`ThreadHandle` (:func:`connect`, :func:`start_relay`), :mod:`tunnel2.aio` and
+    the thread-backed memory tunnels of :mod:`tunnel2.testing`.
+
+    The thread is a daemon (so a forgotten run cannot keep the interpreter alive) and is
+    joined by its owner; runs still open at exit are stopped and joined by an
+    :mod:`atexit` hook, within ``EXIT_TIMEOUT`` seconds each.
     """
 
     def __init__(self, open_block: Callable[[], AbstractAsyncContextManager[T]], name: str) -> None:
