@@ -9,9 +9,10 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import sniffio
 import trio
 
-__all__ = ["positive_float", "positive_int", "unwrap_lone_error"]
+__all__ = ["positive_float", "positive_int", "require_async_library", "unwrap_lone_error"]
 
 
 @contextmanager
@@ -58,3 +59,26 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+def require_async_library(expected: str, name: str, instead: str) -> None:
+    """Raise a clear error if the caller runs on another event loop than ``expected``.
+
+    Called first thing by loop-specific entry points, so that the first error an asyncio
+    caller of a trio API sees says what to use instead (not trio's confusion deep in a
+    cleanup), and the other way round.
+
+    Args:
+        expected: the sniffio name of the library the entry point needs.
+        name: the entry point, e.g. ``"tunnel2.open_tunnel"``.
+        instead: what to call from other event loops.
+
+    Raises:
+        RuntimeError: the current async library is not ``expected``.
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return  # not in async code at all: the library raises its own clear error
+    if library != expected:
+        raise RuntimeError(f"{name} runs on trio, but this code runs on {library}: use {instead}")

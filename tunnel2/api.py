@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
-from tunnel2._util import unwrap_lone_error
+from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import (
     Agent,
     AgentConfig,
@@ -63,6 +63,7 @@ async def serve_tunnel_server(
         OSError: the address could not be bound.
         ExceptionGroup: an unexpected error in a connection task (a bug).
     """
+    require_async_library("trio", "tunnel2.serve_tunnel_server", "tunnel2.aio.open_tunnel_server")
     config = config or ServerConfig()
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
@@ -98,7 +99,11 @@ async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterato
 
     On exit the relay drains: agents get GOAWAY and in-flight requests get
     ``config.drain_timeout`` seconds, then everything is cancelled.
+
+    Raises:
+        RuntimeError: called from asyncio (use :func:`tunnel2.aio.open_tunnel_server`).
     """
+    require_async_library("trio", "tunnel2.open_tunnel_server", "tunnel2.aio.open_tunnel_server")
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(serve_tunnel_server, config)
         try:
@@ -165,7 +170,9 @@ async def open_tunnel(
     Raises:
         HandshakeRefused: the relay refused the agent (bad token, session held).
         HandshakeError: the relay could not be reached.
+        RuntimeError: called from asyncio (use :func:`tunnel2.aio.open_tunnel`).
     """
+    require_async_library("trio", "tunnel2.open_tunnel", "tunnel2.aio.open_tunnel")
     config = AgentConfig(
         token=token,
         session_id=session_id,

@@ -10,31 +10,48 @@ the ``memory_tunnel`` fixture::
 
 Everything runs in the block's own nursery; leaving the block cancels it. Only the fixture
 needs pytest; :func:`open_memory_tunnel` works in any trio program.
+
+The fixture works under every async test runner with no configuration: it asks sniffio
+which library runs the test, and under trio (pytest-trio, anyio's trio backend) it is
+:func:`open_memory_tunnel` itself; under asyncio (pytest-asyncio, anyio's asyncio backend)
+the same memory tunnel runs on trio in a thread the block owns (:mod:`tunnel2.aio`'s
+bridge) and ``request`` is awaited on asyncio. Plain ``def`` tests use
+:func:`sync_memory_tunnel`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import final
+from typing import Protocol, final
 
 import attrs
 import h11
+import sniffio
 import trio
 import trio.testing
 
+from tunnel2 import aio
 from tunnel2.agent import Agent, AgentConfig, AsgiApp, BackendForwarder, Connector
 from tunnel2.api import handler_for
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
+from tunnel2.sync import EXIT_TIMEOUT, ThreadHandle, TrioThread
 from tunnel2.transports import FrameTransport, memory_transport_pair
 
 __all__ = [
+    "AioMemoryTunnel",
     "MemoryTunnel",
     "MemoryTunnelFactory",
     "Response",
+    "SyncMemoryTunnel",
+    "TunnelClient",
     "memory_tunnel",
     "open_memory_tunnel",
+    "open_memory_tunnel_here",
+    "sync_memory_tunnel",
 ]
 
 MEMORY_BASE_URL = "http://relay.test"
@@ -193,7 +210,172 @@ async def open_memory_tunnel(
                     await handler.aclose()
 
 
-MemoryTunnelFactory = Callable[..., AbstractAsyncContextManager[MemoryTunnel]]
+class TunnelClient(Protocol):
+    """What every memory tunnel offers, whichever loop drives it."""
+
+    @property
+    def public_url(self) -> str:
+        """The session's public URL (on the fake host ``relay.test``)."""
+        ...
+
+    @property
+    def path_prefix(self) -> str:
+        """The path prefix of the session on the entry (``/session/{id}``)."""
+        ...
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        raw_path: bool = False,
+    ) -> Response:
+        """Send one request through the tunnel (see :meth:`MemoryTunnel.request`)."""
+        ...
+
+
+def _request_call(
+    tunnel: MemoryTunnel,
+    method: str,
+    path: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes,
+    raw_path: bool,
+) -> Callable[[], Awaitable[Response]]:
+    return functools.partial(
+        tunnel.request, method, path, headers=list(headers), body=body, raw_path=raw_path
+    )
+
+
+class _ThreadedMemoryTunnel:
+    """The plain facts of a :class:`MemoryTunnel` that runs in another thread."""
+
+    _value: MemoryTunnel
+
+    @property
+    def public_url(self) -> str:
+        """The session's public URL (on the fake host ``relay.test``)."""
+        return self._value.public_url
+
+    @property
+    def path_prefix(self) -> str:
+        """The path prefix of the session on the entry (``/session/{id}``)."""
+        return self._value.path_prefix
+
+
+@final
+class AioMemoryTunnel(_ThreadedMemoryTunnel):
+    """A :class:`MemoryTunnel` on trio in a thread, driven from asyncio."""
+
+    def __init__(self, run: TrioThread[MemoryTunnel]) -> None:
+        self._run = run
+        self._value = run.ready.result()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        raw_path: bool = False,
+    ) -> Response:
+        """:meth:`MemoryTunnel.request`, awaited on asyncio; cancelling it cancels it."""
+        future, cancel = self._run.submit(
+            _request_call(self._value, method, path, headers, body, raw_path)
+        )
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel()
+            raise
+
+
+@final
+class SyncMemoryTunnel(ThreadHandle[MemoryTunnel], _ThreadedMemoryTunnel):
+    """A :class:`MemoryTunnel` on trio in a thread, for plain ``def`` tests.
+
+    Made by :func:`sync_memory_tunnel`; ``close()`` (or the end of the ``with`` block)
+    stops it.
+    """
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        raw_path: bool = False,
+        timeout: float = 30.0,
+    ) -> Response:
+        """:meth:`MemoryTunnel.request`, blocking this thread for at most ``timeout`` s.
+
+        Raises:
+            TimeoutError: no complete response within ``timeout`` (the request is
+                cancelled).
+        """
+        future, cancel = self._run.submit(
+            _request_call(self._value, method, path, headers, body, raw_path)
+        )
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            cancel()
+            raise
+
+
+def sync_memory_tunnel(
+    target: int | str | AsgiApp,
+    *,
+    config: ServerConfig | None = None,
+    agent_config: AgentConfig | None = None,
+) -> SyncMemoryTunnel:
+    """:func:`open_memory_tunnel` for synchronous code: ``with sync_memory_tunnel(app) as t``.
+
+    ``target`` is an ASGI app (called on the tunnel's trio thread) or a port / URL of a
+    real backend (a Flask or Django dev server in a thread, for instance).
+    """
+    return SyncMemoryTunnel(
+        lambda: open_memory_tunnel(target, config=config, agent_config=agent_config),
+        "tunnel2-memory",
+        EXIT_TIMEOUT,
+    )
+
+
+@asynccontextmanager
+async def open_memory_tunnel_here(
+    target: int | str | AsgiApp,
+    *,
+    config: ServerConfig | None = None,
+    agent_config: AgentConfig | None = None,
+) -> AsyncIterator[TunnelClient]:
+    """:func:`open_memory_tunnel` on whatever async library runs the caller.
+
+    Under trio it is :func:`open_memory_tunnel`; under asyncio the tunnel runs on trio in
+    a thread the block owns and yields an :class:`AioMemoryTunnel`. What the
+    ``memory_tunnel`` fixture returns.
+
+    Raises:
+        RuntimeError: another async library (sniffio names it).
+    """
+    library = sniffio.current_async_library()
+    if library == "trio":
+        async with open_memory_tunnel(target, config=config, agent_config=agent_config) as t:
+            yield t
+    elif library == "asyncio":
+        async with aio.run_in_trio_thread(
+            lambda: open_memory_tunnel(target, config=config, agent_config=agent_config),
+            "tunnel2-memory",
+        ) as run:
+            yield AioMemoryTunnel(run)
+    else:
+        raise RuntimeError(f"tunnel2.testing supports trio and asyncio, not {library}")
+
+
+MemoryTunnelFactory = Callable[..., AbstractAsyncContextManager[TunnelClient]]
 
 
 try:
@@ -204,5 +386,6 @@ else:
 
     @pytest.fixture
     def memory_tunnel() -> MemoryTunnelFactory:
-        """pytest fixture: :func:`open_memory_tunnel`, for ``async with memory_tunnel(app)``."""
-        return open_memory_tunnel
+        """pytest fixture: :func:`open_memory_tunnel_here`, for ``async with memory_tunnel(app)``
+        under any runner (pytest-trio, anyio, pytest-asyncio)."""
+        return open_memory_tunnel_here

@@ -1,0 +1,1 @@
+"""Apps the embedding tests serve with real servers: Flask (werkzeug), FastAPI (uvicorn)."""
