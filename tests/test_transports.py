@@ -1,7 +1,7 @@
 """Tests for :mod:`tunnel2.transports`: byte strings in, byte strings out, trio's error meanings.
 
-StreamTransport runs over trio's memory streams; WebSocketTransport over a real loopback
-trio-websocket connection (127.0.0.1, port 0), started in pytest-trio's ``nursery`` fixture.
+StreamTransport runs over trio's memory streams; WsprotoTransport over a connected socket pair
+(and over TLS in ``tests/test_tls.py``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import attrs
 import pytest
 import trio
 import trio.testing
-import trio_websocket
+import wsproto.events
 
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream
 from tunnel2.transports import (
     StreamTransport,
-    WebSocketTransport,
     WsprotoTransport,
     accept_websocket,
     connect_websocket,
@@ -114,107 +112,6 @@ async def test_memory_pair_buffers_without_a_reader() -> None:
         assert await receive_exactly(right, 8) == b"buffered"
 
 
-# --- WebSocketTransport ---------------------------------------------------------------------
-
-
-@attrs.frozen
-class WebSocketPeers:
-    client: WebSocketTransport
-    server: WebSocketTransport
-    server_ws: trio_websocket.WebSocketConnection
-    client_tcp: trio.SocketStream
-
-
-@asynccontextmanager
-async def websocket_peers(nursery: trio.Nursery) -> AsyncIterator[WebSocketPeers]:
-    """A loopback WebSocket connection, wrapped in a transport on both ends.
-
-    The client's TCP stream is opened here (not by ``open_websocket_url``) so tests can see
-    whether closing the transport closed the socket; it is closed on exit either way.
-    """
-    accepted_send, accepted_receive = trio.open_memory_channel[trio_websocket.WebSocketConnection](
-        1
-    )
-
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await accepted_send.send(ws)
-        await trio.sleep_forever()  # keep the connection until the test closes it
-
-    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
-    tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
-    try:
-        client = await trio_websocket.wrap_client_stream(nursery, tcp, "127.0.0.1", "/")
-        try:
-            server_ws = await accepted_receive.receive()
-            yield WebSocketPeers(
-                WebSocketTransport(client, tcp), WebSocketTransport(server_ws), server_ws, tcp
-            )
-        finally:
-            await client.aclose()
-    finally:
-        await tcp.aclose()
-
-
-async def test_websocket_transport_round_trips_binary_messages(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            wire = frames.encode(frames.Open(1, b"GET / HTTP/1.1\r\n\r\n"))
-            await peers.client.send(wire)
-            received = await peers.server.receive()
-            assert received == wire
-            assert isinstance(received, bytes)
-            await peers.server.send(b"\x00\xffanswer")
-            await peers.server.send(b"second")
-            # Message boundaries are kept (one send is one receive).
-            assert await peers.client.receive() == b"\x00\xffanswer"
-            assert await peers.client.receive() == b"second"
-
-
-async def test_websocket_transport_returns_empty_bytes_when_the_peer_closes(
-    nursery: trio.Nursery,
-) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server.send(b"goodbye")
-            await peers.server.aclose()
-            assert await peers.client.receive() == b"goodbye"
-            assert await peers.client.receive() == b""
-            assert await peers.client.receive() == b""
-            with pytest.raises(trio.BrokenResourceError):
-                await peers.client.send(b"too late")
-
-
-async def test_websocket_transport_rejects_text_messages(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server_ws.send_message("not binary")
-            with pytest.raises(trio.BrokenResourceError):
-                await peers.client.receive()
-
-
-async def test_websocket_transport_close_is_idempotent(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.client.aclose()
-            await peers.client.aclose()
-            assert await peers.server.receive() == b""
-
-
-async def test_websocket_transport_close_after_the_peer_closed_frees_the_socket(
-    nursery: trio.Nursery,
-) -> None:
-    # trio-websocket's client waits for the server's TCP close and, once the close handshake
-    # is done, its aclose() returns early without closing the TCP stream; the transport's
-    # aclose() must still free the socket ("frees it even if ...", FrameTransport.aclose).
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server.aclose()
-            assert await peers.client.receive() == b""
-            await peers.client.aclose()
-            assert peers.client_tcp.socket.fileno() == -1
-
-
 # --- WsprotoTransport: wsproto driven from the caller's task over a bare socket --------------
 
 
@@ -257,6 +154,39 @@ async def test_wsproto_transport_round_trips_and_closes() -> None:
             assert await client.receive() == b"back"
             await client.aclose()
             assert await server.receive() == b""
+
+
+async def test_wsproto_transport_returns_empty_bytes_when_the_peer_closes() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            await server.send(b"goodbye")
+            await server.aclose()
+            assert await client.receive() == b"goodbye"
+            assert await client.receive() == b""
+            assert await client.receive() == b""
+            with pytest.raises(trio.BrokenResourceError):
+                await client.send(b"too late")
+
+
+async def test_wsproto_transport_rejects_text_messages() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            # The transport never sends text; write one with its wsproto connection.
+            await server._stream.send_all(server._ws.send(wsproto.events.TextMessage("text")))
+            with pytest.raises(trio.BrokenResourceError, match="text message"):
+                await client.receive()
+
+
+async def test_wsproto_transport_close_is_idempotent_and_frees_the_socket() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            await server.aclose()
+            assert await client.receive() == b""
+            await client.aclose()
+            await client.aclose()
+            stream = client._stream
+            assert isinstance(stream, FastSocketStream)
+            assert stream.socket.fileno() == -1
 
 
 def is_pending(transport: WsprotoTransport) -> bool:

@@ -13,20 +13,84 @@ is not a checkpoint (so it cannot be cancelled either); :meth:`aclose` is. Calle
 path always reach a blocking wait per request, so no task can starve the others. Errors keep
 trio's meanings (``ClosedResourceError``: we closed it; ``BrokenResourceError``: the peer
 went away).
+
+What a stream can do beyond :class:`trio.abc.Stream` is said by small Protocols
+(:class:`HasPeerAddress`, :class:`CanTellPeerClosed`, :class:`CanSendNowait`; half-closing is
+trio's :class:`trio.abc.HalfCloseableStream`), so callers check the ability, not the class,
+and a wrapped stream (TLS, :mod:`tunnel2._tls`) keeps what it can forward (STYLE.md §10).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
 import socket
-from typing import Final, final
+from typing import Final, Protocol, final, runtime_checkable
 
 import trio
 
-__all__ = ["FastSocketStream", "connect_tcp"]
+__all__ = [
+    "CanSendNowait",
+    "CanTellPeerClosed",
+    "FastSocketStream",
+    "HasPeerAddress",
+    "connect_tcp",
+    "peer_hung_up",
+]
 
 _RECEIVE_SIZE: Final = 65536
+
+
+@runtime_checkable
+class HasPeerAddress(Protocol):
+    """A stream that knows the address of its peer (X-Forwarded-For)."""
+
+    def getpeername(self) -> str:
+        """The peer's address, or ``"unknown"``."""
+        ...
+
+
+@runtime_checkable
+class CanTellPeerClosed(Protocol):
+    """A stream that can tell, without waiting, that its peer hung up."""
+
+    def peer_closed(self) -> bool:
+        """True if the peer is gone (a peek; nothing is consumed)."""
+        ...
+
+
+@runtime_checkable
+class CanSendNowait(Protocol):
+    """A stream that can send without waiting (the uplink writer's fast path)."""
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the transport takes now; return how many bytes that was."""
+        ...
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """True if the peer of ``sock`` shut down its sending side, even with unread bytes left.
+
+    For streams that wrap the socket (TLS), where unread bytes (a close_notify alert) may sit
+    before the end of the stream. Uses ``POLLRDHUP`` where the system has it (Linux); elsewhere
+    only an end with nothing unread before it is seen.
+    """
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if rdhup:
+        poller = select.poll()
+        poller.register(sock, rdhup)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 @final
@@ -106,6 +170,19 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             return False
         except OSError:
             return True
+
+    async def peek(self, max_bytes: int) -> bytes:
+        """Wait for bytes and return up to ``max_bytes`` of them without consuming them
+        (``b""`` once the peer closed). Always a checkpoint (it is not on the data path)."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        while True:
+            await trio.lowlevel.wait_readable(self.socket)
+            with contextlib.suppress(BlockingIOError):
+                try:
+                    return self.socket.recv(max_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except ConnectionError as exc:
+                    raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:

@@ -6,15 +6,19 @@ Layer: top. No logic of its own: every subcommand calls the library.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from tunnel2._tls import server_context
 from tunnel2._util import unwrap_lone_error
-from tunnel2.api import open_tunnel, serve_tunnel_server
+from tunnel2.agent import websocket_connector
+from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
@@ -57,9 +61,11 @@ async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args:
         nursery.cancel_scope.cancel()
 
 
-async def _run_server(config: ServerConfig) -> None:
+async def _run_server(config: ServerConfig, ssl_context: ssl.SSLContext | None) -> None:
     async with trio.open_nursery() as nursery:
-        server: TunnelServer = await nursery.start(serve_tunnel_server, config)
+        server: TunnelServer = await nursery.start(
+            functools.partial(serve_tunnel_server, config, ssl_context=ssl_context)
+        )
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
 
@@ -74,9 +80,22 @@ def _server(args: argparse.Namespace) -> int:
         tokens=frozenset(args.token) if args.token else None,
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    # --- tls ---
+    ssl_context = None
+    if args.tls_key and not args.tls_cert:
+        print("tunnel2 server: --tls-key needs --tls-cert", file=sys.stderr)
+        return 2
+    if args.tls_cert:
+        try:
+            ssl_context = server_context(args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            print(f"tunnel2 server: {exc}", file=sys.stderr)
+            return 2
     try:
-        trio.run(_until_terminated, _run_server, config)
+        trio.run(_until_terminated, _run_server, config, ssl_context)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -85,14 +104,17 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_http(args: argparse.Namespace) -> None:
-    target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
+async def _run_http(args: argparse.Namespace, target: str) -> None:
     async with open_tunnel(
         args.server,
         target,
         session_id=args.session,
         token=args.token,
         max_concurrent=args.max_concurrent,
+        ca_file=args.ca_file,
+        insecure_transport=args.insecure_transport,
+        backend_ca_file=args.backend_ca_file,
+        backend_insecure=args.backend_insecure,
     ) as tunnel:
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
         await trio.sleep_forever()
@@ -103,8 +125,20 @@ def _http(args: argparse.Namespace) -> int:
     if not args.target.isdigit() and "://" not in args.target:
         print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
         return 2
+    target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
+    # --- tls ---
+    try:  # what open_tunnel would refuse (clear text, CA files), said before anything runs
+        websocket_connector(
+            args.server, ca_file=args.ca_file, insecure_transport=args.insecure_transport
+        )
+        handler_for(
+            target, backend_ca_file=args.backend_ca_file, backend_insecure=args.backend_insecure
+        )
+    except ValueError as exc:
+        print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 2
     try:
-        trio.run(_until_terminated, _run_http, args)
+        trio.run(_until_terminated, _run_http, args, target)
     except KeyboardInterrupt:
         pass
     except HandshakeError as exc:
@@ -132,11 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=30.0, help="seconds before 504 (default 30)"
     )
     server.add_argument("--max-body-size", type=int, help="largest request body in bytes (413)")
+    # --- tls ---
+    server.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS and WSS with this PEM certificate chain"
+    )
+    server.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="the certificate's PEM private key (default: in --tls-cert)",
+    )
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
     http = subparsers.add_parser("http", help="expose a local port or URL through a relay")
-    http.add_argument("target", help="a port on 127.0.0.1, or an http://host:port URL")
+    http.add_argument("target", help="a port on 127.0.0.1, or an http(s)://host:port URL")
     http.add_argument(
         "--server", default="http://127.0.0.1:8000", help="the relay (default %(default)s)"
     )
@@ -144,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--token", help="the relay's agent token")
     http.add_argument(
         "--max-concurrent", type=int, default=64, help="requests answered at once (default 64)"
+    )
+    # --- tls ---
+    http.add_argument(
+        "--ca-file", metavar="FILE", help="trust only these CA certificates (PEM) for the relay"
+    )
+    http.add_argument(
+        "--insecure-transport",
+        action="store_true",
+        help="allow an http:// relay that is not on loopback (token and traffic in clear text)",
+    )
+    http.add_argument(
+        "--backend-ca-file",
+        metavar="FILE",
+        help="trust only these CA certificates (PEM) for an https:// target",
+    )
+    http.add_argument(
+        "--backend-insecure",
+        action="store_true",
+        help="accept any certificate from an https:// target",
     )
     _add_verbosity(http)
     http.set_defaults(func=_http)

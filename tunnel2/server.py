@@ -1,6 +1,6 @@
 """TunnelServer: accepts agents, authenticates them and keeps the session registry.
 
-Layer: above uplink. May import trio, trio-websocket, attrs, frames, transports, uplink,
+Layer: above uplink. May import trio, attrs, frames, transports, uplink,
 errors. The public HTTP side lives in :mod:`tunnel2.entry`, which imports this module.
 
 Invariant: the registry changes only synchronously (no ``await`` between a decision and its
@@ -57,6 +57,8 @@ class ServerConfig:
         connection_window: per-connection credit.
         ping_interval: keepalive interval on uplinks (0 disables).
         drain_timeout: seconds in-flight requests get when the relay shuts down.
+        tls_cert: PEM certificate chain; set, the port serves HTTPS and WSS.
+        tls_key: PEM private key of ``tls_cert`` (``None``: it is in ``tls_cert``).
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +79,8 @@ class ServerConfig:
     connection_window: int = 4 * 1024 * 1024
     ping_interval: float = 15.0
     drain_timeout: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 @attrs.define

@@ -1,0 +1,563 @@
+"""TLS on both legs: an HTTPS/WSS relay, agents that verify it, https backends.
+
+Certificates come from trustme (a throwaway CA per test). Everything binds 127.0.0.1 port 0 and
+is bounded with ``trio.fail_after``; no test asserts on timing (STYLE.md §8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import socket
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import h11
+import pytest
+import trio
+import trustme
+from httpbackend import Backend, Reply, Request, decode_echo, pattern_sha256, route, serve_backend
+from test_cli import CLI, run
+from test_e2e_sockets import raw_exchange
+
+import tunnel2
+from tunnel2 import ServerConfig, TunnelServer
+from tunnel2._sockets import (
+    CanSendNowait,
+    CanTellPeerClosed,
+    FastSocketStream,
+    HasPeerAddress,
+    connect_tcp,
+)
+from tunnel2._tls import TlsStream, wrap_client
+from tunnel2.agent import websocket_connector
+
+TIMEOUT = 15
+
+
+# --- certificates ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Pki:
+    """A CA and a certificate it issued for 127.0.0.1 and localhost, also as PEM files."""
+
+    ca: trustme.CA
+    cert: trustme.LeafCert
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(context)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def make_pki(directory: Path) -> Pki:
+    directory.mkdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    for pem in cert.cert_chain_pems:
+        pem.write_to_path(str(directory / "cert.pem"), append=True)
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    return Pki(
+        ca, cert, str(directory / "ca.pem"), str(directory / "cert.pem"), str(directory / "key.pem")
+    )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def other_pki(tmp_path: Path) -> Pki:
+    """A second, unrelated CA: trusting it is trusting the wrong one."""
+    return make_pki(tmp_path / "other")
+
+
+# --- a small HTTPS client (h11 over trio's SSLStream) ---------------------------------------
+
+
+@attrs.frozen
+class Response:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    def echo(self) -> Request:
+        assert self.status == 200, (self.status, self.body[:300])
+        return decode_echo(self.body)
+
+
+async def send_request(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    url: str,
+    method: str,
+    body: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+) -> None:
+    parts = urllib.parse.urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    fields = [(b"Host", parts.netloc.encode()), *headers]
+    if body:
+        fields.append((b"Content-Length", b"%d" % len(body)))
+    data = conn.send(h11.Request(method=method, target=target, headers=fields))
+    assert data is not None
+    if body:
+        data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)
+
+
+async def read_response(stream: trio.abc.Stream, conn: h11.Connection) -> Response:
+    head: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        elif isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return Response(head.status_code, dict(head.headers), bytes(body))
+
+
+@asynccontextmanager
+async def open_client(url: str, context: ssl.SSLContext | None) -> AsyncIterator[trio.abc.Stream]:
+    """A connection to ``url``'s host: TLS trusting ``context`` for https, else plain TCP."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    stream: trio.abc.Stream
+    if parts.scheme == "https":
+        assert context is not None
+        stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname, parts.port, ssl_context=context, https_compatible=True
+        )
+    else:
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        yield stream
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def fetch(
+    url: str,
+    context: ssl.SSLContext | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> Response:
+    """One request on a fresh connection."""
+    async with open_client(url, context) as stream:
+        conn = h11.Connection(h11.CLIENT)
+        await send_request(stream, conn, url, method, body, headers)
+        return await read_response(stream, conn)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+async def start_tls_relay(nursery: trio.Nursery, pki: Pki, **config: object) -> TunnelServer:
+    server: TunnelServer = await nursery.start(
+        functools.partial(
+            tunnel2.serve_tunnel_server,
+            ServerConfig(port=0, **config),  # type: ignore[arg-type]
+            ssl_context=pki.server_context(),
+        )
+    )
+    return server
+
+
+@pytest.fixture
+async def backend(nursery: trio.Nursery) -> Backend:
+    started: Backend = await nursery.start(serve_backend, "echo")
+    return started
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+# --- the stream layer --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def tls_pair(pki: Pki) -> AsyncIterator[tuple[TlsStream, trio.SSLStream[trio.SocketStream]]]:
+    """A server-side TlsStream (over a FastSocketStream) and a trio SSL client, handshaken."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted, _ = listener.accept()
+    finally:
+        listener.close()
+    server = TlsStream(FastSocketStream(accepted), pki.server_context(), server_side=True)
+    client = trio.SSLStream(client_tcp, pki.client_context(), server_hostname="127.0.0.1")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            await client.do_handshake()
+        yield server, client
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+
+
+async def test_tls_stream_keeps_peer_address_and_peer_closed(pki: Pki) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with tls_pair(pki) as (server, client):
+            assert isinstance(server, HasPeerAddress)
+            assert isinstance(server, CanTellPeerClosed)
+            # What TLS cannot do is not claimed (callers then take the ordinary path).
+            abilities: object = server
+            assert not isinstance(abilities, CanSendNowait)
+            assert not isinstance(abilities, trio.abc.HalfCloseableStream)
+            assert server.getpeername() == "127.0.0.1"
+            await client.send_all(b"ping")
+            assert await server.receive_some(10) == b"ping"
+            await server.send_all(b"pong")
+            assert await client.receive_some(10) == b"pong"
+            assert not server.peer_closed()
+            await client.send_all(b"unread")  # data waiting is not a hang-up
+            await trio.lowlevel.wait_readable(server.transport.socket)
+            assert not server.peer_closed()
+            # A spec-compliant close: close_notify (unread, before the end), then FIN.
+            await client.aclose()
+            await wait_until(server.peer_closed)
+
+
+async def test_tls_stream_notices_a_peer_that_closes_without_close_notify(pki: Pki) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with tls_pair(pki) as (server, client):
+            assert not server.peer_closed()
+            await client.transport_stream.aclose()
+            await wait_until(server.peer_closed)
+
+
+async def handshake_then_wait(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.do_handshake()
+        await trio.sleep_forever()
+
+
+async def test_wrap_client_names_the_verification_failure(pki: Pki, other_pki: Pki) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                trio.serve_ssl_over_tcp, handshake_then_wait, 0, pki.server_context()
+            )
+            port = listeners[0].transport_listener.socket.getsockname()[1]
+            tcp = await connect_tcp("127.0.0.1", port)
+            with pytest.raises(trio.BrokenResourceError) as info:
+                await wrap_client(tcp, other_pki.client_context(), "127.0.0.1")
+            message = str(info.value)
+            assert "127.0.0.1" in message
+            assert "certificate verify failed: unable to get local issuer certificate" in message
+            assert tcp.socket.fileno() == -1  # closed on failure
+            nursery.cancel_scope.cancel()
+
+
+# --- the relay over HTTPS and WSS ----------------------------------------------------------------
+
+
+async def test_https_end_to_end_with_tls_files(
+    nursery: trio.Nursery, pki: Pki, backend: Backend
+) -> None:
+    relay: TunnelServer = await nursery.start(
+        tunnel2.serve_tunnel_server,
+        ServerConfig(port=0, tls_cert=pki.cert_file, tls_key=pki.key_file),
+    )
+    assert relay.base_url.startswith("https://127.0.0.1:")
+    body = bytes(range(256)) * 1000
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port, ca_file=pki.ca_file) as agent:
+            assert agent.public_url == f"{relay.base_url}/session/{agent.session_id}/"
+            response = await fetch(
+                agent.public_url + "upload?x=1", pki.client_context(), "POST", body
+            )
+            seen = response.echo()
+            assert seen.target == b"/upload?x=1"
+            assert seen.body_length == len(body)
+            assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
+            assert seen.get_all(b"x-forwarded-proto") == [b"https"]
+            assert seen.get_all(b"x-forwarded-for") == [b"127.0.0.1"]
+            download = await fetch(agent.public_url + "bytes/1000000", pki.client_context())
+            assert download.status == 200
+            assert hashlib.sha256(download.body).hexdigest() == pattern_sha256(1_000_000)
+
+
+async def test_keep_alive_requests_over_one_https_connection(
+    nursery: trio.Nursery, pki: Pki, backend: Backend
+) -> None:
+    relay = await start_tls_relay(nursery, pki)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            tunnel2.open_tunnel(relay.base_url, backend.port, ca_file=pki.ca_file) as agent,
+            open_client(relay.base_url, pki.client_context()) as stream,
+        ):
+            conn = h11.Connection(h11.CLIENT)
+            for i in range(5):
+                await send_request(stream, conn, agent.public_url + f"r/{i}", "GET", b"", ())
+                assert (await read_response(stream, conn)).echo().target == b"/r/%d" % i
+                conn.start_next_cycle()
+
+
+async def test_a_client_hanging_up_mid_wait_is_noticed_over_tls(
+    nursery: trio.Nursery, pki: Pki
+) -> None:
+    # ProxyEntry.run_timeouts asks the stream (CanTellPeerClosed); over TLS the client's
+    # close_notify sits unread before the end, and the hang-up must still be seen long before
+    # request_timeout.
+    relay = await start_tls_relay(nursery, pki, request_timeout=600)
+    gate = trio.Event()
+
+    async def gated(request: Request) -> Reply:
+        if request.target.endswith(b"/wait"):
+            await gate.wait()
+        return route(request)
+
+    backend: Backend = await nursery.start(serve_backend, gated)
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(
+            relay.base_url, backend.port, ca_file=pki.ca_file, max_concurrent=1, max_queued=0
+        ) as agent:
+            (uplink,) = relay.uplinks
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", relay.port, ssl_context=pki.client_context()
+            )
+            conn = h11.Connection(h11.CLIENT)
+            await send_request(stream, conn, agent.public_url + "wait", "GET", b"", ())
+            await backend.request_received.wait()
+            assert uplink.statistics().open_streams == 1
+            await stream.aclose()  # close_notify, then FIN
+            await wait_until(lambda: uplink.statistics().open_streams == 0)
+            # The agent's only worker is free again.
+            response = await fetch(agent.public_url + "next", pki.client_context())
+            assert response.echo().target == b"/next"
+
+
+async def test_plain_http_on_the_tls_port_is_redirected(nursery: trio.Nursery, pki: Pki) -> None:
+    relay = await start_tls_relay(nursery, pki)
+    netloc = f"127.0.0.1:{relay.port}"
+    plain_url = f"http://{netloc}"
+    with trio.fail_after(TIMEOUT):
+        answer = await raw_exchange(
+            plain_url,
+            f"GET /session/abc/x?q=1 HTTP/1.1\r\nHost: {netloc}\r\n\r\n".encode(),
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 308 ")
+        location = f"https://{netloc}/session/abc/x?q=1"
+        assert f"\r\nLocation: {location}\r\n".encode() in head
+        assert location.encode() in body
+        # Without a Host, the relay's own address; a Host that is no host name is not echoed.
+        for request in (b"GET /a HTTP/1.0\r\n\r\n", b"GET /a HTTP/1.1\r\nHost: a.test/b\r\n\r\n"):
+            answer = await raw_exchange(plain_url, request)
+            assert f"\r\nLocation: {relay.base_url}/a\r\n".encode() in answer
+        answer = await raw_exchange(plain_url, b"\x00not http at all\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert b"use https://" in answer
+        # The relay still serves TLS afterwards.
+        response = await fetch(relay.base_url + "/", pki.client_context())
+        assert response.status == 404
+
+
+async def test_a_plain_agent_on_the_tls_port_is_told_why(nursery: trio.Nursery, pki: Pki) -> None:
+    relay = await start_tls_relay(nursery, pki)
+    with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeError, match="HTTP 308"):
+        async with tunnel2.open_tunnel(f"http://127.0.0.1:{relay.port}", 9):
+            pytest.fail("a ws:// agent got in on a TLS port")
+
+
+async def test_agent_with_the_wrong_ca_names_the_verification_failure(
+    nursery: trio.Nursery, pki: Pki, other_pki: Pki
+) -> None:
+    relay = await start_tls_relay(nursery, pki)
+    with trio.fail_after(TIMEOUT):
+        for ca_file in (other_pki.ca_file, None):  # the wrong CA, then the system store
+            with pytest.raises(tunnel2.HandshakeError) as info:
+                async with tunnel2.open_tunnel(relay.base_url, 9, ca_file=ca_file):
+                    pytest.fail("connected to a relay whose certificate is not trusted")
+            message = str(info.value)
+            assert "certificate verify failed: unable to get local issuer certificate" in message
+            assert "127.0.0.1" in message
+        assert not relay.uplinks
+
+
+async def test_agent_checks_the_host_name(nursery: trio.Nursery, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("relay.example").configure_cert(context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    relay: TunnelServer = await nursery.start(
+        functools.partial(tunnel2.serve_tunnel_server, ServerConfig(port=0), ssl_context=context)
+    )
+    with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeError, match="IP address"):
+        async with tunnel2.open_tunnel(relay.base_url, 9, ca_file=str(tmp_path / "ca.pem")):
+            pytest.fail("accepted a certificate for another name")
+
+
+async def test_a_relay_that_never_answers_tls_fails_after_connect_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    port = silent.getsockname()[1]
+    try:
+        with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeTimeout) as info:
+            async with tunnel2.open_tunnel(f"https://127.0.0.1:{port}", 9, connect_timeout=0.3):
+                pytest.fail("connected to nothing")
+    finally:
+        silent.close()
+    assert "no TLS handshake" in str(info.value)
+    assert f"127.0.0.1:{port}" in str(info.value)
+
+
+# --- clear text only on loopback ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://192.0.2.1:8000", "ws://192.0.2.1/", "http://relay.example", "http://[2001:db8::1]"],
+)
+async def test_clear_text_to_a_remote_relay_is_refused_before_dialling(url: str) -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(ValueError, match="clear text"):
+        async with tunnel2.open_tunnel(url, 9):
+            pytest.fail("dialled a clear-text relay")
+    # Allowed on purpose: the connector is built (nothing is dialled here).
+    websocket_connector(url, insecure_transport=True)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1", "ws://127.5.6.7:1", "http://localhost:1", "http://[::1]:1"]
+)
+def test_clear_text_on_loopback_is_allowed(url: str) -> None:
+    websocket_connector(url)
+
+
+# --- https backends -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def plain_relay(nursery: trio.Nursery) -> TunnelServer:
+    relay: TunnelServer = await nursery.start(tunnel2.serve_tunnel_server, ServerConfig(port=0))
+    return relay
+
+
+@pytest.fixture
+async def https_backend(nursery: trio.Nursery, pki: Pki) -> Backend:
+    backend: Backend = await nursery.start(
+        functools.partial(serve_backend, "echo", ssl_context=pki.server_context())
+    )
+    return backend
+
+
+async def test_https_backend_verified_with_its_ca(
+    plain_relay: TunnelServer, https_backend: Backend, pki: Pki
+) -> None:
+    relay, backend = plain_relay, https_backend
+    target = f"https://127.0.0.1:{backend.port}"
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(
+            relay.base_url, target, backend_ca_file=pki.ca_file
+        ) as agent:
+            for i in range(3):  # pooled: one TLS connection serves them all
+                seen = (await fetch(agent.public_url + f"r/{i}")).echo()
+                assert seen.target == b"/r/%d" % i
+                # The backend's own name (as its certificate says); the client's in X-F-Host.
+                assert seen.get_all(b"host") == [f"127.0.0.1:{backend.port}".encode()]
+                assert seen.get_all(b"x-forwarded-host") == [f"127.0.0.1:{relay.port}".encode()]
+            assert backend.connections == 1
+
+
+async def test_https_backend_with_an_untrusted_cert(
+    plain_relay: TunnelServer, https_backend: Backend
+) -> None:
+    relay = plain_relay
+    target = f"https://127.0.0.1:{https_backend.port}"
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(relay.base_url, target) as agent:
+            response = await fetch(agent.public_url + "x")
+            assert response.status == 502
+            assert b"certificate verify failed" in response.body
+        async with tunnel2.open_tunnel(relay.base_url, target, backend_insecure=True) as agent:
+            assert (await fetch(agent.public_url + "x")).echo().target == b"/x"
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+async def test_cli_relay_with_tls_and_agent_with_ca_file(
+    tmp_path: Path, pki: Pki, backend: Backend
+) -> None:
+    with trio.fail_after(30):
+        async with run(
+            *CLI, "server", "--port", "0", "--tls-cert", pki.cert_file, "--tls-key", pki.key_file,
+            stderr=tmp_path / "relay.err",
+        ) as relay:  # fmt: skip
+            line = await relay.readline()
+            assert line.startswith("tunnel2 relay on https://127.0.0.1:"), line
+            assert "(agents connect to wss://127.0.0.1:" in line, line
+            relay_url = line.split()[3]
+            async with run(
+                *CLI, "http", str(backend.port), "--server", relay_url, "--ca-file", pki.ca_file,
+                stderr=tmp_path / "agent.err",
+            ) as agent:  # fmt: skip
+                line = await agent.readline()
+                assert line.startswith(f"Forwarding {relay_url}/session/"), line
+                public_url = line.split()[1]
+                result = await trio.run_process(
+                    ["curl", "-sS", "--max-time", "5", "--cacert", pki.ca_file, public_url + "x"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                )
+                seen = decode_echo(result.stdout)
+                assert seen.get_all(b"x-forwarded-proto") == [b"https"]
+                assert await agent.interrupt() == 0
+                assert "Traceback" not in agent.stderr(), agent.stderr()
+            assert await relay.interrupt() == 0
+            assert "Traceback" not in relay.stderr(), relay.stderr()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("server", "--port", "0", "--tls-cert", "/nonexistent.pem"), "/nonexistent.pem"),
+        (("server", "--port", "0", "--tls-key", "key.pem"), "--tls-key needs --tls-cert"),
+        (("http", "8080", "--server", "http://192.0.2.1:8000"), "clear text"),
+        (("http", "8080", "--server", "ws://192.0.2.1"), "--insecure-transport"),
+        (("http", "8080", "--server", "https://127.0.0.1:1", "--ca-file", "/no.pem"), "/no.pem"),
+        (("http", "https://127.0.0.1:1", "--backend-ca-file", "/no.pem"), "/no.pem"),
+    ],
+)
+async def test_cli_tls_mistakes_are_one_line_and_exit_2(
+    args: tuple[str, ...], expected: str
+) -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"tunnel2 {args[0]}: "), stderr
+    assert expected in stderr
