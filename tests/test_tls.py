@@ -32,7 +32,10 @@ from tunnel2._sockets import (
     CanTellPeerClosed,
     FastSocketStream,
     HasPeerAddress,
+    can_send_nowait,
+    can_tell_peer_closed,
     connect_tcp,
+    has_peer_address,
 )
 from tunnel2._tls import TlsStream, wrap_client
 from tunnel2.agent import websocket_connector
@@ -232,6 +235,14 @@ async def test_tls_stream_keeps_peer_address_and_peer_closed(pki: Pki) -> None:
             abilities: object = server
             assert not isinstance(abilities, CanSendNowait)
             assert not isinstance(abilities, trio.abc.HalfCloseableStream)
+            # The fast checks the entry and transports use agree (and remember per class).
+            for _ in range(2):
+                assert has_peer_address(server)
+                assert can_tell_peer_closed(server)
+                assert not can_send_nowait(server)
+                assert has_peer_address(server.transport)
+                assert can_send_nowait(server.transport)
+                assert not has_peer_address(client)
             assert server.getpeername() == "127.0.0.1"
             await client.send_all(b"ping")
             assert await server.receive_some(10) == b"ping"

@@ -27,7 +27,8 @@ import errno
 import os
 import select
 import socket
-from typing import Final, Protocol, final, runtime_checkable
+from collections.abc import Callable
+from typing import Final, Protocol, TypeGuard, final, runtime_checkable
 
 import trio
 
@@ -36,7 +37,10 @@ __all__ = [
     "CanTellPeerClosed",
     "FastSocketStream",
     "HasPeerAddress",
+    "can_send_nowait",
+    "can_tell_peer_closed",
     "connect_tcp",
+    "has_peer_address",
     "peer_hung_up",
 ]
 
@@ -68,6 +72,41 @@ class CanSendNowait(Protocol):
     def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the transport takes now; return how many bytes that was."""
         ...
+
+
+def _cached_check(ability: type) -> Callable[[object], bool]:
+    """``isinstance(obj, ability)`` remembered per class: a runtime Protocol check costs
+    ~12 µs on Python 3.11 (it walks the attributes each time), too much per connection."""
+    known: dict[type, bool] = {}
+
+    def check(obj: object) -> bool:
+        cls = type(obj)
+        result = known.get(cls)
+        if result is None:
+            result = known[cls] = isinstance(obj, ability)
+        return result
+
+    return check
+
+
+_has_peer_address: Final = _cached_check(HasPeerAddress)
+_can_tell_peer_closed: Final = _cached_check(CanTellPeerClosed)
+_can_send_nowait: Final = _cached_check(CanSendNowait)
+
+
+def has_peer_address(stream: object) -> TypeGuard[HasPeerAddress]:
+    """``isinstance(stream, HasPeerAddress)``, fast."""
+    return _has_peer_address(stream)
+
+
+def can_tell_peer_closed(stream: object) -> TypeGuard[CanTellPeerClosed]:
+    """``isinstance(stream, CanTellPeerClosed)``, fast."""
+    return _can_tell_peer_closed(stream)
+
+
+def can_send_nowait(stream: object) -> TypeGuard[CanSendNowait]:
+    """``isinstance(stream, CanSendNowait)``, fast."""
+    return _can_send_nowait(stream)
 
 
 def peer_hung_up(sock: socket.socket) -> bool:

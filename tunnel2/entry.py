@@ -20,7 +20,7 @@ from typing import Final, NoReturn, final
 import trio
 
 from tunnel2 import _http11 as http
-from tunnel2._sockets import CanTellPeerClosed, FastSocketStream, HasPeerAddress
+from tunnel2._sockets import FastSocketStream, can_tell_peer_closed, has_peer_address
 from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
 
@@ -140,7 +140,7 @@ class _PrefixedStream(trio.abc.Stream):
 
 
 def _peer_address(stream: trio.abc.Stream) -> bytes:
-    if isinstance(stream, HasPeerAddress):
+    if has_peer_address(stream):
         return stream.getpeername().encode()
     return b"unknown"
 
@@ -221,7 +221,7 @@ class ProxyEntry:
                     conn.timer.cancel()
                 elif (
                     conn.waiting is not None
-                    and isinstance(conn.client, CanTellPeerClosed)
+                    and can_tell_peer_closed(conn.client)
                     and conn.client.peer_closed()
                 ):
                     conn.gone = True

@@ -26,7 +26,7 @@ import wsproto.events
 import wsproto.utilities
 from wsproto.connection import ConnectionState, ConnectionType
 
-from tunnel2._sockets import CanSendNowait
+from tunnel2._sockets import can_send_nowait
 
 __all__ = [
     "FrameTransport",
@@ -137,9 +137,8 @@ class WsprotoTransport(FrameTransport):
 
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
         self._stream = stream
-        # The fast path needs a stream that can send without waiting (plain TCP, not TLS);
-        # checked once here, not per message.
-        self._fast = stream if isinstance(stream, CanSendNowait) else None
+        # The fast path needs a stream that can send without waiting (plain TCP, not TLS).
+        self._fast = stream if can_send_nowait(stream) else None
         self._ws = ws
         self._control: list[bytes] = []  # pongs and close replies, sent with the next write
         self._closed = False
