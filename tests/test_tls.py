@@ -572,3 +572,57 @@ async def test_cli_tls_mistakes_are_one_line_and_exit_2(
     assert stderr.count("\n") == 1, stderr
     assert stderr.startswith(f"tunnel2 {args[0]}: "), stderr
     assert expected in stderr
+
+
+async def test_an_upgrade_to_an_https_backend_carries_bytes_without_half_close(
+    nursery: trio.Nursery, plain_relay: TunnelServer, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    # TLS cannot half-close: when the visitor sends EOF, the agent must not try to pass it on
+    # (the splice asks for HalfCloseableStream), and the backend's answer still comes back.
+    may_finish = trio.Event()
+
+    async def upgrading(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )
+        data = b""
+        while b"." not in data:
+            data = await stream.receive_some(65536)
+            await stream.send_all(data.upper())
+        await may_finish.wait()
+        await stream.send_all(b"BYE")
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_ssl_over_tcp, upgrading, 0, pki.server_context())
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    with trio.fail_after(TIMEOUT):
+        async with (
+            tunnel2.open_tunnel(
+                plain_relay.base_url, f"https://127.0.0.1:{port}", backend_ca_file=pki.ca_file
+            ) as agent,
+            open_client(plain_relay.base_url, None) as client,
+        ):
+            target = urllib.parse.urlsplit(agent.public_url).path + "ws"
+            await client.send_all(
+                f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                "hello.".encode()
+            )
+            received = b""
+            while b"HELLO." not in received:
+                received += await client.receive_some(65536)
+            assert received.startswith(b"HTTP/1.1 101 ")
+            assert isinstance(client, trio.SocketStream)
+            await client.send_eof()
+            await trio.sleep(0.2)  # let the END reach the agent (a miss only weakens the test)
+            may_finish.set()
+            tail = b""
+            while chunk := await client.receive_some(65536):
+                tail += chunk
+            assert tail == b"BYE"
+            uplink = agent.uplink
+            assert uplink is not None
+            await wait_until(lambda: uplink.statistics().open_streams == 0)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
