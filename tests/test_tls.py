@@ -590,7 +590,7 @@ async def test_an_upgrade_to_an_https_backend_carries_bytes_without_half_close(
         )
         data = b""
         while b"." not in data:
-            data = await stream.receive_some(65536)
+            data = bytes(await stream.receive_some(65536))
             await stream.send_all(data.upper())
         await may_finish.wait()
         await stream.send_all(b"BYE")
