@@ -393,6 +393,23 @@ async def test_plain_http_on_the_tls_port_is_redirected(nursery: trio.Nursery, p
         assert response.status == 404
 
 
+@pytest.mark.parametrize("max_connections", [10000, 0])
+async def test_a_client_that_never_starts_tls_is_dropped_after_the_handshake_timeout(
+    nursery: trio.Nursery, pki: Pki, max_connections: int
+) -> None:
+    # Also when the relay is full: its 503 goes out through TLS, which waits for a hello.
+    relay = await start_tls_relay(
+        nursery, pki, handshake_timeout=0.3, max_connections=max_connections
+    )
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        try:
+            assert await stream.receive_some(65536) == b""  # closed without a word
+        finally:
+            await stream.aclose()
+        assert (await fetch(relay.base_url + "/", pki.client_context())).status in (404, 503)
+
+
 async def test_a_plain_agent_on_the_tls_port_is_told_why(nursery: trio.Nursery, pki: Pki) -> None:
     relay = await start_tls_relay(nursery, pki)
     with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeError, match="HTTP 308"):

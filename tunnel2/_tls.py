@@ -15,6 +15,7 @@ trio's SSL state machine), so callers that check those abilities take the ordina
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import ssl
 import urllib.parse
@@ -121,8 +122,10 @@ class TlsStream(trio.abc.Stream):
         server_side: accept (True) or initiate (False) the handshake.
         server_hostname: the name the client checks the certificate for and sends as SNI.
         plain_http: server side only: if the peer's first byte is not a TLS handshake, this
-            is awaited with the transport (to answer in plain HTTP) and the stream then reads
-            as closed.
+            is awaited with the transport (to answer in plain HTTP), and the handshake fails.
+        handshake_timeout: seconds the handshake (and a plain-HTTP answer) may take when the
+            first send or receive runs it; a relay's bound on clients that connect and stay
+            silent, whatever the caller waits for.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class TlsStream(trio.abc.Stream):
         server_side: bool,
         server_hostname: str | None = None,
         plain_http: PlainHttpHandler | None = None,
+        handshake_timeout: float = math.inf,
     ) -> None:
         self.transport = transport
         self._ssl = trio.SSLStream(
@@ -144,6 +148,8 @@ class TlsStream(trio.abc.Stream):
         )
         self._name = server_hostname or transport.getpeername()
         self._plain_http = plain_http
+        self._handshake_timeout = handshake_timeout
+        self._handshaken = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -158,38 +164,47 @@ class TlsStream(trio.abc.Stream):
         return self._closed or peer_hung_up(self.transport.socket)
 
     async def do_handshake(self) -> None:
-        """Run the TLS handshake now (otherwise the first send or receive runs it).
-
-        Takes no timeout: callers use :func:`trio.fail_after`.
+        """Run the TLS handshake now, within ``handshake_timeout`` (otherwise the first send
+        or receive runs it); returns at once if it is done.
 
         Raises:
-            trio.BrokenResourceError: the handshake failed; the message says why
-                (e.g. ``certificate verify failed: unable to get local issuer certificate``).
+            trio.BrokenResourceError: the handshake failed (the message says why, e.g.
+                ``certificate verify failed: unable to get local issuer certificate``), took
+                too long, or the peer spoke plain HTTP (answered by ``plain_http``).
         """
-        try:
-            await self._ssl.do_handshake()
-        except trio.BrokenResourceError as exc:
+        if self._handshaken:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(self._handshake_timeout) as scope:
+            if self._plain_http is not None:
+                answer, self._plain_http = self._plain_http, None
+                first = await self.transport.peek(1)
+                if first and first[0] != _TLS_HANDSHAKE_RECORD:
+                    await answer(self.transport)
+                    raise trio.BrokenResourceError("plain HTTP on a TLS port (answered)")
+            try:
+                await self._ssl.do_handshake()
+            except trio.BrokenResourceError as exc:
+                raise trio.BrokenResourceError(
+                    f"TLS handshake with {self._name} failed: {_failure_reason(exc)}"
+                ) from exc
+            self._handshaken = True
+        if scope.cancelled_caught:
             raise trio.BrokenResourceError(
-                f"TLS handshake with {self._name} failed: {_failure_reason(exc)}"
-            ) from exc
+                f"no TLS handshake from {self._name} within {self._handshake_timeout:g}s"
+            )
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._handshaken:
+            await self.do_handshake()
         await self._ssl.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._ssl.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._plain_http is not None:
-            answer, self._plain_http = self._plain_http, None
-            first = await self.transport.peek(1)
-            if first and first[0] != _TLS_HANDSHAKE_RECORD:
-                await answer(self.transport)
-                self._closed = True
-                return b""
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return b""
+        if not self._handshaken:
+            await self.do_handshake()
         data = await self._ssl.receive_some(max_bytes)
         return data if isinstance(data, bytes) else bytes(data)  # (it is bytes: SSLObject.read)
 

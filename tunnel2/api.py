@@ -53,7 +53,9 @@ async def serve_tunnel_server(
     With TLS (``ssl_context``, or one built from ``config.tls_cert``/``config.tls_key``) the
     port serves HTTPS and WSS, ``base_url`` and the sessions' public URLs say ``https``, and a
     connection that starts with plain HTTP is answered with a 308 redirect to its https URL
-    (or 400), within the idle timeout and counted like any other connection.
+    (or 400). The TLS handshake (or that answer) must complete within
+    ``config.handshake_timeout``; the connection counts towards ``max_connections`` from the
+    start.
 
     Args:
         config: the relay's settings.
@@ -93,6 +95,7 @@ async def serve_tunnel_server(
                 context,
                 server_side=True,
                 plain_http=plain_http,
+                handshake_timeout=config.handshake_timeout,
             )
             await entry.handle_connection(tls)
 
