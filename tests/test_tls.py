@@ -20,6 +20,7 @@ import attrs
 import h11
 import pytest
 import trio
+import trio.testing
 import trustme
 from httpbackend import Backend, Reply, Request, decode_echo, pattern_sha256, route, serve_backend
 from test_cli import CLI, run
@@ -263,6 +264,23 @@ async def test_tls_stream_notices_a_peer_that_closes_without_close_notify(pki: P
             assert not server.peer_closed()
             await client.transport_stream.aclose()
             await wait_until(server.peer_closed)
+
+
+async def test_tls_stream_passes_trios_two_way_stream_checks(pki: Pki) -> None:
+    async def make_pair() -> tuple[TlsStream, TlsStream]:
+        left, right = socket.socketpair()
+        client = TlsStream(
+            FastSocketStream(left),
+            pki.client_context(),
+            server_side=False,
+            server_hostname="127.0.0.1",
+        )
+        server = TlsStream(FastSocketStream(right), pki.server_context(), server_side=True)
+        assert server.getpeername() == "unknown"  # a socket pair has no peer address
+        return client, server
+
+    with trio.fail_after(TIMEOUT):
+        await trio.testing.check_two_way_stream(make_pair, None)
 
 
 async def handshake_then_wait(stream: trio.SSLStream[trio.SocketStream]) -> None:

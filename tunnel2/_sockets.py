@@ -156,9 +156,10 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     def getpeername(self) -> str:
         """The peer's address, or ``"unknown"``."""
         try:
-            return str(self.socket.getpeername()[0])
+            name = self.socket.getpeername()
         except OSError:
             return "unknown"
+        return str(name[0]) if isinstance(name, tuple) else "unknown"  # AF_UNIX: a path
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
