@@ -2,7 +2,7 @@
 answer a TLS port gives to plain HTTP.
 
 Layer: bottom (beside :mod:`tunnel2._sockets`). May import the standard library, trio,
-:mod:`tunnel2._sockets` and :mod:`tunnel2._http11`.
+:mod:`tunnel2._sockets`, :mod:`tunnel2._http11` and :mod:`tunnel2.errors`.
 
 :class:`TlsStream` is ``trio.SSLStream`` over a :class:`~tunnel2._sockets.FastSocketStream`,
 wrapped so that what the socket can do and TLS allows is still there (STYLE.md §10): the peer

@@ -95,6 +95,9 @@ class AgentConfig:
             relay; ``None`` trusts the system's store.
         insecure_transport: allow a clear-text (``http``/``ws``) relay that is not on
             loopback; the token and all traffic then cross the network unencrypted.
+
+    ``connect_timeout``, ``ca_file`` and ``insecure_transport`` also configure the connector
+    (:func:`websocket_connector`); :func:`tunnel2.open_tunnel` passes them on.
     """
 
     token: str | None = None

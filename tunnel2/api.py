@@ -221,9 +221,9 @@ async def open_tunnel(
     )
     connector = websocket_connector(
         server_url,
-        connect_timeout=connect_timeout,
-        ca_file=ca_file,
-        insecure_transport=insecure_transport,
+        connect_timeout=config.connect_timeout,
+        ca_file=config.ca_file,
+        insecure_transport=config.insecure_transport,
         ssl_context=ssl_context,
     )
     handler = handler_for(
