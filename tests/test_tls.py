@@ -430,9 +430,13 @@ async def test_a_client_that_never_starts_tls_is_dropped_after_the_handshake_tim
 
 async def test_a_plain_agent_on_the_tls_port_is_told_why(nursery: trio.Nursery, pki: Pki) -> None:
     relay = await start_tls_relay(nursery, pki)
-    with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeError, match="HTTP 308"):
+    with trio.fail_after(TIMEOUT), pytest.raises(tunnel2.HandshakeError) as info:
         async with tunnel2.open_tunnel(f"http://127.0.0.1:{relay.port}", 9):
             pytest.fail("a ws:// agent got in on a TLS port")
+    location = f"https://127.0.0.1:{relay.port}/_tunnel/connect"
+    assert f"refused the WebSocket upgrade with HTTP 308 (redirect to {location})" in str(
+        info.value
+    )
 
 
 async def test_agent_with_the_wrong_ca_names_the_verification_failure(

@@ -267,6 +267,9 @@ async def connect_websocket(stream: trio.abc.Stream, host: str, resource: str) -
             if isinstance(event, wsproto.events.AcceptConnection):
                 return WsprotoTransport(stream, ws)
             if isinstance(event, wsproto.events.RejectConnection):
+                # A redirect says where to go (a TLS relay sends plain ws:// to https://).
+                location = dict(event.headers).get(b"location", b"").decode("latin-1")
                 raise trio.BrokenResourceError(
                     f"the server refused the WebSocket upgrade with HTTP {event.status_code}"
+                    + (f" (redirect to {location})" if location else "")
                 )
