@@ -335,6 +335,24 @@ async def test_https_end_to_end_with_tls_files(
             assert hashlib.sha256(download.body).hexdigest() == pattern_sha256(1_000_000)
 
 
+async def test_host_based_urls_say_https_too(
+    nursery: trio.Nursery, pki: Pki, backend: Backend
+) -> None:
+    relay = await start_tls_relay(nursery, pki, domain="localhost")
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port, ca_file=pki.ca_file) as agent:
+            host = f"{agent.session_id}.localhost:{relay.port}"
+            assert f"https://{host}/" in agent.public_urls
+            # Connected to 127.0.0.1 (what the certificate names); the Host picks the session.
+            assert (await fetch(relay.base_url + "/y", pki.client_context())).status == 404
+            async with open_client(relay.base_url, pki.client_context()) as stream:
+                conn = h11.Connection(h11.CLIENT)
+                await send_request(stream, conn, f"https://{host}/y", "GET", b"", ())
+                seen = (await read_response(stream, conn)).echo()
+            assert seen.target == b"/y"
+            assert seen.get_all(b"x-forwarded-proto") == [b"https"]
+
+
 async def test_keep_alive_requests_over_one_https_connection(
     nursery: trio.Nursery, pki: Pki, backend: Backend
 ) -> None:
