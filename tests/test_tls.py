@@ -232,15 +232,15 @@ async def test_tls_stream_keeps_peer_address_and_peer_closed(pki: Pki) -> None:
         async with tls_pair(pki) as (server, client):
             assert isinstance(server, HasPeerAddress)
             assert isinstance(server, CanTellPeerClosed)
+            assert isinstance(server, CanSendNowait)
             # What TLS cannot do is not claimed (callers then take the ordinary path).
             abilities: object = server
-            assert not isinstance(abilities, CanSendNowait)
             assert not isinstance(abilities, trio.abc.HalfCloseableStream)
             # The fast checks the entry and transports use agree (and remember per class).
             for _ in range(2):
                 assert has_peer_address(server)
                 assert can_tell_peer_closed(server)
-                assert not can_send_nowait(server)
+                assert can_send_nowait(server)
                 assert has_peer_address(server.transport)
                 assert can_send_nowait(server.transport)
                 assert not has_peer_address(client)
@@ -266,21 +266,108 @@ async def test_tls_stream_notices_a_peer_that_closes_without_close_notify(pki: P
             await wait_until(server.peer_closed)
 
 
-async def test_tls_stream_passes_trios_two_way_stream_checks(pki: Pki) -> None:
-    async def make_pair() -> tuple[TlsStream, TlsStream]:
-        left, right = socket.socketpair()
-        client = TlsStream(
-            FastSocketStream(left),
-            pki.client_context(),
-            server_side=False,
-            server_hostname="127.0.0.1",
-        )
-        server = TlsStream(FastSocketStream(right), pki.server_context(), server_side=True)
-        assert server.getpeername() == "unknown"  # a socket pair has no peer address
-        return client, server
+def tls_socket_pair(pki: Pki) -> tuple[TlsStream, TlsStream]:
+    """A client and a server TlsStream over a socket pair (the handshake runs on first use)."""
+    left, right = socket.socketpair()
+    client = TlsStream(
+        FastSocketStream(left), pki.client_context(), server_side=False, server_hostname="127.0.0.1"
+    )
+    server = TlsStream(FastSocketStream(right), pki.server_context(), server_side=True)
+    assert server.getpeername() == "unknown"  # a socket pair has no peer address
+    return client, server
+
+
+async def receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        data = await stream.receive_some(65536)
+        assert data, f"EOF after {len(received)} of {size} bytes"
+        received += data
+    return bytes(received)
+
+
+async def test_tls_stream_carries_big_transfers_both_ways_at_once(pki: Pki) -> None:
+    client, server = tls_socket_pair(pki)
+    up, down = bytes(range(256)) * 40_000, bytes(range(255, -1, -1)) * 40_000  # ~10 MB each
+    got: dict[str, bytes] = {}
+
+    async def receive(name: str, stream: TlsStream, size: int) -> None:
+        got[name] = await receive_exactly(stream, size)
 
     with trio.fail_after(TIMEOUT):
-        await trio.testing.check_two_way_stream(make_pair, None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, up)
+            nursery.start_soon(server.send_all, down)
+            nursery.start_soon(receive, "server", server, len(up))
+            nursery.start_soon(receive, "client", client, len(down))
+        assert got == {"server": up, "client": down}
+        await client.aclose()
+        assert await server.receive_some(10) == b""  # the end without a close_notify
+        assert await server.receive_some(10) == b""
+        await server.aclose()
+
+
+def pending(stream: TlsStream) -> bool:
+    return stream.send_pending
+
+
+async def test_tls_send_nowait_keeps_the_rest_for_the_next_send_all(pki: Pki) -> None:
+    client, server = tls_socket_pair(pki)
+    big = bytes(range(256)) * 40_000  # more than the socket buffers take at once
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        assert not pending(client)
+        client.send_nowait(big)
+        assert pending(client)
+        client.send_nowait(b"after")  # queued behind the rest, never ahead of it
+        received: list[bytes] = []
+
+        async def drain() -> None:
+            received.append(await receive_exactly(server, len(big) + 10))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await client.send_all(b"")  # flushes what is pending
+            assert not pending(client)
+            await client.send_all(b"last.")
+        assert received == [big + b"afterlast."]
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_tls_stream_errors_keep_trios_meanings(pki: Pki) -> None:
+    client, server = tls_socket_pair(pki)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.receive_some, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await server.receive_some(10)
+            await client.send_all(b"x")
+        # Closing while another task waits to receive: that task gets ClosedResourceError.
+        async with trio.open_nursery() as nursery:
+
+            async def receive_closed() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await server.receive_some(10)
+
+            nursery.start_soon(receive_closed)
+            await trio.testing.wait_all_tasks_blocked()
+            await server.aclose()
+        await server.aclose()  # idempotent
+        for call in (server.send_all(b"x"), server.receive_some(10)):
+            with pytest.raises(trio.ClosedResourceError):
+                await call
+        with pytest.raises(trio.ClosedResourceError):
+            server.send_nowait(b"x")
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"y" * 10_000_000)  # the peer is gone
+        await client.aclose()
 
 
 async def handshake_then_wait(stream: trio.SSLStream[trio.SocketStream]) -> None:

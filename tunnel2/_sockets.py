@@ -67,10 +67,20 @@ class CanTellPeerClosed(Protocol):
 
 @runtime_checkable
 class CanSendNowait(Protocol):
-    """A stream that can send without waiting (the uplink writer's fast path)."""
+    """A stream that can send without waiting (the uplink's fast path).
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Send what the transport takes now; return how many bytes that was."""
+    :meth:`send_nowait` takes all of ``data`` at once; what the transport did not take yet
+    is kept (:attr:`send_pending`) and goes out first with the next ``send_all``, and an
+    empty ``send_all(b"")`` just flushes it. Never call it while a ``send_all`` is running.
+    """
+
+    def send_nowait(self, data: bytes) -> None:
+        """Send ``data`` without waiting, keeping what the transport does not take now."""
+        ...
+
+    @property
+    def send_pending(self) -> bool:
+        """True if bytes taken by :meth:`send_nowait` still wait for the next ``send_all``."""
         ...
 
 
@@ -143,6 +153,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
         self._closed = False
+        self._unsent = b""  # what send_nowait could not send yet; goes out first
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> FastSocketStream:
@@ -164,6 +175,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         sock = self.socket
         try:
             try:
@@ -183,9 +196,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("stream was closed") from None
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Send what the socket takes now, without waiting; return how many bytes that was
-        (0 if it would block).
+    def send_nowait(self, data: bytes) -> None:
+        """Send ``data`` without waiting; what the socket does not take now is kept and goes
+        out first with the next :meth:`send_all` (see :class:`CanSendNowait`).
 
         Raises:
             trio.BrokenResourceError: the peer went away.
@@ -193,12 +206,22 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         """
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
+        if self._unsent:
+            self._unsent += data
+            return
         try:
-            return self.socket.send(data)
+            sent = self.socket.send(data)
         except BlockingIOError:
-            return 0
+            sent = 0
         except OSError as exc:
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+        if sent < len(data):
+            self._unsent = data[sent:]
+
+    @property
+    def send_pending(self) -> bool:
+        """True if bytes taken by :meth:`send_nowait` wait for the next :meth:`send_all`."""
+        return bool(self._unsent)
 
     def peer_closed(self) -> bool:
         """True if the peer closed its side and nothing unread is left (a peek, no wait)."""

@@ -7,9 +7,12 @@ Layer: bottom (beside :mod:`tunnel2._sockets`). May import the standard library,
 :class:`TlsStream` is ``trio.SSLStream`` over a :class:`~tunnel2._sockets.FastSocketStream`,
 wrapped so that what the socket can do and TLS allows is still there (STYLE.md §10): the peer
 address, noticing a peer that hung up (a TLS close_notify may sit unread before the end, so the
-socket is asked whether its peer shut down rather than peeked for an empty read). It cannot
-half-close (TLS 1.2 has no half-close) and has no ``send_nowait`` (encrypting goes through
-trio's SSL state machine), so callers that check those abilities take the ordinary path.
+socket is asked whether its peer shut down rather than peeked for an empty read), and the
+fast send path (``send_nowait``). It cannot half-close (TLS 1.2 has none), so callers that
+check for :class:`trio.abc.HalfCloseableStream` take the ordinary path. It drives
+:class:`ssl.SSLObject` itself rather than wrapping ``trio.SSLStream``, whose general machinery
+(a retry loop, locks and a checkpoint per call) cost more than the encryption, and which
+cannot send without waiting.
 """
 
 from __future__ import annotations
@@ -95,26 +98,29 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _failure_reason(exc: BaseException) -> str:
-    """Why a TLS handshake failed, in words (trio hides the ssl error as the cause)."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
-    if cause is not None:
-        return str(cause) or type(cause).__name__
-    return str(exc) or "the peer closed the connection during the TLS handshake"
+def _failure_reason(exc: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, in words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "the peer closed the connection during the TLS handshake"
+    return (exc.reason or str(exc)).lower().replace("_", " ")
 
 
 @final
 class TlsStream(trio.abc.Stream):
-    """A TLS connection over a :class:`FastSocketStream` that it owns.
+    """A TLS connection over a :class:`FastSocketStream` that it owns, driven by an
+    :class:`ssl.SSLObject` over memory buffers in the caller's task.
 
-    Implements :class:`~tunnel2._sockets.HasPeerAddress` and
-    :class:`~tunnel2._sockets.CanTellPeerClosed`. Trailing data after the peer's last record
-    without a close_notify reads as the end of the stream (``https_compatible``): every
-    protocol carried here frames its own messages.
+    Implements :class:`~tunnel2._sockets.HasPeerAddress`,
+    :class:`~tunnel2._sockets.CanTellPeerClosed` and :class:`~tunnel2._sockets.CanSendNowait`;
+    like the socket under it, a send or receive that does not block is not a checkpoint.
+    One task may send and one receive at a time (``trio.BusyResourceError`` otherwise).
+    Ciphertext leaves in the order it was made: it is taken from the outgoing buffer and
+    written to the socket only under the send lock (a receive can produce some: a TLS 1.3
+    key update answer). The end of the stream without a close_notify reads as the end
+    (``https_compatible`` in trio's terms): every protocol carried here frames its own
+    messages. Closing sends no close_notify.
 
     Args:
         transport: the TCP connection.
@@ -139,17 +145,21 @@ class TlsStream(trio.abc.Stream):
         handshake_timeout: float = math.inf,
     ) -> None:
         self.transport = transport
-        self._ssl = trio.SSLStream(
-            transport,
-            context,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            https_compatible=True,
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
         )
         self._name = server_hostname or transport.getpeername()
         self._plain_http = plain_http
         self._handshake_timeout = handshake_timeout
         self._handshaken = False
+        self._handshake_lock = trio.Lock()
+        self._send_lock = trio.Lock()  # held while ciphertext is taken and written
+        self._unsent = b""  # ciphertext made while another task held the send lock
+        self._sending = False
+        self._receiving = False
+        self._broken: str | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -163,6 +173,54 @@ class TlsStream(trio.abc.Stream):
         """True if the peer shut down its side of the connection (no wait, nothing read)."""
         return self._closed or peer_hung_up(self.transport.socket)
 
+    @property
+    def send_pending(self) -> bool:
+        """True if bytes taken by :meth:`send_nowait` wait for the next :meth:`send_all`."""
+        return bool(self._unsent) or self.transport.send_pending
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+
+    def _fail(self, message: str) -> trio.BrokenResourceError:
+        self._broken = message
+        return trio.BrokenResourceError(message)
+
+    async def _write_out(self) -> None:
+        """Write the ciphertext made so far; the caller holds the send lock."""
+        data = self._unsent + self._outgoing.read()
+        self._unsent = b""
+        if not data and not self.transport.send_pending:
+            return
+        try:
+            await self.transport.send_all(data)
+        except BaseException as exc:  # a cancelled or failed write leaves a stream broken
+            if not self._closed:
+                self._broken = f"send failed: {exc}"
+            raise
+
+    async def _write_locked(self) -> None:
+        """:meth:`_write_out` under the send lock, taken without a yield if it is free."""
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            await self._write_out()
+        finally:
+            lock.release()
+
+    async def _read_more(self) -> None:
+        """Move what the socket has into the incoming buffer (waiting for it)."""
+        data = await self.transport.receive_some(_RECEIVE_SIZE)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
     async def do_handshake(self) -> None:
         """Run the TLS handshake now, within ``handshake_timeout`` (otherwise the first send
         or receive runs it); returns at once if it is done.
@@ -172,50 +230,117 @@ class TlsStream(trio.abc.Stream):
                 ``certificate verify failed: unable to get local issuer certificate``), took
                 too long, or the peer spoke plain HTTP (answered by ``plain_http``).
         """
-        if self._handshaken:
-            await trio.lowlevel.checkpoint()
-            return
-        with trio.move_on_after(self._handshake_timeout) as scope:
-            if self._plain_http is not None:
-                answer, self._plain_http = self._plain_http, None
-                first = await self.transport.peek(1)
-                if first and first[0] != _TLS_HANDSHAKE_RECORD:
-                    await answer(self.transport)
-                    raise trio.BrokenResourceError("plain HTTP on a TLS port (answered)")
+        async with self._handshake_lock:
+            if self._handshaken:
+                return
+            self._check()
+            with trio.move_on_after(self._handshake_timeout) as scope:
+                await self._handshake()
+            if scope.cancelled_caught:
+                raise self._fail(
+                    f"no TLS handshake from {self._name} within {self._handshake_timeout:g}s"
+                )
+
+    async def _handshake(self) -> None:
+        if self._plain_http is not None:
+            answer, self._plain_http = self._plain_http, None
+            first = await self.transport.peek(1)
+            if first and first[0] != _TLS_HANDSHAKE_RECORD:
+                await answer(self.transport)
+                raise self._fail("plain HTTP on a TLS port (answered)")
+        while True:
             try:
-                await self._ssl.do_handshake()
-            except trio.BrokenResourceError as exc:
-                raise trio.BrokenResourceError(
+                self._tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                raise self._fail(
                     f"TLS handshake with {self._name} failed: {_failure_reason(exc)}"
                 ) from exc
-            self._handshaken = True
-        if scope.cancelled_caught:
-            raise trio.BrokenResourceError(
-                f"no TLS handshake from {self._name} within {self._handshake_timeout:g}s"
-            )
+            await self._write_locked()
+            if done:
+                self._handshaken = True
+                return
+            await self._read_more()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self._handshaken:
             await self.do_handshake()
-        await self._ssl.send_all(data)
+        self._check()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            if data:
+                try:
+                    self._tls.write(data)
+                except ssl.SSLError as exc:
+                    raise self._fail(f"TLS write failed: {exc}") from exc
+            await self._write_locked()
+        finally:
+            self._sending = False
+
+    def send_nowait(self, data: bytes) -> None:
+        """Encrypt and send ``data`` without waiting; what the socket does not take now goes
+        out first with the next :meth:`send_all` (see :class:`~tunnel2._sockets.CanSendNowait`).
+
+        Raises:
+            trio.BrokenResourceError: the connection broke (or never completed a handshake).
+            trio.ClosedResourceError: this side closed the stream.
+        """
+        self._check()
+        if not self._handshaken:
+            raise trio.BrokenResourceError("send_nowait before the TLS handshake")
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            raise self._fail(f"TLS write failed: {exc}") from exc
+        if self._send_lock.locked():  # a receive is writing a reply: queue behind it
+            self._unsent += self._outgoing.read()
+        else:
+            self.transport.send_nowait(self._unsent + self._outgoing.read())
+            self._unsent = b""
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self._ssl.wait_send_all_might_not_block()
+        self._check()
+        await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if not self._handshaken:
             await self.do_handshake()
-        data = await self._ssl.receive_some(max_bytes)
-        return data if isinstance(data, bytes) else bytes(data)  # (it is bytes: SSLObject.read)
+        self._check()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            size = max_bytes or _RECEIVE_SIZE
+            while True:
+                try:
+                    data: bytes | None = self._tls.read(size)
+                except ssl.SSLWantReadError:
+                    data = None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    self._outgoing.read()  # (an alert for a peer that is gone)
+                    return b""  # close_notify, or the end without one
+                except ssl.SSLError as exc:
+                    raise self._fail(f"TLS read failed: {exc}") from exc
+                if self._outgoing.pending:  # e.g. the answer to a TLS 1.3 key update
+                    await self._write_locked()
+                if data is not None:
+                    return data
+                await self._read_more()
+        finally:
+            self._receiving = False
 
     def close(self) -> None:
-        """Close the connection now, without a close_notify (a pooled one found dead)."""
+        """Close the connection now (a pooled one found dead)."""
         self._closed = True
         self.transport.close()
 
     async def aclose(self) -> None:
-        self._closed = True
-        await self._ssl.aclose()
+        self.close()
+        await trio.lowlevel.checkpoint()
 
 
 # A client connection: plain TCP, or TLS over it (relay or https backend).

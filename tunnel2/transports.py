@@ -137,12 +137,12 @@ class WsprotoTransport(FrameTransport):
 
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
         self._stream = stream
-        # The fast path needs a stream that can send without waiting (plain TCP, not TLS).
+        # The fast path needs a stream that can send without waiting (TCP, TLS over TCP),
+        # which keeps what the socket did not take and sends it first with the next write.
         self._fast = stream if can_send_nowait(stream) else None
         self._ws = ws
         self._control: list[bytes] = []  # pongs and close replies, sent with the next write
         self._closed = False
-        self._pending = b""  # what the socket did not take from send_nowait
 
     def __repr__(self) -> str:
         return f"<WsprotoTransport {self._stream!r} {self._ws.state.name}>"
@@ -152,16 +152,15 @@ class WsprotoTransport(FrameTransport):
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError as exc:
             raise trio.BrokenResourceError(f"websocket is closing: {exc}") from exc
-        if self._control or self._pending:
-            out = b"".join([self._pending, *self._control, out])
+        if self._control:
+            out = b"".join([*self._control, out])
             self._control.clear()
-            self._pending = b""
         await self._stream.send_all(out)
 
     def send_nowait(self, data: bytes) -> bool:
         stream = self._fast
-        if self._pending or stream is None:
-            return False
+        if stream is None or stream.send_pending:
+            return False  # (until the rest is out, no second message may overtake it)
         try:
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError:
@@ -169,18 +168,16 @@ class WsprotoTransport(FrameTransport):
         if self._control:
             out = b"".join([*self._control, out])
             self._control.clear()
-        sent = stream.send_nowait(out)
-        if sent < len(out):
-            self._pending = out[sent:]
+        stream.send_nowait(out)
         return True
 
     @property
     def pending(self) -> bool:
-        return bool(self._pending)
+        stream = self._fast
+        return stream is not None and stream.send_pending
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, b""
-        await self._stream.send_all(pending)
+        await self._stream.send_all(b"")
 
     async def receive(self) -> bytes | bytearray:
         ws = self._ws
