@@ -27,7 +27,7 @@ from test_cli import CLI, run
 from test_e2e_sockets import raw_exchange
 
 import tunnel2
-from tunnel2 import ServerConfig, TunnelServer
+from tunnel2 import ServerConfig, TunnelServer, frames
 from tunnel2._sockets import (
     CanSendNowait,
     CanTellPeerClosed,
@@ -40,6 +40,8 @@ from tunnel2._sockets import (
 )
 from tunnel2._tls import TlsStream, wrap_client
 from tunnel2.agent import websocket_connector
+from tunnel2.transports import WsprotoTransport, accept_websocket, connect_websocket
+from tunnel2.uplink import open_uplink
 
 TIMEOUT = 15
 
@@ -307,17 +309,25 @@ async def test_tls_stream_carries_big_transfers_both_ways_at_once(pki: Pki) -> N
         await server.aclose()
 
 
-def pending(stream: TlsStream) -> bool:
+def pending(stream: CanSendNowait) -> bool:
     return stream.send_pending
 
 
-async def test_tls_send_nowait_keeps_the_rest_for_the_next_send_all(pki: Pki) -> None:
-    client, server = tls_socket_pair(pki)
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+async def test_send_nowait_keeps_the_rest_for_the_next_send_all(pki: Pki, tls: bool) -> None:
+    client: FastSocketStream | TlsStream
+    server: FastSocketStream | TlsStream
+    if tls:
+        client, server = tls_socket_pair(pki)
+    else:
+        left, right = socket.socketpair()
+        client, server = FastSocketStream(left), FastSocketStream(right)
     big = bytes(range(256)) * 40_000  # more than the socket buffers take at once
     with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
+        if isinstance(client, TlsStream) and isinstance(server, TlsStream):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.do_handshake)
+                nursery.start_soon(server.do_handshake)
         assert not pending(client)
         client.send_nowait(big)
         assert pending(client)
@@ -770,3 +780,39 @@ async def test_an_upgrade_to_an_https_backend_carries_bytes_without_half_close(
             assert uplink is not None
             await wait_until(lambda: uplink.statistics().open_streams == 0)
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_uplink_over_wss_carries_a_burst_through_the_fast_path(pki: Pki) -> None:
+    """More frames than the uplink's early-flush threshold, queued in one pass, go out with
+    send_nowait over TLS and all arrive in order (the TLS twin of the test_transports one)."""
+    client_stream, server_stream = tls_socket_pair(pki)
+    settings = frames.Welcome(session_id="s1", public_urls=("https://x/",), ping_interval=0)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            dialled: list[WsprotoTransport] = []
+
+            async def dial() -> None:
+                dialled.append(await connect_websocket(client_stream, "relay.test", "/x"))
+
+            nursery.start_soon(dial)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await server_stream.receive_some(65536)
+            server = await accept_websocket(server_stream, request)
+        (client,) = dialled
+        async with (
+            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
+            for stream in streams:
+                stream.send_end()
+            for i in range(40):
+                incoming = await agent.accept_stream()
+                assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
+                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
+                incoming.send_data_nowait(b"body %d" % i, end=True)
+            for i, stream in enumerate(streams):
+                assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+                assert await stream.receive_data() == b"body %d" % i
+                assert await stream.receive_data() == b""

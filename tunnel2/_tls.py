@@ -317,7 +317,7 @@ class TlsStream(trio.abc.Stream):
             size = max_bytes or _RECEIVE_SIZE
             while True:
                 try:
-                    data: bytes | None = self._tls.read(size)
+                    data: bytes | None = self._read_records(size)
                 except ssl.SSLWantReadError:
                     data = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -332,6 +332,26 @@ class TlsStream(trio.abc.Stream):
                 await self._read_more()
         finally:
             self._receiving = False
+
+    def _read_records(self, size: int) -> bytes:
+        """Up to ``size`` bytes of plaintext: every whole record the incoming buffer holds
+        (one read returns one record, 16 KiB at most), not just the first."""
+        tls = self._tls
+        data = tls.read(size)
+        if len(data) >= size or not self._incoming.pending:
+            return data
+        chunks = [data]
+        total = len(data)
+        while total < size and self._incoming.pending:
+            try:
+                more = tls.read(size - total)
+            except ssl.SSLError:  # a partial record, or the end: the next call sees it
+                break
+            if not more:
+                break
+            chunks.append(more)
+            total += len(more)
+        return b"".join(chunks)
 
     def close(self) -> None:
         """Close the connection now (a pooled one found dead)."""
