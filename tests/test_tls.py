@@ -25,9 +25,10 @@ import trustme
 from httpbackend import Backend, Reply, Request, decode_echo, pattern_sha256, route, serve_backend
 from test_cli import CLI, run
 from test_e2e_sockets import raw_exchange
+from test_transports import carry_a_burst
 
 import tunnel2
-from tunnel2 import ServerConfig, TunnelServer, frames
+from tunnel2 import ServerConfig, TunnelServer
 from tunnel2._sockets import (
     CanSendNowait,
     CanTellPeerClosed,
@@ -41,7 +42,6 @@ from tunnel2._sockets import (
 from tunnel2._tls import TlsStream, wrap_client
 from tunnel2.agent import websocket_connector
 from tunnel2.transports import WsprotoTransport, accept_websocket, connect_websocket
-from tunnel2.uplink import open_uplink
 
 TIMEOUT = 15
 
@@ -786,7 +786,6 @@ async def test_uplink_over_wss_carries_a_burst_through_the_fast_path(pki: Pki) -
     """More frames than the uplink's early-flush threshold, queued in one pass, go out with
     send_nowait over TLS and all arrive in order (the TLS twin of the test_transports one)."""
     client_stream, server_stream = tls_socket_pair(pki)
-    settings = frames.Welcome(session_id="s1", public_urls=("https://x/",), ping_interval=0)
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             dialled: list[WsprotoTransport] = []
@@ -800,19 +799,8 @@ async def test_uplink_over_wss_carries_a_burst_through_the_fast_path(pki: Pki) -
                 request += await server_stream.receive_some(65536)
             server = await accept_websocket(server_stream, request)
         (client,) = dialled
-        async with (
-            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
-            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
-        ):
-            streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
-            for stream in streams:
-                stream.send_end()
-            for i in range(40):
-                incoming = await agent.accept_stream()
-                assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
-                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
-                incoming.send_data_nowait(b"body %d" % i, end=True)
-            for i, stream in enumerate(streams):
-                assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
-                assert await stream.receive_data() == b"body %d" % i
-                assert await stream.receive_data() == b""
+        try:
+            await carry_a_burst(client, server)
+        finally:
+            await client.aclose()
+            await server.aclose()

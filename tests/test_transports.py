@@ -19,6 +19,7 @@ import wsproto.events
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream
 from tunnel2.transports import (
+    FrameTransport,
     StreamTransport,
     WsprotoTransport,
     accept_websocket,
@@ -230,22 +231,27 @@ async def test_accept_websocket_refuses_a_plain_request() -> None:
 async def test_uplink_over_wsproto_carries_a_burst_through_early_flushes() -> None:
     """More frames than the early-flush threshold queued in one pass go out in several
     immediate writes and all arrive, in order, on their streams."""
-    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
     with trio.fail_after(10):
-        async with (
-            wsproto_pair() as (client, server),
-            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
-            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
-        ):
-            streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
-            for stream in streams:
-                stream.send_end()
-            for i in range(40):
-                incoming = await agent.accept_stream()
-                assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
-                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
-                incoming.send_data_nowait(b"body %d" % i, end=True)
-            for i, stream in enumerate(streams):
-                assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
-                assert await stream.receive_data() == b"body %d" % i
-                assert await stream.receive_data() == b""
+        async with wsproto_pair() as (client, server):
+            await carry_a_burst(client, server)
+
+
+async def carry_a_burst(client: FrameTransport, server: FrameTransport) -> None:
+    """Run uplinks on both transports; 40 requests queued in one pass all come back."""
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    async with (
+        open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+        open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+    ):
+        streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
+        for stream in streams:
+            stream.send_end()
+        for i in range(40):
+            incoming = await agent.accept_stream()
+            assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
+            incoming.send_data_nowait(b"body %d" % i, end=True)
+        for i, stream in enumerate(streams):
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            assert await stream.receive_data() == b"body %d" % i
+            assert await stream.receive_data() == b""
