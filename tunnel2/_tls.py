@@ -65,6 +65,7 @@ def server_context(cert_file: str, key_file: str | None = None) -> ssl.SSLContex
         files = cert_file if key_file is None else f"{cert_file} / {key_file}"
         raise ValueError(f"cannot load the TLS certificate {files}: {_os_reason(exc)}") from exc
     context.set_alpn_protocols(["http/1.1"])
+    context.options |= ssl.OP_NO_RENEGOTIATION  # (TlsStream writes never wait for a read)
     return context
 
 
@@ -79,17 +80,17 @@ def client_context(ca_file: str | None = None, *, verify: bool = True) -> ssl.SS
     Raises:
         ValueError: ``ca_file`` cannot be read or holds no valid certificate.
     """
-    if not verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
     try:
-        return ssl.create_default_context(cafile=ca_file)
+        context = ssl.create_default_context(cafile=ca_file if verify else None)
     except OSError as exc:
         raise ValueError(
             f"cannot load the CA certificates in {ca_file}: {_os_reason(exc)}"
         ) from exc
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.options |= ssl.OP_NO_RENEGOTIATION  # (TlsStream writes never wait for a read)
+    return context
 
 
 def _os_reason(exc: OSError) -> str:
