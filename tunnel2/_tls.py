@@ -4,12 +4,12 @@ answer a TLS port gives to plain HTTP.
 Layer: bottom (beside :mod:`tunnel2._sockets`). May import the standard library, trio,
 :mod:`tunnel2._sockets`, :mod:`tunnel2._http11` and :mod:`tunnel2.errors`.
 
-:class:`TlsStream` is ``trio.SSLStream`` over a :class:`~tunnel2._sockets.FastSocketStream`,
-wrapped so that what the socket can do and TLS allows is still there (STYLE.md §10): the peer
-address, noticing a peer that hung up (a TLS close_notify may sit unread before the end, so the
-socket is asked whether its peer shut down rather than peeked for an empty read), and the
-fast send path (``send_nowait``). It cannot half-close (TLS 1.2 has none), so callers that
-check for :class:`trio.abc.HalfCloseableStream` take the ordinary path. It drives
+:class:`TlsStream` is TLS over a :class:`~tunnel2._sockets.FastSocketStream` that keeps
+what the socket can do and TLS allows (STYLE.md §10): the peer address, noticing a peer that
+hung up (a TLS close_notify may sit unread before the end, so the socket is asked whether its
+peer shut down rather than peeked for an empty read), and the fast send path
+(``send_nowait``). It cannot half-close (TLS 1.2 has none), so callers that check for
+:class:`trio.abc.HalfCloseableStream` take the ordinary path. It drives an
 :class:`ssl.SSLObject` itself rather than wrapping ``trio.SSLStream``, whose general machinery
 (a retry loop, locks and a checkpoint per call) cost more than the encryption, and which
 cannot send without waiting.
