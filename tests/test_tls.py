@@ -450,6 +450,21 @@ async def test_host_based_urls_say_https_too(
             assert seen.get_all(b"x-forwarded-proto") == [b"https"]
 
 
+async def test_agent_redials_over_wss_and_keeps_its_url(
+    nursery: trio.Nursery, pki: Pki, backend: Backend
+) -> None:
+    relay = await start_tls_relay(nursery, pki)
+    with trio.fail_after(TIMEOUT):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port, ca_file=pki.ca_file) as agent:
+            url = agent.public_url
+            (old,) = relay.uplinks
+            old.close("test")
+            await wait_until(lambda: len(relay.uplinks) == 1 and old not in relay.uplinks)
+            assert agent.public_url == url
+            assert agent.connections == 2
+            assert (await fetch(url + "again", pki.client_context())).echo().target == b"/again"
+
+
 async def test_keep_alive_requests_over_one_https_connection(
     nursery: trio.Nursery, pki: Pki, backend: Backend
 ) -> None:
