@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import random
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final, Literal, NoReturn
@@ -216,7 +217,7 @@ def _chunks(body: bytes | Iterable[bytes]) -> Iterable[bytes]:
     return [body] if isinstance(body, bytes) else body
 
 
-async def _write_reply(stream: trio.SocketStream, request: Request, reply: Reply) -> bool:
+async def _write_reply(stream: trio.abc.Stream, request: Request, reply: Reply) -> bool:
     """Write ``reply``; return whether the connection may carry another request."""
     version = b"1.0" if reply.framing == "close" else b"1.1"
     lines = [b"HTTP/%s %d %s\r\n" % (version, reply.status, _REASONS.get(reply.status, b"X"))]
@@ -252,7 +253,7 @@ async def _write_reply(stream: trio.SocketStream, request: Request, reply: Reply
 
 
 async def _read_request(
-    stream: trio.SocketStream, conn: h11.Connection, backend: Backend
+    stream: trio.abc.Stream, conn: h11.Connection, backend: Backend
 ) -> Request | None:
     """Read one whole request (hashing its body); ``None`` at a clean EOF."""
     request: Request | None = None
@@ -264,7 +265,7 @@ async def _read_request(
             data = await stream.receive_some(_BLOCK_SIZE)
             if not data and request is None and not conn.trailing_data[0]:
                 return None
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
         elif isinstance(event, h11.Request):
             request = Request(
                 method=event.method,
@@ -291,9 +292,7 @@ async def _read_request(
             raise AssertionError(f"unexpected h11 event {event!r}")
 
 
-async def _serve_connection(
-    stream: trio.SocketStream, backend: Backend, reply_for: Handler
-) -> None:
+async def _serve_connection(stream: trio.abc.Stream, backend: Backend, reply_for: Handler) -> None:
     backend.connections += 1
     leftover = b""
     try:
@@ -320,9 +319,11 @@ async def _serve_connection(
 async def serve_backend(
     handler: Mode | Handler = "echo",
     *,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[Backend] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve HTTP on 127.0.0.1, port 0, until cancelled; ``started()`` gets the Backend."""
+    """Serve HTTP (HTTPS with ``ssl_context``) on 127.0.0.1, port 0, until cancelled;
+    ``started()`` gets the Backend."""
     reply_for: Handler
     if isinstance(handler, str):
         mode: Mode = handler
@@ -337,7 +338,11 @@ async def serve_backend(
     backend = Backend(port=listeners[0].socket.getsockname()[1])
 
     async def serve(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, backend, reply_for)
+        if ssl_context is None:
+            await _serve_connection(stream, backend, reply_for)
+        else:
+            tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+            await _serve_connection(tls, backend, reply_for)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, serve, listeners)

@@ -206,7 +206,7 @@ def tunnel_task_names(root: trio.lowlevel.Task) -> list[str]:
         task = stack.pop()
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
-                if "tunnel2" in child.name or "trio_websocket" in child.name:
+                if "tunnel2" in child.name:
                     names.append(child.name)
                 stack.append(child)
     return names

@@ -294,7 +294,7 @@ def task_names(root: trio.lowlevel.Task) -> list[str]:
 
 def tunnel_tasks(root: trio.lowlevel.Task) -> list[str]:
     """Tasks of tunnel2 (or of the libraries it runs) below ``root``."""
-    return [name for name in task_names(root) if "tunnel2" in name or "trio_websocket" in name]
+    return [name for name in task_names(root) if "tunnel2" in name]
 
 
 def relay_tasks(root: trio.lowlevel.Task) -> list[str]:

@@ -1,7 +1,7 @@
 """Tests for :mod:`tunnel2.transports`: byte strings in, byte strings out, trio's error meanings.
 
-StreamTransport runs over trio's memory streams; WebSocketTransport over a real loopback
-trio-websocket connection (127.0.0.1, port 0), started in pytest-trio's ``nursery`` fixture.
+StreamTransport runs over trio's memory streams; WsprotoTransport over a connected socket pair
+(and over TLS in ``tests/test_tls.py``).
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import attrs
 import pytest
 import trio
 import trio.testing
-import trio_websocket
+import wsproto.events
 
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream
 from tunnel2.transports import (
+    FrameTransport,
     StreamTransport,
-    WebSocketTransport,
     WsprotoTransport,
     accept_websocket,
     connect_websocket,
@@ -114,107 +113,6 @@ async def test_memory_pair_buffers_without_a_reader() -> None:
         assert await receive_exactly(right, 8) == b"buffered"
 
 
-# --- WebSocketTransport ---------------------------------------------------------------------
-
-
-@attrs.frozen
-class WebSocketPeers:
-    client: WebSocketTransport
-    server: WebSocketTransport
-    server_ws: trio_websocket.WebSocketConnection
-    client_tcp: trio.SocketStream
-
-
-@asynccontextmanager
-async def websocket_peers(nursery: trio.Nursery) -> AsyncIterator[WebSocketPeers]:
-    """A loopback WebSocket connection, wrapped in a transport on both ends.
-
-    The client's TCP stream is opened here (not by ``open_websocket_url``) so tests can see
-    whether closing the transport closed the socket; it is closed on exit either way.
-    """
-    accepted_send, accepted_receive = trio.open_memory_channel[trio_websocket.WebSocketConnection](
-        1
-    )
-
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await accepted_send.send(ws)
-        await trio.sleep_forever()  # keep the connection until the test closes it
-
-    server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1", 0, None)
-    tcp = await trio.open_tcp_stream("127.0.0.1", server.port)
-    try:
-        client = await trio_websocket.wrap_client_stream(nursery, tcp, "127.0.0.1", "/")
-        try:
-            server_ws = await accepted_receive.receive()
-            yield WebSocketPeers(
-                WebSocketTransport(client, tcp), WebSocketTransport(server_ws), server_ws, tcp
-            )
-        finally:
-            await client.aclose()
-    finally:
-        await tcp.aclose()
-
-
-async def test_websocket_transport_round_trips_binary_messages(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            wire = frames.encode(frames.Open(1, b"GET / HTTP/1.1\r\n\r\n"))
-            await peers.client.send(wire)
-            received = await peers.server.receive()
-            assert received == wire
-            assert isinstance(received, bytes)
-            await peers.server.send(b"\x00\xffanswer")
-            await peers.server.send(b"second")
-            # Message boundaries are kept (one send is one receive).
-            assert await peers.client.receive() == b"\x00\xffanswer"
-            assert await peers.client.receive() == b"second"
-
-
-async def test_websocket_transport_returns_empty_bytes_when_the_peer_closes(
-    nursery: trio.Nursery,
-) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server.send(b"goodbye")
-            await peers.server.aclose()
-            assert await peers.client.receive() == b"goodbye"
-            assert await peers.client.receive() == b""
-            assert await peers.client.receive() == b""
-            with pytest.raises(trio.BrokenResourceError):
-                await peers.client.send(b"too late")
-
-
-async def test_websocket_transport_rejects_text_messages(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server_ws.send_message("not binary")
-            with pytest.raises(trio.BrokenResourceError):
-                await peers.client.receive()
-
-
-async def test_websocket_transport_close_is_idempotent(nursery: trio.Nursery) -> None:
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.client.aclose()
-            await peers.client.aclose()
-            assert await peers.server.receive() == b""
-
-
-async def test_websocket_transport_close_after_the_peer_closed_frees_the_socket(
-    nursery: trio.Nursery,
-) -> None:
-    # trio-websocket's client waits for the server's TCP close and, once the close handshake
-    # is done, its aclose() returns early without closing the TCP stream; the transport's
-    # aclose() must still free the socket ("frees it even if ...", FrameTransport.aclose).
-    with trio.fail_after(TIMEOUT):
-        async with websocket_peers(nursery) as peers:
-            await peers.server.aclose()
-            assert await peers.client.receive() == b""
-            await peers.client.aclose()
-            assert peers.client_tcp.socket.fileno() == -1
-
-
 # --- WsprotoTransport: wsproto driven from the caller's task over a bare socket --------------
 
 
@@ -259,6 +157,39 @@ async def test_wsproto_transport_round_trips_and_closes() -> None:
             assert await server.receive() == b""
 
 
+async def test_wsproto_transport_returns_empty_bytes_when_the_peer_closes() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            await server.send(b"goodbye")
+            await server.aclose()
+            assert await client.receive() == b"goodbye"
+            assert await client.receive() == b""
+            assert await client.receive() == b""
+            with pytest.raises(trio.BrokenResourceError):
+                await client.send(b"too late")
+
+
+async def test_wsproto_transport_rejects_text_messages() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            # The transport never sends text; write one with its wsproto connection.
+            await server._stream.send_all(server._ws.send(wsproto.events.TextMessage("text")))
+            with pytest.raises(trio.BrokenResourceError, match="text message"):
+                await client.receive()
+
+
+async def test_wsproto_transport_close_is_idempotent_and_frees_the_socket() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            await server.aclose()
+            assert await client.receive() == b""
+            await client.aclose()
+            await client.aclose()
+            stream = client._stream
+            assert isinstance(stream, FastSocketStream)
+            assert stream.socket.fileno() == -1
+
+
 def is_pending(transport: WsprotoTransport) -> bool:
     return transport.pending
 
@@ -300,22 +231,27 @@ async def test_accept_websocket_refuses_a_plain_request() -> None:
 async def test_uplink_over_wsproto_carries_a_burst_through_early_flushes() -> None:
     """More frames than the early-flush threshold queued in one pass go out in several
     immediate writes and all arrive, in order, on their streams."""
-    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
     with trio.fail_after(10):
-        async with (
-            wsproto_pair() as (client, server),
-            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
-            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
-        ):
-            streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
-            for stream in streams:
-                stream.send_end()
-            for i in range(40):
-                incoming = await agent.accept_stream()
-                assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
-                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
-                incoming.send_data_nowait(b"body %d" % i, end=True)
-            for i, stream in enumerate(streams):
-                assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
-                assert await stream.receive_data() == b"body %d" % i
-                assert await stream.receive_data() == b""
+        async with wsproto_pair() as (client, server):
+            await carry_a_burst(client, server)
+
+
+async def carry_a_burst(client: FrameTransport, server: FrameTransport) -> None:
+    """Run uplinks on both transports; 40 requests queued in one pass all come back."""
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    async with (
+        open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+        open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+    ):
+        streams = [relay.open_stream(b"GET /%d HTTP/1.1\r\n\r\n" % i) for i in range(40)]
+        for stream in streams:
+            stream.send_end()
+        for i in range(40):
+            incoming = await agent.accept_stream()
+            assert incoming.head == b"GET /%d HTTP/1.1\r\n\r\n" % i
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n")
+            incoming.send_data_nowait(b"body %d" % i, end=True)
+        for i, stream in enumerate(streams):
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            assert await stream.receive_data() == b"body %d" % i
+            assert await stream.receive_data() == b""

@@ -1,7 +1,7 @@
 """Agent: dials the relay and answers the streams it opens.
 
-Layer: above uplink. May import trio, trio-websocket, attrs, errors, frames, access, transports,
-uplink and the internal HTTP/1.1 parser.
+Layer: above uplink. May import trio, attrs, errors, frames, access, transports, uplink, the
+stream layer (``_sockets``, ``_tls``) and the internal HTTP/1.1 parser.
 
 The agent keeps one uplink to its relay, re-dialling with backoff when it drops (asking for its
 session back with the resume key). A fixed pool of ``max_concurrent`` worker tasks takes
@@ -14,8 +14,10 @@ app in-process (:class:`AsgiHandler`).
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import math
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -24,11 +26,11 @@ from typing import Any, Final, NoReturn, final
 
 import attrs
 import trio
-import trio_websocket
 
 from tunnel2 import _http11 as http
 from tunnel2 import frames
-from tunnel2._sockets import FastSocketStream, connect_tcp
+from tunnel2._sockets import connect_tcp
+from tunnel2._tls import SocketOrTls, client_context, wrap_client
 from tunnel2.errors import (
     ErrorCode,
     HandshakeError,
@@ -39,9 +41,8 @@ from tunnel2.errors import (
     StreamReset,
     UplinkClosed,
 )
-from tunnel2.transports import FrameTransport, WebSocketTransport, connect_websocket
+from tunnel2.transports import FrameTransport, connect_websocket
 from tunnel2.uplink import (
-    MAX_MESSAGE_SIZE,
     TunnelStream,
     TunnelUplink,
     open_uplink,
@@ -96,6 +97,13 @@ class AgentConfig:
         max_frame_size: largest frame the agent accepts.
         access: who may visit the tunnel; sent in HELLO and enforced by the relay
             (PROTOCOL.md §3.1.1). ``None``: everyone who has the URL.
+        ca_file: trust only the CA certificates in this PEM file for a ``https``/``wss``
+            relay; ``None`` trusts the system's store.
+        insecure_transport: allow a clear-text (``http``/``ws``) relay that is not on
+            loopback; the token and all traffic then cross the network unencrypted.
+
+    ``connect_timeout``, ``ca_file`` and ``insecure_transport`` also configure the connector
+    (:func:`websocket_connector`); :func:`tunnel2.open_tunnel` passes them on.
     """
 
     token: str | None = None
@@ -107,6 +115,8 @@ class AgentConfig:
     backoff_max: float = 30.0
     max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
     access: AccessPolicy | None = None
+    ca_file: str | None = None
+    insecure_transport: bool = False
 
 
 def agent_url(server_url: str) -> str:
@@ -121,53 +131,91 @@ def agent_url(server_url: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-def websocket_connector(server_url: str, *, connect_timeout: float = 10.0) -> Connector:
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def websocket_connector(
+    server_url: str,
+    *,
+    connect_timeout: float = 10.0,
+    ca_file: str | None = None,
+    insecure_transport: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Connector:
     """A connector that dials the relay's WebSocket endpoint.
 
-    ``ws://`` connections are driven by wsproto over a :class:`FastSocketStream` from the
-    uplink's own tasks (:class:`WsprotoTransport`); ``wss://`` ones go through
-    ``trio_websocket.open_websocket_url``, which brings TLS.
+    Both ``ws://`` and ``wss://`` are driven by wsproto from the uplink's own tasks
+    (:class:`~tunnel2.transports.WsprotoTransport`), over a bare TCP stream or a TLS stream
+    on it. TCP connect, TLS handshake and WebSocket handshake each get ``connect_timeout``.
+    Everything is checked here, before anything is dialled.
+
+    Args:
+        server_url: the relay (``http(s)://`` or ``ws(s)://``).
+        connect_timeout: seconds for each step of opening the connection.
+        ca_file: trust only the CA certificates in this PEM file (TLS relays).
+        insecure_transport: allow a clear-text relay that is not on loopback.
+        ssl_context: the TLS settings to use instead of verifying against ``ca_file`` or
+            the system's store.
+
+    Raises:
+        ValueError: not a relay URL, a clear-text one to a host that is not loopback
+            (127.0.0.0/8, ::1, localhost) without ``insecure_transport``, or a ``ca_file``
+            that cannot be loaded.
     """
     url = agent_url(server_url)
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    tls = parts.scheme == "wss"
+    if not tls and not insecure_transport and not _is_loopback(host):
+        raise ValueError(
+            f"refusing to reach the relay at {server_url} in clear text (its token and "
+            "traffic would cross the network unencrypted): use https://, or allow it with "
+            "insecure_transport=True (--insecure-transport)"
+        )
+    context = (ssl_context or client_context(ca_file)) if tls else None
+    port = parts.port or (443 if tls else 80)
     resource = parts.path or "/"
-
-    @asynccontextmanager
-    async def connect_tls() -> AsyncIterator[FrameTransport]:
-        try:
-            async with trio_websocket.open_websocket_url(
-                url,
-                max_message_size=MAX_MESSAGE_SIZE,
-                receive_buffer_size=65536,
-                connect_timeout=connect_timeout,
-                disconnect_timeout=2,
-            ) as ws:
-                yield WebSocketTransport(ws)
-        except trio_websocket.HandshakeError as exc:
-            reason = exc.__cause__ or exc
-            raise HandshakeError(f"cannot open a WebSocket to {url}: {reason}") from exc
 
     @asynccontextmanager
     async def connect() -> AsyncIterator[FrameTransport]:
         try:
             with trio.fail_after(connect_timeout):
-                stream = await connect_tcp(host, port)
+                tcp = await connect_tcp(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            raise HandshakeError(f"cannot connect to the relay at {url}: {exc}") from exc
+            why = str(exc) if isinstance(exc, OSError) else f"no connection in {connect_timeout}s"
+            raise HandshakeError(f"cannot connect to the relay at {url}: {why}") from exc
+        stream: SocketOrTls = tcp
+        if context is not None:
+            try:
+                with trio.fail_after(connect_timeout):
+                    stream = await wrap_client(tcp, context, host)
+            except trio.TooSlowError as exc:
+                await trio.aclose_forcefully(tcp)
+                raise HandshakeTimeout(
+                    f"no TLS handshake from the relay at {url} within {connect_timeout}s "
+                    "(does it serve TLS on that port?)"
+                ) from exc
+            except trio.BrokenResourceError as exc:  # closed by wrap_client
+                raise HandshakeError(f"{exc} (relay {url})") from exc
         try:
             with trio.fail_after(connect_timeout):
                 transport = await connect_websocket(stream, parts.netloc, resource)
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(stream)
-            raise HandshakeError(f"WebSocket handshake with {url} failed: {exc}") from exc
+            why = str(exc) or f"no answer within {connect_timeout}s"
+            raise HandshakeError(f"WebSocket handshake with {url} failed: {why}") from exc
         try:
             yield transport
         finally:
             await trio.aclose_forcefully(transport)
 
-    return connect if parts.scheme == "ws" else connect_tls
+    return connect
 
 
 @final
@@ -255,7 +303,6 @@ class Agent:
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
                 trio.TooSlowError,
-                trio_websocket.ConnectionClosed,
             ) as exc:
                 if not started and self._welcome is None:
                     if isinstance(exc, trio.TooSlowError):
@@ -412,6 +459,9 @@ _EXCHANGE_ERRORS: Final = (
 )
 
 
+_HOST_FIELD_RE: Final = http.field_lines_re({b"host"})
+
+
 @final
 class BackendForwarder:
     """Answers streams by forwarding them to an HTTP/1.1 backend at ``host:port``.
@@ -419,21 +469,40 @@ class BackendForwarder:
     Keeps up to ``max_idle`` keep-alive connections open for reuse. A request on a reused
     connection the backend had already closed is retried once on a fresh one when nothing of
     it was consumed yet (no body).
+
+    With ``ssl_context`` the backend speaks https: the TLS handshake is part of opening a
+    pooled connection, the certificate is checked for ``host`` (also sent as SNI), and the
+    request's Host names the backend (as its certificate does); the client's Host stays in
+    X-Forwarded-Host.
     """
 
-    def __init__(self, host: str, port: int, *, max_idle: int = 128) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int = 128,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
-        self._idle: collections.deque[FastSocketStream] = collections.deque()
+        self.ssl_context = ssl_context
+        self._idle: collections.deque[SocketOrTls] = collections.deque()
+        self._host_line: bytes | None = None
+        if ssl_context is not None:
+            name = f"[{host}]" if ":" in host else host
+            authority = name if port == 443 else f"{name}:{port}"
+            self._host_line = b"Host: %s\r\n" % authority.encode("idna")
 
     def __repr__(self) -> str:
-        return f"<BackendForwarder {self.host}:{self.port} idle={len(self._idle)}>"
+        return f"<BackendForwarder {self.target} idle={len(self._idle)}>"
 
     @property
     def target(self) -> str:
-        """``http://host:port`` for messages."""
-        return f"http://{self.host}:{self.port}"
+        """``http(s)://host:port`` for messages."""
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def aclose(self) -> None:
         """Close the idle connections."""
@@ -443,6 +512,11 @@ class BackendForwarder:
     async def __call__(self, stream: TunnelStream) -> None:
         head = stream.head
         assert head is not None
+        if self._host_line is not None:
+            start_line = head.find(b"\r\n") + 2
+            head = b"".join(
+                [head[:start_line], self._host_line, _HOST_FIELD_RE.sub(b"", head[start_line:])]
+            )
         method, framing, length = _relay_head_framing(head)
         has_body = length > 0 or framing is http.Framing.CHUNKED
         start = trio.current_time()
@@ -458,6 +532,9 @@ class BackendForwarder:
                         f"backend {self.host}:{self.port} refused the connection "
                         f"({exc.strerror or exc})",
                     )
+                    return
+                except trio.BrokenResourceError as exc:  # the TLS handshake failed
+                    stream.reset(ErrorCode.BACKEND_UNAVAILABLE, f"backend {self.target}: {exc}")
                     return
             keep = False
             try:
@@ -497,10 +574,13 @@ class BackendForwarder:
                 (trio.current_time() - start) * 1000,
             )
 
-    async def _open(self) -> FastSocketStream:
-        return await connect_tcp(self.host, self.port)
+    async def _open(self) -> SocketOrTls:
+        conn = await connect_tcp(self.host, self.port)
+        if self.ssl_context is None:
+            return conn
+        return await wrap_client(conn, self.ssl_context, self.host)
 
-    def _checkout(self, *, check: bool) -> FastSocketStream | None:
+    def _checkout(self, *, check: bool) -> SocketOrTls | None:
         """An idle pooled connection, or None.
 
         With ``check`` (a request whose body cannot be sent twice), one the backend has
@@ -517,7 +597,7 @@ class BackendForwarder:
 
     async def _exchange(
         self,
-        conn: FastSocketStream,
+        conn: SocketOrTls,
         stream: TunnelStream,
         head: bytes,
         method: bytes,
@@ -563,7 +643,7 @@ class BackendForwarder:
 
     async def _pump_body(
         self,
-        conn: FastSocketStream,
+        conn: SocketOrTls,
         stream: TunnelStream,
         head: bytes,
         framing: http.Framing,
@@ -582,7 +662,7 @@ class BackendForwarder:
 
     async def _relay_response(
         self,
-        conn: FastSocketStream,
+        conn: SocketOrTls,
         stream: TunnelStream,
         buf: bytearray,
         method: bytes,
@@ -634,14 +714,15 @@ class BackendForwarder:
         return response.status, reusable
 
 
-async def _splice(conn: FastSocketStream, stream: TunnelStream, buf: bytearray) -> None:
+async def _splice(conn: SocketOrTls, stream: TunnelStream, buf: bytearray) -> None:
     """After a 101 from the backend: carry raw bytes both ways until either side is done."""
 
     async def downstream() -> None:
         try:
             while data := await stream.receive_data():
                 await conn.send_all(data)
-            await conn.send_eof()  # the client is done sending; the backend may still answer
+            if isinstance(conn, trio.abc.HalfCloseableStream):  # TLS cannot half-close
+                await conn.send_eof()  # the client is done sending; the backend may still answer
         except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
             nursery.cancel_scope.cancel()
 

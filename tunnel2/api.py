@@ -5,7 +5,9 @@ Layer: top of the library (below cli and testing). Thin wiring of server, entry 
 
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
+from tunnel2._sockets import FastSocketStream
+from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_context
 from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import (
     Agent,
@@ -44,6 +48,7 @@ async def serve_tunnel_server(
     config: ServerConfig | None = None,
     *,
     store: SessionStore | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay: the public HTTP entry and the agents' WebSocket endpoint on one port.
@@ -53,24 +58,39 @@ async def serve_tunnel_server(
     the bound port, so bind errors surface from ``nursery.start``. Runs until cancelled;
     every connection task lives in this function's nursery.
 
+    With TLS (``ssl_context``, or one built from ``config.tls_cert``/``config.tls_key``) the
+    port serves HTTPS and WSS, ``base_url`` and the sessions' public URLs say ``https``, and a
+    connection that starts with plain HTTP is answered with a 308 redirect to its https URL
+    (or 400). The TLS handshake (or that answer) must complete within
+    ``config.handshake_timeout``; the connection counts towards ``max_connections`` from the
+    start.
+
     Args:
         config: the relay's settings.
         store: where session claims are decided (default: in memory, see
             :class:`~tunnel2.server.TunnelServer`).
-        task_status: for ``nursery.start``.
+        ssl_context: the server's TLS settings (injected; takes precedence over
+            ``config.tls_cert``).
 
     Raises:
         OSError: the address could not be bound.
+        ValueError: a TLS file cannot be loaded, or ``config.tls_key`` is set without
+            ``config.tls_cert``.
         ExceptionGroup: an unexpected error in a connection task (a bug).
     """
     require_async_library("trio", "tunnel2.serve_tunnel_server", "tunnel2.aio.open_tunnel_server")
     config = config or ServerConfig()
+    if ssl_context is None and config.tls_cert is not None:
+        ssl_context = server_context(config.tls_cert, config.tls_key)
+    elif config.tls_key is not None and config.tls_cert is None:
+        raise ValueError("tls_key needs tls_cert")
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     host = config.host if ":" not in config.host else f"[{config.host}]"
+    scheme = "http" if ssl_context is None else "https"
     server = TunnelServer(
         config,
-        base_url=config.public_url or f"http://{host}:{port}",
+        base_url=config.public_url or f"{scheme}://{host}:{port}",
         port=port,
         store=store,
     )
@@ -82,9 +102,27 @@ async def serve_tunnel_server(
             server.base_url,
         )
     entry = ProxyEntry(server)
+    handler = entry.handle_connection
+    if ssl_context is not None:
+        context = ssl_context
+        plain_http = functools.partial(
+            answer_plain_http, base_url=server.base_url, max_head_size=config.max_head_size
+        )
+
+        async def handler(stream: trio.abc.Stream) -> None:
+            assert isinstance(stream, trio.SocketStream)
+            tls = TlsStream(
+                FastSocketStream.from_trio(stream),
+                context,
+                server_side=True,
+                plain_http=plain_http,
+                handshake_timeout=config.handshake_timeout,
+            )
+            await entry.handle_connection(tls)
+
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
+            await nursery.start(trio.serve_listeners, handler, listeners)
             nursery.start_soon(entry.run_timeouts)
             task_status.started(server)
             await trio.sleep_forever()
@@ -94,8 +132,10 @@ async def serve_tunnel_server(
 
 
 @asynccontextmanager
-async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterator[TunnelServer]:
-    """Run a relay for the duration of the block.
+async def open_tunnel_server(
+    config: ServerConfig | None = None, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[TunnelServer]:
+    """Run a relay for the duration of the block (TLS as in :func:`serve_tunnel_server`).
 
     On exit the relay drains: agents get GOAWAY and in-flight requests get
     ``config.drain_timeout`` seconds, then everything is cancelled.
@@ -105,7 +145,9 @@ async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterato
     """
     require_async_library("trio", "tunnel2.open_tunnel_server", "tunnel2.aio.open_tunnel_server")
     async with trio.open_nursery() as nursery:
-        server: TunnelServer = await nursery.start(serve_tunnel_server, config)
+        server: TunnelServer = await nursery.start(
+            functools.partial(serve_tunnel_server, config, ssl_context=ssl_context)
+        )
         try:
             yield server
         finally:
@@ -115,14 +157,25 @@ async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterato
             nursery.cancel_scope.cancel()
 
 
-def handler_for(target: int | str | AsgiApp) -> StreamHandler:
+def handler_for(
+    target: int | str | AsgiApp,
+    *,
+    backend_ca_file: str | None = None,
+    backend_insecure: bool = False,
+    backend_ssl_context: ssl.SSLContext | None = None,
+) -> StreamHandler:
     """The stream handler for a tunnel target.
 
     Args:
-        target: a port on 127.0.0.1, an ``http://host:port`` URL, or an ASGI 3 app.
+        target: a port on 127.0.0.1, an ``http(s)://host:port`` URL, or an ASGI 3 app.
+        backend_ca_file: for an ``https`` target, trust only the CA certificates in this PEM
+            file (default: the system's store).
+        backend_insecure: for an ``https`` target, accept any certificate.
+        backend_ssl_context: for an ``https`` target, these TLS settings instead.
 
     Raises:
-        ValueError: a URL that is not ``http://host[:port]``.
+        ValueError: a URL that is not ``http(s)://host[:port]``, or a ``backend_ca_file``
+            that cannot be loaded.
     """
     if isinstance(target, int):
         return BackendForwarder("127.0.0.1", target)
@@ -130,9 +183,14 @@ def handler_for(target: int | str | AsgiApp) -> StreamHandler:
         if target.isdigit():
             return BackendForwarder("127.0.0.1", int(target))
         parts = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"target {target!r} must be a port or an http://host:port URL")
-        return BackendForwarder(parts.hostname, parts.port or 80)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"target {target!r} must be a port or an http(s)://host:port URL")
+        if parts.scheme == "http":
+            return BackendForwarder(parts.hostname, parts.port or 80)
+        context = backend_ssl_context or client_context(
+            backend_ca_file, verify=not backend_insecure
+        )
+        return BackendForwarder(parts.hostname, parts.port or 443, ssl_context=context)
     return AsgiHandler(target)
 
 
@@ -147,6 +205,11 @@ async def open_tunnel(
     max_queued: int = 1024,
     connect_timeout: float = 10.0,
     access: AccessPolicy | None = None,
+    ca_file: str | None = None,
+    insecure_transport: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
+    backend_ca_file: str | None = None,
+    backend_insecure: bool = False,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -155,8 +218,8 @@ async def open_tunnel(
     exit the agent's tasks are cancelled and its connections closed.
 
     Args:
-        server_url: the relay, e.g. ``http://127.0.0.1:8000``.
-        target: a port on 127.0.0.1, an ``http://host:port`` URL, or an ASGI 3 app.
+        server_url: the relay, e.g. ``https://relay.example`` or ``http://127.0.0.1:8000``.
+        target: a port on 127.0.0.1, an ``http(s)://host:port`` URL, or an ASGI 3 app.
         session_id: a fixed session id to ask for (otherwise the relay picks one).
         token: the relay's agent token, if it requires one.
         max_concurrent: requests answered at once.
@@ -166,10 +229,20 @@ async def open_tunnel(
             ``AccessPolicy.from_options(basic_auth=["alice:s3cret"])``; the relay turns
             everyone else away before a request reaches this agent. ``None``: anyone with
             the URL.
+        connect_timeout: seconds for each step of the first connection and handshake.
+        ca_file: trust only the CA certificates in this PEM file for an ``https`` relay
+            (default: the system's store).
+        insecure_transport: allow an ``http``/``ws`` relay that is not on loopback (the
+            token and traffic then cross the network in clear text).
+        ssl_context: TLS settings for the relay instead of ``ca_file``.
+        backend_ca_file: for an ``https`` target, trust only these CA certificates.
+        backend_insecure: for an ``https`` target, accept any certificate.
 
     Raises:
+        ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
+            on loopback without ``insecure_transport`` (raised before anything is dialled).
         HandshakeRefused: the relay refused the agent (bad token, session held).
-        HandshakeError: the relay could not be reached.
+        HandshakeError: the relay could not be reached, or its certificate was not trusted.
         RuntimeError: called from asyncio (use :func:`tunnel2.aio.open_tunnel`).
     """
     require_async_library("trio", "tunnel2.open_tunnel", "tunnel2.aio.open_tunnel")
@@ -180,9 +253,20 @@ async def open_tunnel(
         max_queued=max_queued,
         connect_timeout=connect_timeout,
         access=access,
+        ca_file=ca_file,
+        insecure_transport=insecure_transport,
     )
-    handler = handler_for(target)
-    agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)
+    connector = websocket_connector(
+        server_url,
+        connect_timeout=config.connect_timeout,
+        ca_file=config.ca_file,
+        insecure_transport=config.insecure_transport,
+        ssl_context=ssl_context,
+    )
+    handler = handler_for(
+        target, backend_ca_file=backend_ca_file, backend_insecure=backend_insecure
+    )
+    agent = Agent(connector, handler, config)
     try:
         # trio wraps what the agent's task raised; a lone error comes out as itself.
         with unwrap_lone_error():

@@ -6,18 +6,22 @@ Layer: top. No logic of its own: every subcommand calls the library.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
 from tunnel2 import __version__
+from tunnel2._tls import server_context
 from tunnel2._util import positive_float, positive_int, unwrap_lone_error
 from tunnel2.access import AccessPolicy
-from tunnel2.api import open_tunnel, serve_tunnel_server
+from tunnel2.agent import websocket_connector
+from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens
@@ -61,9 +65,11 @@ async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args:
         nursery.cancel_scope.cancel()
 
 
-async def _run_server(config: ServerConfig) -> None:
+async def _run_server(config: ServerConfig, ssl_context: ssl.SSLContext | None) -> None:
     async with trio.open_nursery() as nursery:
-        server: TunnelServer = await nursery.start(serve_tunnel_server, config)
+        server: TunnelServer = await nursery.start(
+            functools.partial(serve_tunnel_server, config, ssl_context=ssl_context)
+        )
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
         nursery.start_soon(_reload_tokens_on_sighup, server)
@@ -109,6 +115,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         state_dir=_state_dir(args),
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         **{field: getattr(args, field) for field, *_ in _FAIR_USE_OPTIONS},
     )
 
@@ -121,8 +129,19 @@ def _server(args: argparse.Namespace) -> int:
     except (TokenError, OSError) as exc:
         print(f"tunnel2 server: bad tokens: {exc}", file=sys.stderr)
         return 2
+    # --- tls ---
+    ssl_context = None
+    if args.tls_key and not args.tls_cert:
+        print("tunnel2 server: --tls-key needs --tls-cert", file=sys.stderr)
+        return 2
+    if args.tls_cert:
+        try:
+            ssl_context = server_context(args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            print(f"tunnel2 server: {exc}", file=sys.stderr)
+            return 2
     try:
-        trio.run(_until_terminated, _run_server, config)
+        trio.run(_until_terminated, _run_server, config, ssl_context)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -131,8 +150,7 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> None:
-    target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
+async def _run_http(args: argparse.Namespace, target: str, access: AccessPolicy | None) -> None:
     async with open_tunnel(
         args.server,
         target,
@@ -140,6 +158,10 @@ async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> No
         token=args.token,
         max_concurrent=args.max_concurrent,
         access=access,
+        ca_file=args.ca_file,
+        insecure_transport=args.insecure_transport,
+        backend_ca_file=args.backend_ca_file,
+        backend_insecure=args.backend_insecure,
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
@@ -169,13 +191,25 @@ def _http(args: argparse.Namespace) -> int:
     if not args.target.isdigit() and "://" not in args.target:
         print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
         return 2
+    target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
+    # --- tls ---
+    try:  # what open_tunnel would refuse (clear text, CA files), said before anything runs
+        websocket_connector(
+            args.server, ca_file=args.ca_file, insecure_transport=args.insecure_transport
+        )
+        handler_for(
+            target, backend_ca_file=args.backend_ca_file, backend_insecure=args.backend_insecure
+        )
+    except ValueError as exc:
+        print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 2
     try:
         access = _access_policy(args)
     except ValueError as exc:
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(_until_terminated, _run_http, args, access)
+        trio.run(_until_terminated, _run_http, args, target, access)
     except KeyboardInterrupt:
         pass
     except HandshakeError as exc:
@@ -261,11 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=text + " (default %(default)s)",
         )
+    # --- tls ---
+    server.add_argument(
+        "--tls-cert", metavar="FILE", help="serve HTTPS and WSS with this PEM certificate chain"
+    )
+    server.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="the certificate's PEM private key (default: in --tls-cert)",
+    )
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
     http = subparsers.add_parser("http", help="expose a local port or URL through a relay")
-    http.add_argument("target", help="a port on 127.0.0.1, or an http://host:port URL")
+    http.add_argument("target", help="a port on 127.0.0.1, or an http(s)://host:port URL")
     http.add_argument(
         "--server", default="http://127.0.0.1:8000", help="the relay (default %(default)s)"
     )
@@ -304,6 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn away visitors from this network, even if allowed (repeatable)",
     )
     # --- end visitor access ---
+    # --- tls ---
+    http.add_argument(
+        "--ca-file", metavar="FILE", help="trust only these CA certificates (PEM) for the relay"
+    )
+    http.add_argument(
+        "--insecure-transport",
+        action="store_true",
+        help="allow an http:// relay that is not on loopback (token and traffic in clear text)",
+    )
+    http.add_argument(
+        "--backend-ca-file",
+        metavar="FILE",
+        help="trust only these CA certificates (PEM) for an https:// target",
+    )
+    http.add_argument(
+        "--backend-insecure",
+        action="store_true",
+        help="accept any certificate from an https:// target",
+    )
     _add_verbosity(http)
     http.set_defaults(func=_http)
 

@@ -20,7 +20,7 @@ from typing import Final, NoReturn, final
 import trio
 
 from tunnel2 import _http11 as http
-from tunnel2._sockets import FastSocketStream
+from tunnel2._sockets import FastSocketStream, can_tell_peer_closed, has_peer_address
 from tunnel2.access import CREDENTIAL_HEADER, AccessPolicy
 from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
@@ -277,7 +277,7 @@ class _PrefixedStream(trio.abc.Stream):
 
 
 def _peer_address(stream: trio.abc.Stream) -> bytes:
-    if isinstance(stream, FastSocketStream):
+    if has_peer_address(stream):
         return stream.getpeername().encode()
     return b"unknown"
 
@@ -397,7 +397,7 @@ class ProxyEntry:
                         conn.timer.cancel()
                 elif (
                     conn.waiting is not None
-                    and isinstance(conn.client, FastSocketStream)
+                    and can_tell_peer_closed(conn.client)
                     and conn.client.peer_closed()
                 ):
                     conn.gone = True

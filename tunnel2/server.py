@@ -104,6 +104,8 @@ class ServerConfig:
         write_timeout: seconds a write to a visitor may go without completing (the visitor
             reads nothing); past it the connection is closed and its stream reset.
         uplink_limits: flood and stall limits for each agent's uplink (PROTOCOL.md §7).
+        tls_cert: PEM certificate chain; set, the port serves HTTPS and WSS.
+        tls_key: PEM private key of ``tls_cert`` (``None``: it is in ``tls_cert``).
     """
 
     host: str = "127.0.0.1"
@@ -134,6 +136,8 @@ class ServerConfig:
     head_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     write_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     uplink_limits: UplinkLimits = attrs.field(factory=UplinkLimits)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class _Refusal(Exception):

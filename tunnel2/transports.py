@@ -1,6 +1,11 @@
-"""What carries frames: one small interface, three implementations.
+"""What carries frames: one small interface, two implementations (and in-memory pairs).
 
-Layer: just above frames. May import trio and trio-websocket; nothing above it in tunnel2.
+Layer: just above frames. May import trio, wsproto and the stream layer
+(:mod:`tunnel2._sockets`); nothing above it in tunnel2.
+
+There is one WebSocket transport, :class:`WsprotoTransport`, for ``ws://`` (over a
+:class:`~tunnel2._sockets.FastSocketStream`) and ``wss://`` (over a
+:class:`~tunnel2._tls.TlsStream`) alike (STYLE.md §10, "one of each").
 
 A :class:`FrameTransport` moves opaque byte strings, each holding one or more whole frames
 (PROTOCOL.md §1). The decoder does not depend on message boundaries, so a byte stream works as
@@ -16,18 +21,16 @@ from typing import Final
 
 import trio
 import trio.testing
-import trio_websocket
 import wsproto
 import wsproto.events
 import wsproto.utilities
 from wsproto.connection import ConnectionState, ConnectionType
 
-from tunnel2._sockets import FastSocketStream
+from tunnel2._sockets import can_send_nowait
 
 __all__ = [
     "FrameTransport",
     "StreamTransport",
-    "WebSocketTransport",
     "WsprotoTransport",
     "accept_websocket",
     "connect_websocket",
@@ -108,47 +111,6 @@ class StreamTransport(FrameTransport):
         await self._stream.aclose()
 
 
-class WebSocketTransport(FrameTransport):
-    """Frames in binary messages of a trio-websocket connection.
-
-    Args:
-        ws: the connection.
-        stream: the byte stream under it, if the caller opened it; :meth:`aclose` closes it
-            too (trio-websocket leaves it open when the peer closed first).
-    """
-
-    def __init__(
-        self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream | None = None
-    ) -> None:
-        self._ws = ws
-        self._stream = stream
-
-    def __repr__(self) -> str:
-        return f"<WebSocketTransport {self._ws!r}>"
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self._ws.send_message(data)
-        except trio_websocket.ConnectionClosed as exc:
-            raise trio.BrokenResourceError(f"websocket closed: {exc.reason}") from exc
-
-    async def receive(self) -> bytes:
-        try:
-            message = await self._ws.get_message()
-        except trio_websocket.ConnectionClosed:
-            return b""
-        if isinstance(message, str):
-            raise trio.BrokenResourceError("text message on a binary frame transport")
-        return bytes(message)
-
-    async def aclose(self) -> None:
-        try:
-            await self._ws.aclose()
-        finally:
-            if self._stream is not None:
-                await trio.aclose_forcefully(self._stream)
-
-
 def memory_transport_pair() -> tuple[StreamTransport, StreamTransport]:
     """Two connected in-memory transports with buffering (fast tests)."""
     left, right = trio.testing.memory_stream_pair()
@@ -165,23 +127,25 @@ def lockstep_transport_pair() -> tuple[StreamTransport, StreamTransport]:
 class WsprotoTransport(FrameTransport):
     """Frames in binary WebSocket messages, driven by wsproto in the caller's task.
 
-    trio-websocket runs a reader task per connection and hands messages over a channel: one
-    more task switch per message on the data path. This drives the same protocol engine
-    (wsproto, which trio-websocket is built on) from the uplink's own reader and writer, and
-    returns message data as soon as it arrives (frames don't depend on message boundaries).
+    A WebSocket library with its own reader task (trio-websocket) hands messages over a
+    channel: one more task switch per message on the data path. This drives the protocol
+    engine (wsproto) from the uplink's own reader and writer, and returns message data as soon
+    as it arrives (frames don't depend on message boundaries).
 
     Build one with :func:`accept_websocket` or :func:`connect_websocket`.
     """
 
     def __init__(self, stream: trio.abc.Stream, ws: wsproto.WSConnection) -> None:
         self._stream = stream
+        # The fast path needs a stream that can send without waiting (TCP, TLS over TCP),
+        # which keeps what the socket did not take and sends it first with the next write.
+        self._fast = stream if can_send_nowait(stream) else None
         self._ws = ws
         # Sent ahead of the next write: the PONG to the latest PING only (RFC 6455 §5.5.3
         # allows it, and a peer that pings without reading cannot grow it), close replies.
         self._pong = b""
         self._control: list[bytes] = []
         self._closed = False
-        self._pending = b""  # what the socket did not take from send_nowait
 
     def __repr__(self) -> str:
         return f"<WsprotoTransport {self._stream!r} {self._ws.state.name}>"
@@ -191,16 +155,16 @@ class WsprotoTransport(FrameTransport):
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError as exc:
             raise trio.BrokenResourceError(f"websocket is closing: {exc}") from exc
-        if self._control or self._pending or self._pong:
-            out = b"".join([self._pending, self._pong, *self._control, out])
+        if self._control or self._pong:
+            out = b"".join([self._pong, *self._control, out])
             self._control.clear()
-            self._pending = self._pong = b""
+            self._pong = b""
         await self._stream.send_all(out)
 
     def send_nowait(self, data: bytes) -> bool:
-        stream = self._stream
-        if self._pending or not isinstance(stream, FastSocketStream):
-            return False
+        stream = self._fast
+        if stream is None or stream.send_pending:
+            return False  # (until the rest is out, no second message may overtake it)
         try:
             out = self._ws.send(wsproto.events.BytesMessage(data=data))
         except wsproto.utilities.LocalProtocolError:
@@ -209,18 +173,16 @@ class WsprotoTransport(FrameTransport):
             out = b"".join([self._pong, *self._control, out])
             self._control.clear()
             self._pong = b""
-        sent = stream.send_nowait(out)
-        if sent < len(out):
-            self._pending = out[sent:]
+        stream.send_nowait(out)
         return True
 
     @property
     def pending(self) -> bool:
-        return bool(self._pending)
+        stream = self._fast
+        return stream is not None and stream.send_pending
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, b""
-        await self._stream.send_all(pending)
+        await self._stream.send_all(b"")
 
     async def receive(self) -> bytes | bytearray:
         ws = self._ws
@@ -318,6 +280,9 @@ async def connect_websocket(stream: trio.abc.Stream, host: str, resource: str) -
             if isinstance(event, wsproto.events.AcceptConnection):
                 return WsprotoTransport(stream, ws)
             if isinstance(event, wsproto.events.RejectConnection):
+                # A redirect says where to go (a TLS relay sends plain ws:// to https://).
+                location = dict(event.headers).get(b"location", b"").decode("latin-1")
                 raise trio.BrokenResourceError(
                     f"the server refused the WebSocket upgrade with HTTP {event.status_code}"
+                    + (f" (redirect to {location})" if location else "")
                 )

@@ -68,10 +68,8 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["relay", "agent"]
 
-# One transport write carries at most this many bytes (WebSocket messages stay well under
-# trio-websocket's receive limit, which both ends set to _MAX_MESSAGE_SIZE).
+# One transport write carries at most this many bytes (one WebSocket message).
 _MAX_BATCH: Final = 1024 * 1024
-MAX_MESSAGE_SIZE: Final = 4 * _MAX_BATCH
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
 _DEAD_AFTER_PINGS: Final = 3
