@@ -74,19 +74,30 @@ def main() -> int:
         "--relay-port", type=int, default=8000, help="port of the in-process relay (demo mode)"
     )
     args = parser.parse_args()
+    if args.server and args.port is None:
+        parser.error("--server needs --port")
     try:
         if args.server:
-            if args.port is None:
-                parser.error("--server needs --port")
             trio.run(run_remote, args.server, args.port, args.session)
         else:
             trio.run(run_demo, args.relay_port)
-    except KeyboardInterrupt:
-        pass
-    except tunnel2.TunnelError as exc:
-        print(f"expose_port: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # trio wraps what its tasks raise in exception groups
+        error = _lone(exc)
+        if isinstance(error, KeyboardInterrupt):
+            print("expose_port: stopped", file=sys.stderr)
+            return 0
+        if isinstance(error, (tunnel2.TunnelError, OSError)):
+            print(f"expose_port: {error}", file=sys.stderr)
+            return 1
+        raise
     return 0
+
+
+def _lone(exc: BaseException) -> BaseException:
+    """The one error inside nested exception groups of one (or ``exc`` itself)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

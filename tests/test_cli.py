@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
 CLI = (sys.executable, "-m", "tunnel2.cli")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @attrs.define
@@ -152,10 +154,10 @@ async def test_http_against_an_unreachable_relay_exits_1(tmp_path: Path) -> None
 async def test_http_with_a_bad_target_exits_2() -> None:
     with trio.fail_after(15):
         result = await trio.run_process(
-            [*CLI, "http", "notaport"], capture_stdout=True, capture_stderr=True, check=False
+            [*CLI, "http", "ftp://notaport"], capture_stdout=True, capture_stderr=True, check=False
         )
     assert result.returncode == 2
-    assert "notaport" in result.stderr.decode()
+    assert "ftp://notaport" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
 
 
@@ -227,3 +229,71 @@ async def test_open_relay_says_so_and_token_file_reloads_on_sighup(tmp_path: Pat
             assert await relay.interrupt() == 0
         assert "open relay" not in relay.stderr()
         assert "Traceback" not in relay.stderr(), relay.stderr()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["http", "8080", "--server", "ftp://x"], "must be http://, https://, ws:// or wss://"),
+        (["http", "99999"], "port is out of range 1-65535"),
+        (["http", "65536"], "port is out of range 1-65535"),
+        (["http", "http://127.0.0.1:99999"], "port is out of range"),
+        (["http", "8080", "--server", "http://127.0.0.1:65536"], "port is out of range"),
+        (["server", "--port", "99999"], "port 99999 is out of range 0-65535"),
+        (["server", "--port", "65536"], "port 65536 is out of range 0-65535"),
+        (["backend", "--port", "70000"], "port 70000 is out of range 0-65535"),
+        (["http", "8080", "--max-concurrent", "0"], "must be at least 1"),
+        (["server", "--domain", "bad/domain"], "is not a domain name"),
+        (["server", "--domain=-x.example"], "is not a domain name"),
+    ],
+)
+async def test_cli_mistakes_are_one_line_and_exit_2(args: list[str], says: str) -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert says in stderr
+    assert result.stdout == b""
+    # argparse prints its usage line first; our own checks print exactly one line.
+    assert len([line for line in stderr.splitlines() if line.startswith("tunnel2")]) == 1
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1:{port}", "localhost:{port}"])
+async def test_host_port_without_a_scheme_is_taken_as_http(spelling: str) -> None:
+    port = free_port()
+    with trio.fail_after(20):
+        as_server = await trio.run_process(
+            [*CLI, "http", "8080", "--server", spelling.format(port=port)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        as_target = await trio.run_process(
+            [*CLI, "http", spelling.format(port=9), "--server", f"http://127.0.0.1:{port}"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    for result in (as_server, as_target):
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr  # accepted; the relay is simply not there
+        assert "cannot connect to the relay" in stderr
+
+
+async def test_version_and_ctrl_c_on_the_readme_example(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        version = await trio.run_process([*CLI, "--version"], capture_stdout=True)
+        assert version.stdout.decode().startswith("tunnel2 ")
+        example = EXAMPLES / "expose_port.py"
+        async with run(
+            sys.executable, str(example), "--relay-port", "0", stderr=tmp_path / "ex.err"
+        ) as demo:
+            while not (await demo.readline()).startswith("Ctrl-C"):
+                pass
+            assert await demo.interrupt() == 0
+        stderr = demo.stderr()
+        assert "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == "expose_port: stopped"

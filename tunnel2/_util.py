@@ -1,18 +1,29 @@
 """Small helpers shared by the layers that own nurseries, and by the command lines.
 
-Layer: bottom. Imports trio only.
+Layer: bottom. Imports trio and sniffio only.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Final
 
 import sniffio
 import trio
 
-__all__ = ["positive_float", "positive_int", "require_async_library", "unwrap_lone_error"]
+_LABEL_RE: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+__all__ = [
+    "domain_name",
+    "port_number",
+    "positive_float",
+    "positive_int",
+    "require_async_library",
+    "unwrap_lone_error",
+]
 
 
 @contextmanager
@@ -48,6 +59,28 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def port_number(text: str) -> int:
+    """An argparse ``type=``: a TCP port, 0 (any free one) to 65535; never wrapped around."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
+
+
+def domain_name(text: str) -> str:
+    """An argparse ``type=``: a DNS name such as ``tunnels.example.com`` or ``localhost``."""
+    name = text.strip().rstrip(".").lower()
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a domain name (letters, digits and hyphens, dot-separated)"
+        )
+    return name
 
 
 def positive_int(text: str) -> int:

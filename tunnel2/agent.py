@@ -121,10 +121,17 @@ class AgentConfig:
 
 def agent_url(server_url: str) -> str:
     """The WebSocket URL of a relay's agent endpoint, from its ``http(s)``/``ws(s)`` URL."""
-    parts = urllib.parse.urlsplit(server_url)
+    # A bare HOST:PORT is taken as http://, as browsers and curl do.
+    parts = urllib.parse.urlsplit(server_url if "://" in server_url else f"http://{server_url}")
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise ValueError(f"relay URL {server_url!r} must start with http://, https://, ws://")
+    if scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"relay URL {server_url!r} must be http://, https://, ws:// or wss://HOST[:PORT]"
+        )
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError(f"relay URL {server_url!r}: the port is out of range 1-65535") from None
     path = parts.path.rstrip("/")
     if not path.endswith(_AGENT_PATH):
         path += _AGENT_PATH

@@ -177,14 +177,19 @@ def handler_for(
         ValueError: a URL that is not ``http(s)://host[:port]``, or a ``backend_ca_file``
             that cannot be loaded.
     """
-    if isinstance(target, int):
-        return BackendForwarder("127.0.0.1", target)
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        port = int(target)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"target port {port} is out of range 1-65535")
+        return BackendForwarder("127.0.0.1", port)
     if isinstance(target, str):
-        if target.isdigit():
-            return BackendForwarder("127.0.0.1", int(target))
         parts = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"target {target!r} must be a port or an http(s)://host:port URL")
+        try:
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError:
+            raise ValueError(f"target {target!r}: the port is out of range 1-65535") from None
         if parts.scheme == "http":
             return BackendForwarder(parts.hostname, parts.port or 80)
         context = backend_ssl_context or client_context(

@@ -18,7 +18,13 @@ import trio
 
 from tunnel2 import __version__
 from tunnel2._tls import server_context
-from tunnel2._util import positive_float, positive_int, unwrap_lone_error
+from tunnel2._util import (
+    domain_name,
+    port_number,
+    positive_float,
+    positive_int,
+    unwrap_lone_error,
+)
 from tunnel2.access import AccessPolicy
 from tunnel2.agent import websocket_connector
 from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
@@ -169,6 +175,14 @@ async def _run_http(args: argparse.Namespace, target: str, access: AccessPolicy 
         await trio.sleep_forever()
 
 
+def _target_url(text: str) -> str:
+    """``8080`` → ``http://127.0.0.1:8080``; ``localhost:8080`` → ``http://localhost:8080``;
+    URLs as they are (``handler_for`` then checks them, ports included)."""
+    if text.isdigit():
+        return f"http://127.0.0.1:{text}"
+    return text if "://" in text else f"http://{text}"
+
+
 def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
     """The visitor policy of ``tunnel2 http``; secrets may come from the environment so
     they need not show in ``ps``. Raises ValueError for a bad value."""
@@ -188,10 +202,7 @@ def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
 
 def _http(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose)
-    if not args.target.isdigit() and "://" not in args.target:
-        print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
-        return 2
-    target = args.target if "://" in args.target else f"http://127.0.0.1:{args.target}"
+    target = _target_url(args.target)
     # --- tls ---
     try:  # what open_tunnel would refuse (clear text, CA files), said before anything runs
         websocket_connector(
@@ -255,8 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = subparsers.add_parser("server", help="run a relay (public entry + agent endpoint)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind")
-    server.add_argument("--port", type=int, default=8000, help="port to bind (0: any free)")
-    server.add_argument("--domain", help="also route by Host: {session}.DOMAIN")
+    server.add_argument("--port", type=port_number, default=8000, help="port to bind (0: any free)")
+    server.add_argument(
+        "--domain",
+        type=domain_name,
+        help="also route by Host: {session}.DOMAIN (e.g. localhost, for http://ID.localhost:PORT/)",
+    )
     server.add_argument("--public-url", help="base URL to advertise (behind a proxy)")
     # --- ownership: tokens and state ---
     server.add_argument(
@@ -319,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the relay's agent token (default $TUNNEL2_TOKEN)",
     )
     http.add_argument(
-        "--max-concurrent", type=int, default=64, help="requests answered at once (default 64)"
+        "--max-concurrent",
+        type=positive_int,
+        default=64,
+        help="requests answered at once (default 64)",
     )
     # --- visitor access ---
     http.add_argument(

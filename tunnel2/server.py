@@ -109,7 +109,9 @@ class ServerConfig:
     """
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = attrs.field(
+        default=8000, validator=[attrs.validators.ge(0), attrs.validators.le(65535)]
+    )
     public_url: str | None = None
     domain: str | None = None
     tokens: frozenset[str] | None = None

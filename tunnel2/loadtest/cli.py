@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from tunnel2._util import positive_float, positive_int
+from tunnel2._util import port_number, positive_float, positive_int
 from tunnel2.loadtest.backend import BackendConfig, serve_backend
 from tunnel2.loadtest.baseline import (
     check_comparable,
@@ -107,7 +107,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     backend.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     backend.add_argument(
-        "--port", type=int, default=8080, help="port to bind (8080; 0 picks a free one)"
+        "--port", type=port_number, default=8080, help="port to bind (8080; 0 picks a free one)"
     )
     backend.add_argument(
         "--max-body-size",
