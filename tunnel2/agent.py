@@ -371,10 +371,10 @@ def _response_head_for_tunnel(
     status = response.status
     fields = head[head.find(b"\r\n") + 2 : -2]
     fields = (_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE).sub(b"", fields)
-    tokens = {t.strip().lower() for v in response.get_all(b"connection") for t in v.split(b",")}
+    tokens = http.connection_tokens(response)
     named = tokens - http.CONNECTION_OPTIONS
     if named:  # rare: fields the Connection header marks hop-by-hop
-        fields = http.field_lines_re(named).sub(b"", fields)
+        fields = http.drop_fields(fields, named)
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
         parts.append(b"Transfer-Encoding: chunked\r\n")

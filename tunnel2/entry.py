@@ -330,11 +330,9 @@ class ProxyEntry:
         request line gets the backend's target, hop-by-hop and X-Forwarded-* field lines are
         cut out in one regex pass, and our own framing and X-Forwarded-* lines are added."""
         fields = _DROP_RE.sub(b"", head[head.find(b"\r\n") + 2 : -2])
-        named = {
-            t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")
-        } - http.CONNECTION_OPTIONS
+        named = http.connection_tokens(request) - http.CONNECTION_OPTIONS
         if named:  # rare: fields the Connection header marks hop-by-hop
-            fields = http.field_lines_re(named).sub(b"", fields)
+            fields = http.drop_fields(fields, named)
         parts = [b"%s %s HTTP/1.1\r\n" % (request.method, target), fields]
         if upgrade is not None:
             parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
@@ -561,8 +559,7 @@ def _upgrade_of(request: http.RequestHead) -> bytes | None:
     upgrade = request.get(b"upgrade")
     if upgrade is None or request.http_version != b"1.1":
         return None
-    tokens = {t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")}
-    return upgrade if b"upgrade" in tokens else None
+    return upgrade if b"upgrade" in http.connection_tokens(request) else None
 
 
 class _BodyPump:
