@@ -7,6 +7,7 @@ asserts on timing, and no mock clock runs while real sockets are in flight (STYL
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 import socket
 import subprocess
@@ -654,10 +655,91 @@ async def test_backend_refused_is_502(relay: TunnelServer, backend: Backend) -> 
         ):
             response = await fetch(dead.public_url + "x")
             assert response.status == 502
-            assert b"refused" in response.body
+            # The kind of failure and the session, never the backend's address.
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {dead.session_id}: "
+                    "the backend refused the connection\n"
+                ).encode()
+            )
             await assert_relay_still_serves(alive.public_url)
             response = await fetch(dead.public_url + "again")
             assert response.status == 502
+
+
+async def test_invalid_backend_response_is_502_without_its_bytes(
+    nursery: trio.Nursery, relay: TunnelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def serve_garbage(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Secret: s3cr3t\x00\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, serve_garbage, listeners)
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, port) as agent:
+            response = await fetch(agent.public_url + "x")
+            assert response.status == 502
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {agent.session_id}: "
+                    "the backend sent an invalid response\n"
+                ).encode()
+            )
+    # The details stay in the agent's log, once.
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.name == "tunnel2.agent"
+    assert f"127.0.0.1:{port}" in warning.getMessage()
+    assert "invalid value" in warning.getMessage()
+
+
+async def test_response_head_over_the_frame_limit_is_502_and_the_uplink_lives(
+    nursery: trio.Nursery,
+) -> None:
+    relay = await start_relay(nursery, max_frame_size=1024)
+
+    async def reply(request: Request) -> Reply:
+        await trio.lowlevel.checkpoint()
+        if request.target == b"/big":
+            return Reply(headers=[(b"X-Big", b"b" * 2000)], body=b"never sent")
+        return route(request)
+
+    backend: Backend = await nursery.start(serve_backend, reply)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            (uplink,) = relay.uplinks
+            response = await fetch(agent.public_url + "big")
+            assert response.status == 502
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {agent.session_id}: "
+                    "the backend's response head is too large for the tunnel\n"
+                ).encode()
+            )
+            await assert_relay_still_serves(agent.public_url)
+            assert relay.uplinks == {uplink}
+            assert agent.connections == 1
+
+
+async def test_request_head_over_the_frame_limit_is_431_and_the_uplink_lives(
+    nursery: trio.Nursery, backend: Backend
+) -> None:
+    relay = await start_relay(nursery, max_frame_size=1024)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            (uplink,) = relay.uplinks
+            response = await fetch(agent.public_url + "big", headers=[(b"X-Big", b"b" * 1000)])
+            assert response.status == 431
+            assert b"over the tunnel's frame limit of 1024" in response.body
+            await assert_relay_still_serves(agent.public_url)
+            assert relay.uplinks == {uplink}
+            assert agent.connections == 1
 
 
 async def test_backend_never_answers_is_504(nursery: trio.Nursery) -> None:

@@ -7,6 +7,7 @@ h11 over a memory stream, or raw bytes where h11 would refuse to send what we te
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -582,3 +583,48 @@ async def test_host_routing_under_a_domain() -> None:
     assert (seen["path"], seen["query"]) == ("/by/host", "q=1")
     assert unknown.status == 404
     assert "nosuch" in unknown.text
+
+
+# --- sizes: no frame the peer cannot accept (PROTOCOL.md §4.2) -----------------------------
+
+
+async def test_request_head_over_the_agents_frame_limit_is_431_and_the_uplink_lives() -> None:
+    async with tunnel_for(echo_app, agent_config=AgentConfig(max_frame_size=1024)) as tunnel:
+        (uplink,) = tunnel.server.uplinks
+        big = await tunnel.request("GET", "/big", headers=[("X-Big", "b" * 1000)])
+        after = await tunnel.request("GET", "/after")
+        assert tunnel.server.uplinks == {uplink}
+        assert tunnel.agent.connections == 1
+    assert big.status == 431
+    assert f"as forwarded to session {tunnel.agent.session_id}" in big.text
+    assert "over the tunnel's frame limit of 1024" in big.text
+    assert after.status == 200
+
+
+async def test_response_head_over_the_frame_limit_is_502_and_the_uplink_lives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["path"] != "/big":
+            await echo_app(scope, receive, send)
+            return
+        await read_body(receive)
+        headers = [(b"x-big", b"b" * 2000)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"never sent"})
+
+    caplog.set_level(logging.INFO)
+    async with tunnel_for(app, agent_config=AgentConfig(max_frame_size=1024)) as tunnel:
+        (uplink,) = tunnel.server.uplinks
+        big = await tunnel.request("GET", "/big")
+        after = await tunnel.request("GET", "/after")
+        assert tunnel.server.uplinks == {uplink}
+        assert tunnel.agent.connections == 1
+    assert big.status == 502
+    assert big.text == (
+        f"502 Bad Gateway: session {tunnel.agent.session_id}: "
+        "the application's response head is too large for the tunnel\n"
+    )
+    assert after.status == 200
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "too large for the tunnel" in warning.getMessage()

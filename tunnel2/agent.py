@@ -34,6 +34,7 @@ from tunnel2.errors import (
     HandshakeError,
     HandshakeRefused,
     HandshakeTimeout,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     StreamReset,
@@ -390,6 +391,14 @@ _HOP_BY_HOP_RE: Final = http.field_lines_re(http.HOP_BY_HOP)
 _HOP_BY_HOP_101_RE: Final = http.field_lines_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
 
 
+# RESET reasons: kinds of failure, no addresses and no bytes of the backend's answer.
+_REFUSED: Final = "the backend refused the connection"
+_CLOSED: Final = "the backend closed the connection before answering"
+_INVALID: Final = "the backend sent an invalid response"
+_BROKE: Final = "the backend connection broke"
+_HEAD_TOO_LARGE: Final = "the backend's response head is too large for the tunnel"
+
+
 class _BackendGone(Exception):
     """A reused keep-alive connection turned out to be closed before any answer."""
 
@@ -445,11 +454,7 @@ class BackendForwarder:
                 try:
                     conn = await self._open()
                 except OSError as exc:
-                    stream.reset(
-                        ErrorCode.BACKEND_UNAVAILABLE,
-                        f"backend {self.host}:{self.port} refused the connection "
-                        f"({exc.strerror or exc})",
-                    )
+                    self._fail(stream, _REFUSED, exc.strerror or str(exc))
                     return
             keep = False
             try:
@@ -459,19 +464,17 @@ class BackendForwarder:
                 break
             except _BackendGone:
                 if has_body:  # its body is consumed: it cannot be sent again
-                    stream.reset(
-                        ErrorCode.BACKEND_UNAVAILABLE,
-                        "backend closed the connection before answering",
-                    )
+                    self._fail(stream, _CLOSED, "a reused connection was closed")
                     return
                 continue  # retry once on a fresh connection
+            except LocalProtocolError as exc:  # its head does not fit one OPEN frame
+                self._fail(stream, _HEAD_TOO_LARGE, str(exc))
+                return
             except ProtocolError as exc:
-                stream.reset(
-                    ErrorCode.BACKEND_UNAVAILABLE, f"backend sent an invalid response: {exc}"
-                )
+                self._fail(stream, _INVALID, str(exc))
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                stream.reset(ErrorCode.BACKEND_UNAVAILABLE, f"backend connection broke: {exc}")
+                self._fail(stream, _BROKE, str(exc) or type(exc).__name__)
                 return
             finally:
                 if keep and len(self._idle) < self.max_idle:
@@ -488,6 +491,15 @@ class BackendForwarder:
                 status,
                 (trio.current_time() - start) * 1000,
             )
+
+    def _fail(self, stream: TunnelStream, kind: str, detail: str) -> None:
+        """Reset ``stream`` (the relay answers 502) with a generic ``kind`` of failure: the
+        visitor learns neither the backend's address nor bytes of its answer. The details
+        go to the agent's log, once (PROTOCOL.md §4.5)."""
+        logger.warning(
+            "stream %d: %s (backend %s:%d: %s)", stream.id, kind, self.host, self.port, detail
+        )
+        stream.reset(ErrorCode.BACKEND_UNAVAILABLE, kind)
 
     async def _open(self) -> FastSocketStream:
         return await connect_tcp(self.host, self.port)
@@ -686,7 +698,7 @@ class AsgiHandler:
         try:
             await self.app(scope, state.receive, state.send)
         except Exception:
-            if state.head_sent:
+            if state.head_sent or stream.local_ended:
                 raise
             logger.exception("ASGI app failed on stream %d", stream.id)
             body = b"500 Internal Server Error: the application raised an exception\n"
@@ -696,7 +708,7 @@ class AsgiHandler:
             )
             await stream.send_data(body, end=True)
             return
-        if not state.head_sent:
+        if not state.head_sent and not stream.local_ended:
             raise RuntimeError("the ASGI app returned without sending a response")
         if not stream.local_ended:
             await stream.send_data(b"", end=True)
@@ -758,6 +770,15 @@ class _AsgiExchange:
             )
             # Parsed like a backend's answer: an app's invalid header fails here, loudly.
             response = http.parse_response_head(head)
-            self.stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+            stream = self.stream
+            try:
+                stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+            except LocalProtocolError as exc:  # it does not fit one OPEN frame
+                kind = "the application's response head is too large for the tunnel"
+                logger.warning("stream %d: %s (%s)", stream.id, kind, exc)
+                stream.reset(ErrorCode.BACKEND_UNAVAILABLE, kind)  # the relay answers 502
+                raise StreamReset(
+                    stream_id=stream.id, code=ErrorCode.BACKEND_UNAVAILABLE, reason=kind
+                ) from None
             self.head_sent = True
         await self.stream.send_data(body, end=not more)

@@ -21,7 +21,7 @@ import trio
 
 from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream
-from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
+from tunnel2.errors import ErrorCode, LocalProtocolError, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
 
 _AGENT_PATH: Final = AGENT_PATH.encode()
@@ -389,22 +389,30 @@ class ProxyEntry:
             stream = route.open_stream(head)
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
+        except LocalProtocolError:
+            # It would not fit one OPEN frame (PROTOCOL.md §4.2): refuse this request only.
+            raise _Answer(
+                431,
+                f"the request head is {len(head)} bytes as forwarded to session {session_id}, "
+                f"over the tunnel's frame limit of {route.max_frame_size}",
+            ) from None
         if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
             await conn.client.send_all(_CONTINUE)
+        exchange = _Exchange(session_id, request, stream, upgrade is not None)
         try:
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
-                response_head = await self._wait_response(conn, stream)
-                if response_head.startswith(b"HTTP/1.1 101 "):
+                response_head, response = await self._wait_response(conn, exchange)
+                if response.status == 101:
                     await self._splice(conn, response_head, stream)
                     return False
                 stream.send_end()
-                return await self._respond(conn.client, request, response_head, stream)
+                return await self._respond(conn.client, exchange, response_head, response)
             if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
                 stream.send_end()
-                response_head = await self._wait_response(conn, stream)
-                return await self._respond(conn.client, request, response_head, stream)
-            return await self._exchange(conn, request, framing, length, stream)
+                response_head, response = await self._wait_response(conn, exchange)
+                return await self._respond(conn.client, exchange, response_head, response)
+            return await self._exchange(conn, exchange, framing, length)
         except StreamReset as exc:
             status = _RESET_STATUS.get(exc.code, 502)
             raise _Answer(status, f"session {session_id}: {exc.reason or exc}") from None
@@ -416,37 +424,59 @@ class ProxyEntry:
             if conn.waiting is not stream:  # else handle_connection resets it with TIMEOUT
                 stream.close()
 
-    async def _wait_response(self, conn: _Connection, stream: TunnelStream) -> bytes:
+    async def _wait_response(
+        self, conn: _Connection, exchange: _Exchange
+    ) -> tuple[bytes, http.ResponseHead]:
+        """Wait for the response head and validate it: everything from an agent is hostile
+        (PROTOCOL.md §4.2). Raises _Answer 502 for a head the client must not get."""
         # run_timeouts cancels the connection's scope if this passes; handle_connection
         # then answers 504.
+        stream = exchange.stream
         conn.deadline = trio.current_time() + self.config.request_timeout
         conn.waiting = stream
         head = await stream.receive_head()
         conn.waiting = None
         conn.deadline = math.inf
-        return head
+        try:
+            # The frame limit already bounds the head's size.
+            response = http.parse_response_head(head, max_size=len(head))
+        except ProtocolError:
+            kind = "an invalid response head"
+        else:
+            status = response.status
+            if status >= 200 or (status == 101 and exchange.upgrade):
+                return head, response
+            if status == 101:
+                kind = "101 Switching Protocols to a request that asked for no upgrade"
+            else:
+                kind = f"an interim {status} response (interim answers are not forwarded)"
+        # The bad bytes stay out of the log and the answer: they are the agent's, not ours.
+        logger.warning(
+            "session %s stream %d: the agent sent %s (%d bytes); answered 502",
+            exchange.session_id,
+            stream.id,
+            kind,
+            len(head),
+        )
+        stream.reset(ErrorCode.PROTOCOL_ERROR, "invalid response head")
+        raise _Answer(502, f"session {exchange.session_id}: the agent sent {kind}")
 
     async def _exchange(
-        self,
-        conn: _Connection,
-        request: http.RequestHead,
-        framing: http.Framing,
-        length: int,
-        stream: TunnelStream,
+        self, conn: _Connection, exchange: _Exchange, framing: http.Framing, length: int
     ) -> bool:
         """Carry a request that has a body: the body streams out while the response may
         already come back."""
         reader = http.make_body_reader(framing, length)
-        pump = _BodyPump(conn.client, reader, conn.buf, stream, self.config)
+        pump = _BodyPump(conn.client, reader, conn.buf, exchange.stream, self.config)
         result: bool | BaseException
         # Nothing raises out of this nursery (trio would wrap it in a group): the outcome is
         # kept and raised after it closes.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             try:
-                response_head = await self._wait_response(conn, stream)
-                result = await self._respond(conn.client, request, response_head, stream)
-            except (StreamReset, UplinkClosed, _ClientGone, ProtocolError) as exc:
+                response_head, response = await self._wait_response(conn, exchange)
+                result = await self._respond(conn.client, exchange, response_head, response)
+            except (StreamReset, UplinkClosed, _ClientGone, _Answer, ProtocolError) as exc:
                 result = pump.error or exc
             nursery.cancel_scope.cancel()
         if isinstance(result, BaseException):
@@ -456,11 +486,11 @@ class ProxyEntry:
     async def _respond(
         self,
         client: trio.abc.Stream,
-        request: http.RequestHead,
+        exchange: _Exchange,
         response_head: bytes,
-        stream: TunnelStream,
+        response: http.ResponseHead,
     ) -> bool:
-        response = http.parse_response_head(response_head)
+        request, stream = exchange.request, exchange.stream
         framing, length = http.response_framing(response, request.method)
         keep_alive = request.keep_alive and framing is not http.Framing.UNTIL_CLOSE
         chunked = framing is http.Framing.CHUNKED
@@ -489,6 +519,7 @@ class ProxyEntry:
         )
         parts = [response_head]
         pending = len(response_head)
+        head_out = False
         try:
             while True:
                 try:
@@ -496,6 +527,7 @@ class ProxyEntry:
                 except trio.WouldBlock:
                     if pending:
                         # Send what we have: the head and a small body go out in one write.
+                        head_out = True
                         await client.send_all(b"".join(parts))
                         parts = []
                         pending = 0
@@ -504,21 +536,35 @@ class ProxyEntry:
                     break
                 if remaining >= 0:
                     if len(data) > remaining:
-                        raise UplinkClosed("the agent sent more body than the response declared")
+                        kind = "more body than its response head declared"
+                        logger.warning(
+                            "session %s stream %d: the agent sent %s",
+                            exchange.session_id,
+                            stream.id,
+                            kind,
+                        )
+                        stream.reset(ErrorCode.PROTOCOL_ERROR, kind)
+                        if head_out:
+                            raise _ClientGone()
+                        raise _Answer(502, f"session {exchange.session_id}: the agent sent {kind}")
                     remaining -= len(data)
                 parts.append(http.encode_chunk(data) if chunked else data)
                 pending += len(data)
                 if pending >= _RECEIVE_SIZE:  # a large body goes out in ~64 KiB writes
+                    head_out = True
                     await client.send_all(b"".join(parts))
                     parts = []
                     pending = 0
             if chunked:
                 parts.append(http.LAST_CHUNK)
+            head_out = True
             await client.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset(ErrorCode.CANCEL, "client went away")
             raise _ClientGone() from None
         except (StreamReset, UplinkClosed) as exc:
+            if not head_out:
+                raise  # nothing went out yet: _proxy answers 502/503/504 for it
             # The head is out: all we can do is cut the connection short so the client
             # sees an incomplete body rather than a wrong one.
             logger.info("stream %d failed after the response head: %s", stream.id, exc)
@@ -528,8 +574,8 @@ class ProxyEntry:
         return keep_alive
 
     async def _splice(self, conn: _Connection, response_head: bytes, stream: TunnelStream) -> None:
-        """After a 101 answer: carry raw bytes both ways until either side is done."""
-        http.parse_response_head(response_head)  # validated before it reaches the client
+        """After a 101 answer (validated by _wait_response): carry raw bytes both ways until
+        either side is done."""
         client = conn.client
         await client.send_all(response_head)
 
@@ -552,6 +598,20 @@ class ProxyEntry:
             except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
                 pass
             nursery.cancel_scope.cancel()
+
+
+class _Exchange:
+    """One request in flight through the tunnel."""
+
+    __slots__ = ("request", "session_id", "stream", "upgrade")
+
+    def __init__(
+        self, session_id: str, request: http.RequestHead, stream: TunnelStream, upgrade: bool
+    ) -> None:
+        self.session_id = session_id
+        self.request = request
+        self.stream = stream
+        self.upgrade = upgrade  # the request asked for a protocol switch (PROTOCOL.md §4.4)
 
 
 def _upgrade_of(request: http.RequestHead) -> bytes | None:
