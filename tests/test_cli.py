@@ -13,6 +13,8 @@ from pathlib import Path
 import attrs
 import trio
 
+from tunnel2.cli import build_parser
+
 CLI = (sys.executable, "-m", "tunnel2.cli")
 
 
@@ -166,3 +168,25 @@ async def test_server_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.process.wait() == 0
     assert "Traceback" not in relay.stderr(), relay.stderr()
+
+
+def test_trusted_proxy_is_repeatable() -> None:
+    args = build_parser().parse_args(
+        ["server", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"]
+    )
+    assert args.trusted_proxy == ["10.0.0.0/8", "::1"]
+    assert build_parser().parse_args(["server"]).trusted_proxy == []
+
+
+async def test_server_with_a_bad_trusted_proxy_exits_2() -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, "server", "--trusted-proxy", "10.0.0.0/33"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "'10.0.0.0/33' is not an IP network" in stderr
+    assert "Traceback" not in stderr

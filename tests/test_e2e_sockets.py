@@ -7,7 +7,9 @@ asserts on timing, and no mock clock runs while real sockets are in flight (STYL
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -366,9 +368,12 @@ async def test_repeated_and_forwarding_headers(relay: TunnelServer, backend: Bac
                     (b"X-Multi", b"one"),
                     (b"X-Other", b"x"),
                     (b"X-Multi", b"two"),
+                    # a visitor cannot spoof any of these (no trusted proxies)
                     (b"X-Forwarded-For", b"10.0.0.1"),
-                    (b"X-Forwarded-Proto", b"https"),  # a client cannot spoof these two
+                    (b"X-Forwarded-Proto", b"https"),
                     (b"X-Forwarded-Host", b"evil.example"),
+                    (b"Forwarded", b"for=10.0.0.1"),
+                    (b"X-Real-IP", b"10.0.0.1"),
                     # hop-by-hop: none of these may reach the backend
                     (b"Connection", b"keep-alive, X-Hop"),
                     (b"X-Hop", b"secret"),
@@ -380,12 +385,90 @@ async def test_repeated_and_forwarding_headers(relay: TunnelServer, backend: Bac
             echo = response.echo()
             assert echo.get_all(b"x-multi") == [b"one", b"two"]
             assert echo.get_all(b"x-other") == [b"x"]
-            assert echo.get_all(b"x-forwarded-for") == [b"10.0.0.1, 127.0.0.1"]
+            assert echo.get_all(b"x-forwarded-for") == [b"127.0.0.1"]
             assert echo.get_all(b"x-forwarded-proto") == [b"http"]
             assert echo.get_all(b"x-forwarded-host") == [f"{host}:{port}".encode()]
+            (forwarded,) = echo.get_all(b"forwarded")
+            assert re.fullmatch(
+                rb'for="127\.0\.0\.1:[0-9]+";host="%s:%d";proto=http' % (host.encode(), port),
+                forwarded,
+            ), forwarded
+            assert echo.get_all(b"x-real-ip") == []
             assert echo.get_all(b"host") == [f"{host}:{port}".encode()]
             for hop in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization"):
                 assert echo.get_all(hop) == [], hop
+
+
+async def test_forwarding_headers_from_a_trusted_proxy(
+    nursery: trio.Nursery, backend: Backend
+) -> None:
+    relay = await start_relay(nursery, trusted_proxies=("127.0.0.0/8",))
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            response = await fetch(
+                agent.public_url + "headers",
+                headers=[
+                    # 203.0.113.9 is forgeable by 10.0.0.1; 127.0.0.5 is a trusted proxy
+                    (b"X-Forwarded-For", b"203.0.113.9, 10.0.0.1"),
+                    (b"X-Forwarded-For", b"127.0.0.5"),
+                    (b"X-Forwarded-Proto", b"https"),
+                    (b"X-Forwarded-Host", b"public.example"),
+                    (b"Forwarded", b"for=198.51.100.1"),  # rebuilt from X-Forwarded-For
+                ],
+            )
+            echo = response.echo()
+            assert echo.get_all(b"x-forwarded-for") == [
+                b"203.0.113.9, 10.0.0.1, 127.0.0.5, 127.0.0.1"
+            ]
+            assert echo.get_all(b"x-forwarded-proto") == [b"https"]
+            assert echo.get_all(b"x-forwarded-host") == [b"public.example"]
+            (forwarded,) = echo.get_all(b"forwarded")
+            assert re.fullmatch(
+                rb'for=10\.0\.0\.1;host="public\.example";proto=https, '
+                rb'for=127\.0\.0\.5, for="127\.0\.0\.1:[0-9]+"',
+                forwarded,
+            ), forwarded
+
+
+async def client_seen_by_the_app(relay: TunnelServer, *fields: bytes) -> list[object]:
+    """``scope["client"]`` of an ASGI app behind the relay, for a request with ``fields``,
+    followed by the local port of the connection it came on."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        body = json.dumps(scope["client"]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    async with tunnel2.open_tunnel(relay.base_url, app) as agent:  # type: ignore[arg-type]
+        host, port, path = split_url(agent.public_url)
+        stream = await trio.open_tcp_stream(host, port)
+        local_port = stream.socket.getsockname()[1]
+        request = b"\r\n".join(
+            [b"GET %sc HTTP/1.1" % path.encode(), b"Host: x", *fields, b"Connection: close"]
+        )
+        await stream.send_all(request + b"\r\n\r\n")
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        await stream.aclose()
+    client: list[object] = json.loads(parse_raw_response(bytes(received))[2])
+    return [*client, local_port]
+
+
+async def test_asgi_client_is_the_peer_whatever_the_visitor_forges(relay: TunnelServer) -> None:
+    forged = [b"X-Forwarded-For: 6.6.6.6", b"Forwarded: for=6.6.6.6", b"X-Real-IP: 6.6.6.6"]
+    with trio.fail_after(10):
+        host, port, local_port = await client_seen_by_the_app(relay, *forged)
+    assert (host, port) == ("127.0.0.1", local_port)
+
+
+async def test_asgi_client_behind_a_trusted_proxy(nursery: trio.Nursery) -> None:
+    relay = await start_relay(nursery, trusted_proxies=("127.0.0.1/32",))
+    with trio.fail_after(10):
+        client = await client_seen_by_the_app(
+            relay, b"X-Forwarded-For: 6.6.6.6, 192.0.2.7", b"Forwarded: for=6.6.6.6"
+        )
+    assert client[:2] == ["192.0.2.7", 0]
 
 
 async def test_repeated_response_headers(relay: TunnelServer, backend: Backend) -> None:

@@ -14,6 +14,7 @@ app in-process (:class:`AsgiHandler`).
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import math
 import urllib.parse
@@ -663,6 +664,36 @@ async def _splice(conn: FastSocketStream, stream: TunnelStream, buf: bytearray) 
         nursery.cancel_scope.cancel()
 
 
+def _forwarded_client(forwarded: bytes | None) -> tuple[str, int] | None:
+    """The client address the relay determined, as an ASGI ``client``: from the first
+    ``for=`` of the ``Forwarded`` field the relay writes (PROTOCOL.md §4.2), port 0 if
+    unknown; ``None`` for ``for=unknown`` or no such field.
+
+    The relay drops every visitor-supplied ``Forwarded`` line and writes exactly one whose
+    first element is the client, so nothing a visitor sends can change this value (which
+    is why X-Forwarded-For, which a trusted proxy's visitor can prefix, is not used).
+    """
+    if forwarded is None or forwarded[:4].lower() != b"for=":
+        return None
+    end = len(forwarded)
+    for sep in (b";", b","):
+        index = forwarded.find(sep)
+        if 0 <= index < end:
+            end = index
+    node = forwarded[4:end].strip(b'"').decode("ascii", "replace")
+    port = ""
+    if node.startswith("["):
+        node, _, rest = node[1:].partition("]")
+        port = rest[1:]
+    elif node.count(":") == 1:
+        node, _, port = node.partition(":")
+    try:
+        ipaddress.ip_address(node)
+    except ValueError:
+        return None
+    return node, int(port) if port.isdigit() and len(port) <= 5 else 0
+
+
 @final
 class AsgiHandler:
     """Answers streams by calling an ASGI 3 application in-process (HTTP scope only)."""
@@ -679,7 +710,6 @@ class AsgiHandler:
         request = http.parse_request_head(head)
         framing, _length = http.request_framing(request)
         path, _, query = request.target.partition(b"?")
-        forwarded = (request.get(b"x-forwarded-for") or b"").split(b",")[0].strip()
         scope: AsgiScope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -691,7 +721,7 @@ class AsgiHandler:
             "query_string": query,
             "root_path": "",
             "headers": [(n.lower(), v) for n, v in request.headers],
-            "client": (forwarded.decode(), 0) if forwarded else None,
+            "client": _forwarded_client(request.get(b"forwarded")),
             "server": None,
         }
         state = _AsgiExchange(stream, framing is http.Framing.NONE)

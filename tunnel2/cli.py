@@ -17,7 +17,7 @@ from tunnel2._util import unwrap_lone_error
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
-from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, parse_networks
 
 logger = logging.getLogger("tunnel2.cli")
 
@@ -74,6 +74,7 @@ def _server(args: argparse.Namespace) -> int:
         tokens=frozenset(args.token) if args.token else None,
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
+        trusted_proxies=tuple(args.trusted_proxy),  # --- forwarded addresses ---
     )
     try:
         trio.run(_until_terminated, _run_server, config)
@@ -113,6 +114,14 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cidr(text: str) -> str:
+    try:
+        parse_networks((text,))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``tunnel2`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -132,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=30.0, help="seconds before 504 (default 30)"
     )
     server.add_argument("--max-body-size", type=int, help="largest request body in bytes (413)")
+    # --- forwarded addresses ---
+    server.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        type=_cidr,
+        metavar="CIDR",
+        help="a proxy in front of the relay whose X-Forwarded-For is kept (repeatable)",
+    )
     _add_verbosity(server)
     server.set_defaults(func=_server)
 

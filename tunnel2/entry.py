@@ -13,8 +13,10 @@ what happened (PROTOCOL.md §4); none of them ends anything but the one connecti
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import re
 from typing import Final, NoReturn, final
 
 import trio
@@ -22,7 +24,7 @@ import trio
 from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream
 from tunnel2.errors import ErrorCode, LocalProtocolError, ProtocolError, StreamReset, UplinkClosed
-from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+from tunnel2.server import AGENT_PATH, IPNetwork, ServerConfig, TunnelServer, parse_networks
 
 _AGENT_PATH: Final = AGENT_PATH.encode()
 
@@ -39,12 +41,17 @@ _SESSION_PREFIX: Final = b"/session/"
 
 
 # Cut from the request on its way to the agent; the relay writes its own framing and
-# X-Forwarded-* lines.
+# forwarding lines (PROTOCOL.md §4.2).
 _DROP_RE: Final = http.field_lines_re(
     http.HOP_BY_HOP
-    | {b"proxy-authorization", b"proxy-authenticate", b"expect"}
-    | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    | {b"proxy-authorization", b"proxy-authenticate", b"expect", b"content-length"}
+    | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+    | {b"x-real-ip"}
 )
+# Trusted proxies walked back through X-Forwarded-For at most; past that, the element
+# reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
+_MAX_TRUSTED_HOPS: Final = 16
+_FORWARDED_HOST_RE: Final = re.compile(rb"[A-Za-z0-9.:\[\]_-]{1,255}")
 _REASONS: Final = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -139,10 +146,15 @@ class _PrefixedStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-def _peer_address(stream: trio.abc.Stream) -> bytes:
+def _peer_address(stream: trio.abc.Stream) -> tuple[bytes, int]:
+    """The peer's IP address and port, or ``(b"unknown", 0)``."""
     if isinstance(stream, FastSocketStream):
-        return stream.getpeername().encode()
-    return b"unknown"
+        try:
+            address = stream.socket.getpeername()
+        except OSError:
+            return b"unknown", 0
+        return str(address[0]).encode(), int(address[1])
+    return b"unknown", 0
 
 
 @final
@@ -159,6 +171,7 @@ class ProxyEntry:
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
         self._connections: set[_Connection] = set()
         self._host = server.base_url.partition("://")[2].encode()
+        self._trusted = parse_networks(self.config.trusted_proxies)
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -323,7 +336,7 @@ class ProxyEntry:
         target: bytes,
         framing: http.Framing,
         length: int,
-        peer: bytes,
+        peer: tuple[bytes, int],
         upgrade: bytes | None,
     ) -> bytes:
         """The request head for the agent, changed at the byte level (DESIGN.md): the
@@ -346,12 +359,7 @@ class ProxyEntry:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif framing is http.Framing.LENGTH:
             parts.append(b"Content-Length: %d\r\n" % length)
-        forwarded = request.get_all(b"x-forwarded-for")
-        forwarded_for = b", ".join([*forwarded, peer]) if forwarded else peer
-        parts.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
-            % (forwarded_for, self._proto, host)
-        )
+        parts.append(_forwarding_lines(request, peer, self._proto, host, self._trusted))
         return b"".join(parts)
 
     async def _proxy(
@@ -598,6 +606,86 @@ class ProxyEntry:
             except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
                 pass
             nursery.cancel_scope.cancel()
+
+
+def _forwarding_lines(
+    request: http.RequestHead,
+    peer: tuple[bytes, int],
+    proto: bytes,
+    host: bytes,
+    trusted: tuple[IPNetwork, ...],
+) -> bytes:
+    """X-Forwarded-For/-Proto/-Host and Forwarded (RFC 7239) lines, ending the head.
+
+    From an untrusted peer, visitor-supplied values are ignored (their lines were cut): the
+    peer is the client. From a trusted proxy its X-Forwarded-For chain is kept and the peer
+    appended; the client is the last element that is not itself a trusted proxy, and
+    ``Forwarded`` starts at it, so its first ``for=`` is the address the agent uses as the
+    client (PROTOCOL.md §4.2); what lies left of it is forgeable and not repeated there.
+    """
+    peer_ip, peer_port = peer
+    # The peer's address comes from getpeername(): formatted, not parsed (the hot path).
+    if peer_ip == b"unknown":
+        hops = [b"for=unknown"]
+    else:
+        hops = [(b'for="[%s]:%d"' if b":" in peer_ip else b'for="%s:%d"') % (peer_ip, peer_port)]
+    chain: list[bytes] = []
+    if trusted and _is_trusted(peer_ip, trusted):
+        chain = [e.strip() for v in request.get_all(b"x-forwarded-for") for e in v.split(b",")]
+        chain = [e for e in chain if e]
+        client = len(chain) - 1
+        while client > 0 and len(chain) - client <= _MAX_TRUSTED_HOPS:
+            if not _is_trusted(chain[client], trusted):
+                break
+            client -= 1
+        if chain:
+            hops = [_node(e) for e in chain[max(client, 0) :]] + hops
+        given_proto = (request.get(b"x-forwarded-proto") or b"").partition(b",")[0].strip()
+        if given_proto.lower() in (b"http", b"https"):
+            proto = given_proto.lower()
+        given_host = (request.get(b"x-forwarded-host") or b"").partition(b",")[0].strip()
+        if _FORWARDED_HOST_RE.fullmatch(given_host):
+            host = given_host
+    hops[0] += b';host="%s";proto=%s' % (host.replace(b'"', b"").replace(b"\\", b""), proto)
+    return (
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        b"Forwarded: %s\r\n\r\n" % (b", ".join([*chain, peer_ip]), proto, host, b", ".join(hops))
+    )
+
+
+def _ip(text: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in an X-Forwarded-For element (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``,
+    ``::1``), IPv4-mapped IPv6 as IPv4; None if it is none."""
+    name = text.decode("ascii", "replace")
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_trusted(text: bytes, trusted: tuple[IPNetwork, ...]) -> bool:
+    address = _ip(text)
+    return address is not None and any(address in network for network in trusted)
+
+
+def _node(text: bytes) -> bytes:
+    """``for=`` and the address of an X-Forwarded-For element (RFC 7239 §6), without a
+    port: ``for=192.0.2.1``, ``for="[::1]"``, or ``for=unknown`` for what is none."""
+    address = _ip(text)
+    if address is None:
+        return b"for=unknown"
+    return (
+        b'for="[%s]"' % str(address).encode()
+        if address.version == 6
+        else b"for=%s" % (str(address).encode())
+    )
 
 
 class _Exchange:

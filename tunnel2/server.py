@@ -12,6 +12,7 @@ removes a newer one (PROTOCOL.md §3).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import logging
 import secrets
@@ -25,7 +26,14 @@ from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
 from tunnel2.transports import FrameTransport, accept_websocket
 from tunnel2.uplink import TunnelUplink, open_uplink, receive_handshake_frame
 
-__all__ = ["AGENT_PATH", "ServerConfig", "SessionRegistry", "TunnelServer"]
+__all__ = [
+    "AGENT_PATH",
+    "IPNetwork",
+    "ServerConfig",
+    "SessionRegistry",
+    "TunnelServer",
+    "parse_networks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ class ServerConfig:
         connection_window: per-connection credit.
         ping_interval: keepalive interval on uplinks (0 disables).
         drain_timeout: seconds in-flight requests get when the relay shuts down.
+        trusted_proxies: networks (CIDRs, e.g. ``"10.0.0.0/8"``) of the proxies in front of
+            the relay. From a peer in one of them the relay keeps the client's
+            X-Forwarded-For chain (and its X-Forwarded-Proto/-Host) and appends the peer;
+            from anyone else it drops visitor-supplied forwarding headers and writes its
+            own (PROTOCOL.md §4.2).
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +90,27 @@ class ServerConfig:
     connection_window: int = 4 * 1024 * 1024
     ping_interval: float = 15.0
     drain_timeout: float = 10.0
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), validator=lambda _self, _attr, value: parse_networks(value)
+    )
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Parse CIDRs such as ``"10.0.0.0/8"`` or ``"::1"`` (host bits may be set).
+
+    Raises:
+        ValueError: one is not an IP network; the message names it.
+    """
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{cidr!r} is not an IP network (CIDR): {exc}") from None
+    return tuple(networks)
 
 
 @attrs.define
