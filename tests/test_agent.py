@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunnel2 import _http11 as http
-from tunnel2.agent import _relay_head_framing, _response_head_for_tunnel
+from tunnel2.agent import _forwarded_client, _relay_head_framing, _response_head_for_tunnel
 
 
 def rewrite(head: bytes, method: bytes = b"GET") -> tuple[bytes, bool]:
@@ -74,3 +74,23 @@ def test_relay_heads_state_their_framing(
     head: bytes, expected: tuple[bytes, http.Framing, int]
 ) -> None:
     assert _relay_head_framing(head) == expected
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "client"),
+    [
+        (b'for="192.0.2.1:5000";host="h";proto=http', ("192.0.2.1", 5000)),
+        (b'for=192.0.2.7;host="h";proto=https, for=10.0.0.1', ("192.0.2.7", 0)),
+        (b'for="[2001:db8::1]:443";host="h";proto=http', ("2001:db8::1", 443)),
+        (b'for="[::1]";host="h"', ("::1", 0)),
+        (b'for=unknown;host="relay.test";proto=http', None),
+        (b"for=_hidden", None),
+        (b'host="h";for=192.0.2.1', None),  # the relay writes for= first; anything else is not its
+        (b'for="192.0.2.1:99999999"', ("192.0.2.1", 0)),
+        (None, None),
+    ],
+)
+def test_forwarded_client_reads_the_relays_first_element(
+    forwarded: bytes | None, client: tuple[str, int] | None
+) -> None:
+    assert _forwarded_client(forwarded) == client

@@ -15,6 +15,8 @@ import attrs
 import pytest
 import trio
 
+from tunnel2.cli import build_parser
+
 CLI = (sys.executable, "-m", "tunnel2.cli")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -297,3 +299,25 @@ async def test_version_and_ctrl_c_on_the_readme_example(tmp_path: Path) -> None:
         stderr = demo.stderr()
         assert "Traceback" not in stderr, stderr
         assert stderr.strip().splitlines()[-1] == "expose_port: stopped"
+
+
+def test_trusted_proxy_is_repeatable() -> None:
+    args = build_parser().parse_args(
+        ["server", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"]
+    )
+    assert args.trusted_proxy == ["10.0.0.0/8", "::1"]
+    assert build_parser().parse_args(["server"]).trusted_proxy == []
+
+
+async def test_server_with_a_bad_trusted_proxy_exits_2() -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, "server", "--trusted-proxy", "10.0.0.0/33"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == 2
+    assert "'10.0.0.0/33' is not an IP network" in stderr
+    assert "Traceback" not in stderr

@@ -7,6 +7,9 @@ asserts on timing, and no mock clock runs while real sockets are in flight (STYL
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import re
 import signal
 import socket
 import subprocess
@@ -367,9 +370,12 @@ async def test_repeated_and_forwarding_headers(relay: TunnelServer, backend: Bac
                     (b"X-Multi", b"one"),
                     (b"X-Other", b"x"),
                     (b"X-Multi", b"two"),
+                    # a visitor cannot spoof any of these (no trusted proxies)
                     (b"X-Forwarded-For", b"10.0.0.1"),
-                    (b"X-Forwarded-Proto", b"https"),  # a client cannot spoof these two
+                    (b"X-Forwarded-Proto", b"https"),
                     (b"X-Forwarded-Host", b"evil.example"),
+                    (b"Forwarded", b"for=10.0.0.1"),
+                    (b"X-Real-IP", b"10.0.0.1"),
                     # hop-by-hop: none of these may reach the backend
                     (b"Connection", b"keep-alive, X-Hop"),
                     (b"X-Hop", b"secret"),
@@ -381,12 +387,90 @@ async def test_repeated_and_forwarding_headers(relay: TunnelServer, backend: Bac
             echo = response.echo()
             assert echo.get_all(b"x-multi") == [b"one", b"two"]
             assert echo.get_all(b"x-other") == [b"x"]
-            assert echo.get_all(b"x-forwarded-for") == [b"10.0.0.1, 127.0.0.1"]
+            assert echo.get_all(b"x-forwarded-for") == [b"127.0.0.1"]
             assert echo.get_all(b"x-forwarded-proto") == [b"http"]
             assert echo.get_all(b"x-forwarded-host") == [f"{host}:{port}".encode()]
+            (forwarded,) = echo.get_all(b"forwarded")
+            assert re.fullmatch(
+                rb'for="127\.0\.0\.1:[0-9]+";host="%s:%d";proto=http' % (host.encode(), port),
+                forwarded,
+            ), forwarded
+            assert echo.get_all(b"x-real-ip") == []
             assert echo.get_all(b"host") == [f"{host}:{port}".encode()]
             for hop in (b"connection", b"x-hop", b"keep-alive", b"te", b"proxy-authorization"):
                 assert echo.get_all(hop) == [], hop
+
+
+async def test_forwarding_headers_from_a_trusted_proxy(
+    nursery: trio.Nursery, backend: Backend
+) -> None:
+    relay = await start_relay(nursery, trusted_proxies=("127.0.0.0/8",))
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            response = await fetch(
+                agent.public_url + "headers",
+                headers=[
+                    # 203.0.113.9 is forgeable by 10.0.0.1; 127.0.0.5 is a trusted proxy
+                    (b"X-Forwarded-For", b"203.0.113.9, 10.0.0.1"),
+                    (b"X-Forwarded-For", b"127.0.0.5"),
+                    (b"X-Forwarded-Proto", b"https"),
+                    (b"X-Forwarded-Host", b"public.example"),
+                    (b"Forwarded", b"for=198.51.100.1"),  # rebuilt from X-Forwarded-For
+                ],
+            )
+            echo = response.echo()
+            assert echo.get_all(b"x-forwarded-for") == [
+                b"203.0.113.9, 10.0.0.1, 127.0.0.5, 127.0.0.1"
+            ]
+            assert echo.get_all(b"x-forwarded-proto") == [b"https"]
+            assert echo.get_all(b"x-forwarded-host") == [b"public.example"]
+            (forwarded,) = echo.get_all(b"forwarded")
+            assert re.fullmatch(
+                rb'for=10\.0\.0\.1;host="public\.example";proto=https, '
+                rb'for=127\.0\.0\.5, for="127\.0\.0\.1:[0-9]+"',
+                forwarded,
+            ), forwarded
+
+
+async def client_seen_by_the_app(relay: TunnelServer, *fields: bytes) -> list[object]:
+    """``scope["client"]`` of an ASGI app behind the relay, for a request with ``fields``,
+    followed by the local port of the connection it came on."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        body = json.dumps(scope["client"]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    async with tunnel2.open_tunnel(relay.base_url, app) as agent:  # type: ignore[arg-type]
+        host, port, path = split_url(agent.public_url)
+        stream = await trio.open_tcp_stream(host, port)
+        local_port = stream.socket.getsockname()[1]
+        request = b"\r\n".join(
+            [b"GET %sc HTTP/1.1" % path.encode(), b"Host: x", *fields, b"Connection: close"]
+        )
+        await stream.send_all(request + b"\r\n\r\n")
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        await stream.aclose()
+    client: list[object] = json.loads(parse_raw_response(bytes(received))[2])
+    return [*client, local_port]
+
+
+async def test_asgi_client_is_the_peer_whatever_the_visitor_forges(relay: TunnelServer) -> None:
+    forged = [b"X-Forwarded-For: 6.6.6.6", b"Forwarded: for=6.6.6.6", b"X-Real-IP: 6.6.6.6"]
+    with trio.fail_after(10):
+        host, port, local_port = await client_seen_by_the_app(relay, *forged)
+    assert (host, port) == ("127.0.0.1", local_port)
+
+
+async def test_asgi_client_behind_a_trusted_proxy(nursery: trio.Nursery) -> None:
+    relay = await start_relay(nursery, trusted_proxies=("127.0.0.1/32",))
+    with trio.fail_after(10):
+        client = await client_seen_by_the_app(
+            relay, b"X-Forwarded-For: 6.6.6.6, 192.0.2.7", b"Forwarded: for=6.6.6.6"
+        )
+    assert client[:2] == ["192.0.2.7", 0]
 
 
 async def test_repeated_response_headers(relay: TunnelServer, backend: Backend) -> None:
@@ -656,10 +740,93 @@ async def test_backend_refused_is_502(relay: TunnelServer, backend: Backend) -> 
         ):
             response = await fetch(dead.public_url + "x")
             assert response.status == 502
-            assert b"refused" in response.body
+            # The kind of failure and the session, never the backend's address.
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {dead.session_id}: "
+                    "the backend refused the connection\n"
+                ).encode()
+            )
             await assert_relay_still_serves(alive.public_url)
             response = await fetch(dead.public_url + "again")
             assert response.status == 502
+
+
+async def test_invalid_backend_response_is_502_without_its_bytes(
+    nursery: trio.Nursery, relay: TunnelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def serve_garbage(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Secret: s3cr3t\x00\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, serve_garbage, listeners)
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, port) as agent:
+            response = await fetch(agent.public_url + "x")
+            assert response.status == 502
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {agent.session_id}: "
+                    "the backend sent an invalid response\n"
+                ).encode()
+            )
+    # The details stay in the agent's log, once.
+    (warning,) = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name != "tunnel2.api"
+    ]  # (tunnel2.api warns that the test relay is an open one)
+    assert warning.name == "tunnel2.agent"
+    assert f"127.0.0.1:{port}" in warning.getMessage()
+    assert "invalid value" in warning.getMessage()
+
+
+async def test_response_head_over_the_frame_limit_is_502_and_the_uplink_lives(
+    nursery: trio.Nursery,
+) -> None:
+    relay = await start_relay(nursery, max_frame_size=1024)
+
+    async def reply(request: Request) -> Reply:
+        await trio.lowlevel.checkpoint()
+        if request.target == b"/big":
+            return Reply(headers=[(b"X-Big", b"b" * 2000)], body=b"never sent")
+        return route(request)
+
+    backend: Backend = await nursery.start(serve_backend, reply)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            (uplink,) = relay.uplinks
+            response = await fetch(agent.public_url + "big")
+            assert response.status == 502
+            assert (
+                response.body
+                == (
+                    f"502 Bad Gateway: session {agent.session_id}: "
+                    "the backend's response head is too large for the tunnel\n"
+                ).encode()
+            )
+            await assert_relay_still_serves(agent.public_url)
+            assert relay.uplinks == {uplink}
+            assert agent.connections == 1
+
+
+async def test_request_head_over_the_frame_limit_is_431_and_the_uplink_lives(
+    nursery: trio.Nursery, backend: Backend
+) -> None:
+    relay = await start_relay(nursery, max_frame_size=1024)
+    with trio.fail_after(10):
+        async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
+            (uplink,) = relay.uplinks
+            response = await fetch(agent.public_url + "big", headers=[(b"X-Big", b"b" * 1000)])
+            assert response.status == 431
+            assert b"over the tunnel's frame limit of 1024" in response.body
+            await assert_relay_still_serves(agent.public_url)
+            assert relay.uplinks == {uplink}
+            assert agent.connections == 1
 
 
 async def test_backend_never_answers_is_504(nursery: trio.Nursery) -> None:

@@ -230,6 +230,32 @@ def test_keep_alive(version: bytes, connection: list[bytes], expected: bool) -> 
     assert resp.keep_alive is expected
 
 
+def test_connection_tokens_are_capped_before_any_split() -> None:
+    # 32 tokens over two fields are fine; the 33rd is refused, however the fields are cut up.
+    ok = parse_request_head(
+        request(
+            b"Host: a", b"Connection: " + b"a," * 15 + b"b", b"Connection: " + b"c," * 15 + b"d"
+        )
+    )
+    assert len(_http11.connection_tokens(ok)) == 4
+    for lines in (
+        [b"Connection: " + b"x," * 32 + b"y"],
+        [b"Connection: " + b",".join(b"n%d" % i for i in range(20))] * 2,
+        [b"Connection: " + b"," * 40],
+    ):
+        with pytest.raises(RemoteProtocolError, match=r"tokens, at most 32") as info:
+            parse_request_head(request(b"Host: a", *lines))
+        assert info.value.status_hint == 400
+
+
+def test_drop_fields_cuts_named_lines_case_insensitively() -> None:
+    fields = b"Keep: 1\r\nX-Foo: a\r\nx-foo:b\r\nX-Food: 2\r\nFOO: 3\r\n"
+    assert _http11.drop_fields(fields, {b"x-foo", b"foo"}) == b"Keep: 1\r\nX-Food: 2\r\n"
+    assert _http11.drop_fields(b"", {b"x"}) == b""
+    # Names with regex syntax are plain names here.
+    assert _http11.drop_fields(b"A.B: 1\r\nAxB: 2\r\n", {b"a.b"}) == b"AxB: 2\r\n"
+
+
 # --- request heads: refused ---------------------------------------------------------------------
 
 
@@ -321,7 +347,7 @@ def test_error_messages_quote_at_most_64_bytes() -> None:
         ([b"Content-Length: 12"], b"1.1", (Framing.LENGTH, 12)),
         ([b"content-length: 007"], b"1.1", (Framing.LENGTH, 7)),
         ([b"Content-Length: 5", b"Content-Length: 5"], b"1.1", (Framing.LENGTH, 5)),
-        ([b"Content-Length: " + b"9" * 20], b"1.1", (Framing.LENGTH, 10**20 - 1)),
+        ([b"Content-Length: 9223372036854775807"], b"1.1", (Framing.LENGTH, 2**63 - 1)),
         ([b"Content-Length: 5"], b"1.0", (Framing.LENGTH, 5)),
         ([b"Transfer-Encoding: chunked"], b"1.1", (Framing.CHUNKED, 0)),
         ([b"transfer-encoding: Chunked "], b"1.1", (Framing.CHUNKED, 0)),
@@ -346,7 +372,10 @@ def test_request_framing(lines: list[bytes], version: bytes, expected: tuple[Fra
         ([b"Content-Length: +5"], b"1.1", 400, "invalid Content-Length"),
         ([b"Content-Length: 0x5"], b"1.1", 400, "invalid Content-Length"),
         ([b"Content-Length:"], b"1.1", 400, "invalid Content-Length"),
-        ([b"Content-Length: " + b"1" * 21], b"1.1", 400, "1 to 20 digits"),
+        ([b"Content-Length: " + b"1" * 21], b"1.1", 400, "1 to 19 digits"),
+        ([b"Content-Length: " + b"9" * 20], b"1.1", 400, "1 to 19 digits"),
+        ([b"Content-Length: " + b"7" * 60000], b"1.1", 400, "1 to 19 digits"),
+        ([b"Content-Length: 9223372036854775808"], b"1.1", 400, "over the limit of 2"),
         (
             [b"Content-Length: 5", b"Transfer-Encoding: chunked"],
             b"1.1",
@@ -439,6 +468,9 @@ def test_status_lines(start: bytes, status: int, reason: bytes) -> None:
         (response(b"Content-Length: 1", b"Content-Length: 2"), 400, "conflicting"),
         (response(b"Content-Length: 1, 1"), 400, "invalid Content-Length"),
         (response(b"Content-Length: x"), 400, "invalid Content-Length"),
+        (response(b"Content-Length: 9223372036854775808"), 400, "over the limit of 2"),
+        (response(b"Content-Length: " + b"1" * 5000), 400, "1 to 19 digits"),
+        (response(b"Connection: " + b"x," * 32 + b"y"), 400, "names 33 tokens, at most 32"),
         (
             response(b"Content-Length: 1", b"Transfer-Encoding: chunked"),
             400,
@@ -648,6 +680,14 @@ def _stricter_reasons(
         reasons["TE in HTTP/1.0"] = "Transfer-Encoding in an HTTP/1.0"
     if re.search(rb"(?im)^content-length:[^\n]*,", head):
         reasons["comma list in Content-Length"] = "invalid Content-Length"
+    lengths = [value for name, value in event.headers if name == b"content-length"]
+    if any(len(value) > 19 for value in lengths):
+        reasons["Content-Length over 19 digits"] = "must be 1 to 19 digits"
+    if any(len(value) <= 19 and int(value) > 2**63 - 1 for value in lengths):
+        reasons["Content-Length over 2**63-1"] = "over the limit of 2**63-1"
+    tokens = sum(value.count(b",") + 1 for name, value in event.headers if name == b"connection")
+    if tokens > _http11.MAX_CONNECTION_TOKENS:
+        reasons["Connection over 32 tokens"] = "tokens, at most"
     return reasons
 
 

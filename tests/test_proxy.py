@@ -7,6 +7,7 @@ h11 over a memory stream, or raw bytes where h11 would refuse to send what we te
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 import trio
 import trio.testing
 
+from tunnel2 import _http11 as http
 from tunnel2.agent import AgentConfig, AsgiApp
-from tunnel2.server import ServerConfig
+from tunnel2.entry import _forwarding_lines
+from tunnel2.server import ServerConfig, parse_networks
 from tunnel2.testing import MemoryTunnel, open_memory_tunnel
 
 Scope = MutableMapping[str, Any]
@@ -112,7 +115,10 @@ async def test_path_query_and_headers_pass_through() -> None:
     assert seen["query"] == "x=1&x=2&empty=&flag"
     assert header_values(seen, "x-multi") == ["one", "two"]
     assert header_values(seen, "host") == ["relay.test"]
-    assert header_values(seen, "x-forwarded-for") == ["10.9.8.7, unknown"]
+    # A memory stream has no peer address; the visitor's X-Forwarded-For is not kept.
+    assert header_values(seen, "x-forwarded-for") == ["unknown"]
+    assert header_values(seen, "forwarded") == ['for=unknown;host="relay.test";proto=http']
+    assert seen["client"] is None
     assert header_values(seen, "x-forwarded-proto") == ["http"]
     assert header_values(seen, "x-forwarded-host") == ["relay.test"]
     assert [v for n, v in response.headers if n == b"set-cookie"] == [b"a=1", b"b=2"]
@@ -276,14 +282,47 @@ async def test_unknown_session_is_404_naming_it() -> None:
         ),
         (b"GET /session/x/ HTTP/2.0\r\nHost: a\r\n\r\n", 505),
         (b"POST /session/x/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (
+            b"POST /session/x/ HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /session/x/ HTTP/1.1\r\nHost: a\r\nContent-Length: "
+            + b"9" * 30000
+            + b"\r\n\r\n",
+            400,
+        ),
+        (b"GET /session/x/ HTTP/1.1\r\nHost: a\r\nConnection: " + b"a," * 40 + b"b\r\n\r\n", 400),
     ],
-    ids=["bad-header", "no-host", "cl-and-te", "version", "gzip-te"],
+    ids=[
+        "bad-header",
+        "no-host",
+        "cl-and-te",
+        "version",
+        "gzip-te",
+        "cl-2**63",
+        "cl-digits",
+        "conn",
+    ],
 )
 async def test_malformed_requests_are_refused(request_bytes: bytes, status: int) -> None:
     async with tunnel_for(echo_app) as tunnel:
         answer = await raw_exchange(tunnel, request_bytes)
     assert answer.startswith(b"HTTP/1.1 %d " % status)
     assert b"Connection: close" in answer
+
+
+async def test_connection_header_names_are_cut_without_a_regex_per_request() -> None:
+    # Names with regex syntax in them are plain names (they used to be compiled into a regex).
+    async with tunnel_for(echo_app) as tunnel:
+        response = await tunnel.request(
+            "GET",
+            "/c",
+            headers=[("Connection", "x.y, keep-alive"), ("x.y", "cut"), ("xzy", "kept")],
+        )
+    seen = json.loads(response.body)
+    assert header_values(seen, "x.y") == []
+    assert header_values(seen, "xzy") == ["kept"]
 
 
 async def test_oversize_head_is_431() -> None:
@@ -549,3 +588,143 @@ async def test_host_routing_under_a_domain() -> None:
     assert (seen["path"], seen["query"]) == ("/by/host", "q=1")
     assert unknown.status == 404
     assert "nosuch" in unknown.text
+
+
+# --- sizes: no frame the peer cannot accept (PROTOCOL.md §4.2) -----------------------------
+
+
+async def test_request_head_over_the_agents_frame_limit_is_431_and_the_uplink_lives() -> None:
+    async with tunnel_for(echo_app, agent_config=AgentConfig(max_frame_size=1024)) as tunnel:
+        (uplink,) = tunnel.server.uplinks
+        big = await tunnel.request("GET", "/big", headers=[("X-Big", "b" * 1000)])
+        after = await tunnel.request("GET", "/after")
+        assert tunnel.server.uplinks == {uplink}
+        assert tunnel.agent.connections == 1
+    assert big.status == 431
+    assert f"as forwarded to session {tunnel.agent.session_id}" in big.text
+    assert "over the tunnel's frame limit of 1024" in big.text
+    assert after.status == 200
+
+
+async def test_response_head_over_the_frame_limit_is_502_and_the_uplink_lives(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["path"] != "/big":
+            await echo_app(scope, receive, send)
+            return
+        await read_body(receive)
+        headers = [(b"x-big", b"b" * 2000)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"never sent"})
+
+    caplog.set_level(logging.INFO)
+    async with tunnel_for(app, agent_config=AgentConfig(max_frame_size=1024)) as tunnel:
+        (uplink,) = tunnel.server.uplinks
+        big = await tunnel.request("GET", "/big")
+        after = await tunnel.request("GET", "/after")
+        assert tunnel.server.uplinks == {uplink}
+        assert tunnel.agent.connections == 1
+    assert big.status == 502
+    assert big.text == (
+        f"502 Bad Gateway: session {tunnel.agent.session_id}: "
+        "the application's response head is too large for the tunnel\n"
+    )
+    assert after.status == 200
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "too large for the tunnel" in warning.getMessage()
+
+
+# --- forwarded addresses (PROTOCOL.md §4.2) -------------------------------------------------
+
+
+def forwarding(
+    *fields: bytes, peer: tuple[bytes, int] = (b"192.0.2.1", 5000), trusted: tuple[str, ...] = ()
+) -> dict[str, str]:
+    head = b"\r\n".join([b"GET / HTTP/1.1", b"Host: h.test", *fields, b"", b""])
+    request = http.parse_request_head(head)
+    lines = _forwarding_lines(request, peer, b"http", b"h.test", parse_networks(trusted))
+    assert lines.endswith(b"\r\n\r\n")
+    parsed = http.parse_response_head(b"HTTP/1.1 200 OK\r\n" + lines)
+    return {n.decode().lower(): v.decode() for n, v in parsed.headers}
+
+
+def test_forwarding_lines_from_an_untrusted_peer_ignore_the_visitor() -> None:
+    lines = forwarding(
+        b"X-Forwarded-For: 6.6.6.6", b"X-Forwarded-Proto: https", trusted=("10.0.0.0/8",)
+    )
+    assert lines == {
+        "x-forwarded-for": "192.0.2.1",
+        "x-forwarded-proto": "http",
+        "x-forwarded-host": "h.test",
+        "forwarded": 'for="192.0.2.1:5000";host="h.test";proto=http',
+    }
+
+
+def test_forwarding_lines_walk_back_trusted_proxies() -> None:
+    trusted = ("192.0.2.0/24", "10.0.0.0/8")
+    chain = b"X-Forwarded-For: 6.6.6.6, 198.51.100.4:1234, 10.1.1.1"
+    lines = forwarding(chain, b"X-Forwarded-Proto: HTTPS, http", trusted=trusted)
+    assert lines["x-forwarded-for"] == "6.6.6.6, 198.51.100.4:1234, 10.1.1.1, 192.0.2.1"
+    assert lines["x-forwarded-proto"] == "https"
+    assert lines["forwarded"] == (
+        'for=198.51.100.4;host="h.test";proto=https, for=10.1.1.1, for="192.0.2.1:5000"'
+    )
+    # A trusted peer that forwards nothing is the client itself.
+    assert forwarding(trusted=trusted)["forwarded"] == (
+        'for="192.0.2.1:5000";host="h.test";proto=http'
+    )
+    # Every element trusted: the leftmost is the client.
+    assert forwarding(b"X-Forwarded-For: 10.0.0.2, 10.0.0.3", trusted=trusted)["forwarded"] == (
+        'for=10.0.0.2;host="h.test";proto=http, for=10.0.0.3, for="192.0.2.1:5000"'
+    )
+
+
+def test_forwarding_lines_from_a_trusted_peer_are_still_checked() -> None:
+    trusted = ("192.0.2.1",)
+    lines = forwarding(
+        b"X-Forwarded-For: not-an-address",
+        b"X-Forwarded-Proto: javascript",
+        b'X-Forwarded-Host: a";proto=https',
+        trusted=trusted,
+    )
+    assert lines["x-forwarded-proto"] == "http"
+    assert lines["x-forwarded-host"] == "h.test"
+    assert lines["forwarded"] == 'for=unknown;host="h.test";proto=http, for="192.0.2.1:5000"'
+    # The walk is bounded: a chain of trusted addresses stops after 16 of them.
+    long_chain = b"X-Forwarded-For: 6.6.6.6, " + b", ".join([b"192.0.2.1"] * 40)
+    forwarded = forwarding(long_chain, trusted=trusted)["forwarded"]
+    assert forwarded.count("for=") == 17 + 1
+    assert "6.6.6.6" not in forwarded
+
+
+def test_forwarding_lines_for_ipv6_and_mapped_peers() -> None:
+    v6 = forwarding(peer=(b"2001:db8::1", 443))
+    assert v6["forwarded"] == 'for="[2001:db8::1]:443";host="h.test";proto=http'
+    assert v6["x-forwarded-for"] == "2001:db8::1"
+    mapped = forwarding(
+        b"X-Forwarded-For: ::1", peer=(b"::ffff:192.0.2.1", 1), trusted=("192.0.2.1",)
+    )
+    assert mapped["forwarded"] == (
+        'for="[::1]";host="h.test";proto=http, for="[::ffff:192.0.2.1]:1"'
+    )
+
+
+def test_trusted_proxies_must_be_networks() -> None:
+    with pytest.raises(ValueError, match="'not-a-cidr' is not an IP network"):
+        ServerConfig(trusted_proxies=("10.0.0.0/8", "not-a-cidr"))
+
+
+async def test_visitor_forged_forwarding_headers_never_reach_the_app() -> None:
+    forged = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"),
+    ]
+    async with tunnel_for(echo_app, ServerConfig(trusted_proxies=("0.0.0.0/0",))) as tunnel:
+        response = await tunnel.request("GET", "/", headers=forged)
+    seen = json.loads(response.body)
+    assert seen["client"] is None
+    assert not any("6.6.6.6" in value for _, value in seen["headers"])
+    assert header_values(seen, "x-forwarded-proto") == ["http"]

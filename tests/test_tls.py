@@ -680,7 +680,8 @@ async def test_https_backend_with_an_untrusted_cert(
         async with tunnel2.open_tunnel(relay.base_url, target) as agent:
             response = await fetch(agent.public_url + "x")
             assert response.status == 502
-            assert b"certificate verify failed" in response.body
+            # The visitor learns the kind of failure; the details stay in the agent's log.
+            assert b"the TLS handshake with the backend failed" in response.body
         async with tunnel2.open_tunnel(relay.base_url, target, backend_insecure=True) as agent:
             assert (await fetch(agent.public_url + "x")).echo().target == b"/x"
 

@@ -15,8 +15,10 @@ Invariants:
   bytes to backends whose parsers we do not know (request smuggling): bare-LF line endings,
   obs-fold continuation lines, HTTP versions other than 1.0 and 1.1 (505), both Content-Length
   and Transfer-Encoding in one message, Transfer-Encoding in an HTTP/1.0 message,
-  comma-separated Content-Length values (``5, 5``), and chunk-size lines with whitespace
-  before the CRLF or more than 16 hex digits.
+  comma-separated Content-Length values (``5, 5``), Content-Length values over 2**63-1 or
+  longer than 19 digits, a ``Connection`` header naming more than
+  :data:`MAX_CONNECTION_TOKENS` tokens, and chunk-size lines with whitespace before the CRLF
+  or more than 16 hex digits.
 * It is looser than h11 in one place only: a *response* may carry transfer codings other than a
   lone ``chunked`` (RFC 9112 §6.3: final coding chunked means chunked, otherwise the body runs
   until close). Requests accept ``Transfer-Encoding: chunked`` only (501 otherwise).
@@ -41,11 +43,15 @@ from tunnel2.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "LAST_CHUNK",
+    "MAX_CONNECTION_TOKENS",
+    "MAX_CONTENT_LENGTH",
     "MAX_HEAD_SIZE",
     "BodyReader",
     "Framing",
     "RequestHead",
     "ResponseHead",
+    "connection_tokens",
+    "drop_fields",
     "encode_chunk",
     "find_head_end",
     "make_body_reader",
@@ -56,6 +62,12 @@ __all__ = [
 ]
 
 MAX_HEAD_SIZE: Final = 65536
+# The largest body length a message may declare: what a signed 64-bit length holds, as most
+# servers store it. Longer digit strings are refused before any int() on them.
+MAX_CONTENT_LENGTH: Final = 2**63 - 1
+# Tokens (comma-separated items) all Connection fields of one message may carry together.
+# Real clients send one or two; the names are cut out of the forwarded head (RFC 9110 §7.6.1).
+MAX_CONNECTION_TOKENS: Final = 32
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------
@@ -83,7 +95,7 @@ _TOKEN_RE: Final = re.compile(_TOKEN)
 _TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+")
 _FIELD_VALUE_RE: Final = re.compile(rb"[ \t]*+(?:" + _FIELD_CONTENT + rb")?[ \t]*+")
 _VERSION_RE: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
-_CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,20}")
+_CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,19}")
 # chunk-size [ chunk-ext ] CRLF (RFC 9112 §7.1). Extensions are ignored but may not carry
 # control bytes. Stricter than h11, which allows whitespace before the CRLF and 20 digits: the
 # entry forwards chunked bodies as they came, and a backend must not frame them differently.
@@ -210,9 +222,7 @@ class _Head:
     def keep_alive(self) -> bool:
         """Whether the connection may carry another exchange after this one (RFC 9112
         §9.3). A response body framed by closing the connection ends it anyway."""
-        tokens: set[bytes] = set()
-        for value in self.get_all(b"connection"):
-            tokens.update(token.strip() for token in value.lower().split(b","))
+        tokens = connection_tokens(self)
         if b"close" in tokens:
             return False
         # RFC 9112 §9.3: HTTP/1.1 persists by default, HTTP/1.0 only when asked to.
@@ -395,6 +405,13 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
     hosts = lower.count(b"\nhost:")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
         raise _bad("missing Host header" if hosts == 0 else f"{hosts} Host headers, at most 1")
+    # Tokens are at most the head's commas plus its Connection fields: two C-level
+    # counts spare almost every message the exact check (no Python call on the hot path).
+    if (
+        b"\nconnection:" in lower
+        and lower.count(b",") + lower.count(b"\nconnection:") > MAX_CONNECTION_TOKENS
+    ):
+        connection_tokens(request)  # raises: too many
     if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
         request._framing = _request_framing(request)
     else:
@@ -452,6 +469,13 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
     _parse_fields(response, head, match.end())
     lower = response._lower
     assert lower is not None
+    # Tokens are at most the head's commas plus its Connection fields: two C-level
+    # counts spare almost every message the exact check (no Python call on the hot path).
+    if (
+        b"\nconnection:" in lower
+        and lower.count(b",") + lower.count(b"\nconnection:") > MAX_CONNECTION_TOKENS
+    ):
+        connection_tokens(response)  # raises: too many
     if b"\ncontent-length:" in lower or b"\ntransfer-encoding:" in lower:
         response._framing = _response_header_framing(response)
     else:
@@ -479,9 +503,40 @@ CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""}
 
 def field_lines_re(names: Iterable[bytes]) -> re.Pattern[bytes]:
     """A regex matching whole field lines (with their CRLF) named any of ``names``,
-    case-insensitively; ``sub(b"", lines)`` cuts them out of validated field lines."""
+    case-insensitively; ``sub(b"", lines)`` cuts them out of validated field lines.
+
+    For constant name sets compiled once at import; names taken from a message go through
+    :func:`drop_fields`, so no peer decides what gets compiled.
+    """
     alternatives = b"|".join(re.escape(name) for name in sorted(names))
     return re.compile(rb"(?im)^(?:" + alternatives + rb"):[^\r\n]*\r\n")
+
+
+def connection_tokens(message: _Head) -> set[bytes]:
+    """The lower-cased tokens of every ``Connection`` field of ``message``.
+
+    Raises:
+        RemoteProtocolError: (400) more than :data:`MAX_CONNECTION_TOKENS` of them; counted
+            by their commas before any splitting. The parsers call this, so a parsed head
+            never fails here.
+    """
+    values = message.get_all(b"connection")
+    if not values:
+        return set()
+    value = values[0] if len(values) == 1 else b",".join(values)
+    count = value.count(b",") + 1
+    if count > MAX_CONNECTION_TOKENS:
+        raise _bad(f"Connection header names {count} tokens, at most {MAX_CONNECTION_TOKENS}")
+    return {token.strip() for token in value.lower().split(b",")}
+
+
+def drop_fields(fields: bytes, names: set[bytes] | frozenset[bytes]) -> bytes:
+    """Cut the field lines whose lower-cased name is in ``names`` out of ``fields``
+    (validated field lines, each ending in CRLF). For the rare names a message's own
+    ``Connection`` header marks hop-by-hop: a loop over lines, no regex built from them."""
+    lines = fields.split(b"\r\n")
+    kept = [line for line in lines[:-1] if line[: line.find(b":")].lower() not in names]
+    return b"".join(line + b"\r\n" for line in kept)
 
 
 # --- framing ------------------------------------------------------------------------------------
@@ -511,12 +566,17 @@ def _content_length(message: _Head) -> int | None:
     found: bytes | None = None
     for value in message.get_all(b"content-length"):
         if _CONTENT_LENGTH_RE.fullmatch(value) is None:
-            raise _bad(f"invalid Content-Length {_show(value)}, must be 1 to 20 digits")
+            raise _bad(f"invalid Content-Length {_show(value)}, must be 1 to 19 digits")
         if found is None:
             found = value
         elif value != found:
             raise _bad(f"conflicting Content-Length values {found!r} and {value!r}")
-    return None if found is None else int(found)
+    if found is None:
+        return None
+    length = int(found)  # at most 19 digits: no big-int work on hostile input
+    if length > MAX_CONTENT_LENGTH:
+        raise _bad(f"Content-Length {length} is over the limit of 2**63-1")
+    return length
 
 
 def _check_transfer_encoding(message: RequestHead | ResponseHead, length: int | None) -> None:

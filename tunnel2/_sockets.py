@@ -55,6 +55,10 @@ class HasPeerAddress(Protocol):
         """The peer's address, or ``"unknown"``."""
         ...
 
+    def peer_address(self) -> tuple[str, int]:
+        """The peer's address and port, or ``("unknown", 0)``."""
+        ...
+
 
 @runtime_checkable
 class CanTellPeerClosed(Protocol):
@@ -166,11 +170,17 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     def getpeername(self) -> str:
         """The peer's address, or ``"unknown"``."""
+        return self.peer_address()[0]
+
+    def peer_address(self) -> tuple[str, int]:
+        """The peer's address and port, or ``("unknown", 0)``."""
         try:
             name = self.socket.getpeername()
         except OSError:
-            return "unknown"
-        return str(name[0]) if isinstance(name, tuple) else "unknown"  # AF_UNIX: a path
+            return "unknown", 0
+        if not isinstance(name, tuple):  # AF_UNIX: a path
+            return "unknown", 0
+        return str(name[0]), int(name[1])
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:

@@ -170,6 +170,10 @@ class TlsStream(trio.abc.Stream):
         """The peer's address, or ``"unknown"``."""
         return self.transport.getpeername()
 
+    def peer_address(self) -> tuple[str, int]:
+        """The peer's address and port, or ``("unknown", 0)``."""
+        return self.transport.peer_address()
+
     def peer_closed(self) -> bool:
         """True if the peer shut down its side of the connection (no wait, nothing read)."""
         return self._closed or peer_hung_up(self.transport.socket)

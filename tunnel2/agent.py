@@ -36,6 +36,7 @@ from tunnel2.errors import (
     HandshakeError,
     HandshakeRefused,
     HandshakeTimeout,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     StreamReset,
@@ -433,10 +434,10 @@ def _response_head_for_tunnel(
     status = response.status
     fields = head[head.find(b"\r\n") + 2 : -2]
     fields = (_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE).sub(b"", fields)
-    tokens = {t.strip().lower() for v in response.get_all(b"connection") for t in v.split(b",")}
+    tokens = http.connection_tokens(response)
     named = tokens - http.CONNECTION_OPTIONS
     if named:  # rare: fields the Connection header marks hop-by-hop
-        fields = http.field_lines_re(named).sub(b"", fields)
+        fields = http.drop_fields(fields, named)
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
         parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -450,6 +451,15 @@ def _response_head_for_tunnel(
 
 _HOP_BY_HOP_RE: Final = http.field_lines_re(http.HOP_BY_HOP)
 _HOP_BY_HOP_101_RE: Final = http.field_lines_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
+
+
+# RESET reasons: kinds of failure, no addresses and no bytes of the backend's answer.
+_REFUSED: Final = "the backend refused the connection"
+_CLOSED: Final = "the backend closed the connection before answering"
+_INVALID: Final = "the backend sent an invalid response"
+_BROKE: Final = "the backend connection broke"
+_HEAD_TOO_LARGE: Final = "the backend's response head is too large for the tunnel"
+_TLS_FAILED: Final = "the TLS handshake with the backend failed"
 
 
 class _BackendGone(Exception):
@@ -534,14 +544,10 @@ class BackendForwarder:
                 try:
                     conn = await self._open()
                 except OSError as exc:
-                    stream.reset(
-                        ErrorCode.BACKEND_UNAVAILABLE,
-                        f"backend {self.host}:{self.port} refused the connection "
-                        f"({exc.strerror or exc})",
-                    )
+                    self._fail(stream, _REFUSED, exc.strerror or str(exc))
                     return
                 except trio.BrokenResourceError as exc:  # the TLS handshake failed
-                    stream.reset(ErrorCode.BACKEND_UNAVAILABLE, f"backend {self.target}: {exc}")
+                    self._fail(stream, _TLS_FAILED, str(exc))
                     return
             keep = False
             try:
@@ -551,19 +557,17 @@ class BackendForwarder:
                 break
             except _BackendGone:
                 if has_body:  # its body is consumed: it cannot be sent again
-                    stream.reset(
-                        ErrorCode.BACKEND_UNAVAILABLE,
-                        "backend closed the connection before answering",
-                    )
+                    self._fail(stream, _CLOSED, "a reused connection was closed")
                     return
                 continue  # retry once on a fresh connection
+            except LocalProtocolError as exc:  # its head does not fit one OPEN frame
+                self._fail(stream, _HEAD_TOO_LARGE, str(exc))
+                return
             except ProtocolError as exc:
-                stream.reset(
-                    ErrorCode.BACKEND_UNAVAILABLE, f"backend sent an invalid response: {exc}"
-                )
+                self._fail(stream, _INVALID, str(exc))
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                stream.reset(ErrorCode.BACKEND_UNAVAILABLE, f"backend connection broke: {exc}")
+                self._fail(stream, _BROKE, str(exc) or type(exc).__name__)
                 return
             finally:
                 if keep and len(self._idle) < self.max_idle:
@@ -580,6 +584,15 @@ class BackendForwarder:
                 status,
                 (trio.current_time() - start) * 1000,
             )
+
+    def _fail(self, stream: TunnelStream, kind: str, detail: str) -> None:
+        """Reset ``stream`` (the relay answers 502) with a generic ``kind`` of failure: the
+        visitor learns neither the backend's address nor bytes of its answer. The details
+        go to the agent's log, once (PROTOCOL.md §4.5)."""
+        logger.warning(
+            "stream %d: %s (backend %s:%d: %s)", stream.id, kind, self.host, self.port, detail
+        )
+        stream.reset(ErrorCode.BACKEND_UNAVAILABLE, kind)
 
     async def _open(self) -> SocketOrTls:
         conn = await connect_tcp(self.host, self.port)
@@ -747,6 +760,36 @@ async def _splice(conn: SocketOrTls, stream: TunnelStream, buf: bytearray) -> No
         nursery.cancel_scope.cancel()
 
 
+def _forwarded_client(forwarded: bytes | None) -> tuple[str, int] | None:
+    """The client address the relay determined, as an ASGI ``client``: from the first
+    ``for=`` of the ``Forwarded`` field the relay writes (PROTOCOL.md §4.2), port 0 if
+    unknown; ``None`` for ``for=unknown`` or no such field.
+
+    The relay drops every visitor-supplied ``Forwarded`` line and writes exactly one whose
+    first element is the client, so nothing a visitor sends can change this value (which
+    is why X-Forwarded-For, which a trusted proxy's visitor can prefix, is not used).
+    """
+    if forwarded is None or forwarded[:4].lower() != b"for=":
+        return None
+    end = len(forwarded)
+    for sep in (b";", b","):
+        index = forwarded.find(sep)
+        if 0 <= index < end:
+            end = index
+    node = forwarded[4:end].strip(b'"').decode("ascii", "replace")
+    port = ""
+    if node.startswith("["):
+        node, _, rest = node[1:].partition("]")
+        port = rest[1:]
+    elif node.count(":") == 1:
+        node, _, port = node.partition(":")
+    try:
+        ipaddress.ip_address(node)
+    except ValueError:
+        return None
+    return node, int(port) if port.isdigit() and len(port) <= 5 else 0
+
+
 @final
 class AsgiHandler:
     """Answers streams by calling an ASGI 3 application in-process (HTTP scope only)."""
@@ -763,7 +806,6 @@ class AsgiHandler:
         request = http.parse_request_head(head)
         framing, _length = http.request_framing(request)
         path, _, query = request.target.partition(b"?")
-        forwarded = (request.get(b"x-forwarded-for") or b"").split(b",")[0].strip()
         scope: AsgiScope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -775,14 +817,14 @@ class AsgiHandler:
             "query_string": query,
             "root_path": "",
             "headers": [(n.lower(), v) for n, v in request.headers],
-            "client": (forwarded.decode(), 0) if forwarded else None,
+            "client": _forwarded_client(request.get(b"forwarded")),
             "server": None,
         }
         state = _AsgiExchange(stream, framing is http.Framing.NONE)
         try:
             await self.app(scope, state.receive, state.send)
         except Exception:
-            if state.head_sent:
+            if state.head_sent or stream.local_ended:
                 raise
             logger.exception("ASGI app failed on stream %d", stream.id)
             body = b"500 Internal Server Error: the application raised an exception\n"
@@ -792,7 +834,7 @@ class AsgiHandler:
             )
             await stream.send_data(body, end=True)
             return
-        if not state.head_sent:
+        if not state.head_sent and not stream.local_ended:
             raise RuntimeError("the ASGI app returned without sending a response")
         if not stream.local_ended:
             await stream.send_data(b"", end=True)
@@ -854,6 +896,15 @@ class _AsgiExchange:
             )
             # Parsed like a backend's answer: an app's invalid header fails here, loudly.
             response = http.parse_response_head(head)
-            self.stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+            stream = self.stream
+            try:
+                stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+            except LocalProtocolError as exc:  # it does not fit one OPEN frame
+                kind = "the application's response head is too large for the tunnel"
+                logger.warning("stream %d: %s (%s)", stream.id, kind, exc)
+                stream.reset(ErrorCode.BACKEND_UNAVAILABLE, kind)  # the relay answers 502
+                raise StreamReset(
+                    stream_id=stream.id, code=ErrorCode.BACKEND_UNAVAILABLE, reason=kind
+                ) from None
             self.head_sent = True
         await self.stream.send_data(body, end=not more)

@@ -30,7 +30,7 @@ from tunnel2.agent import websocket_connector
 from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
-from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens
+from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens, parse_networks
 from tunnel2.tokens import TokenError
 
 logger = logging.getLogger("tunnel2.cli")
@@ -124,6 +124,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         **{field: getattr(args, field) for field, *_ in _FAIR_USE_OPTIONS},
+        trusted_proxies=tuple(args.trusted_proxy),  # --- forwarded addresses ---
     )
 
 
@@ -256,6 +257,14 @@ _FAIR_USE_OPTIONS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
 )
 
 
+def _cidr(text: str) -> str:
+    try:
+        parse_networks((text,))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``tunnel2`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -318,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key",
         metavar="FILE",
         help="the certificate's PEM private key (default: in --tls-cert)",
+    )
+    # --- forwarded addresses ---
+    server.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        type=_cidr,
+        metavar="CIDR",
+        help="a proxy in front of the relay whose X-Forwarded-For is kept (repeatable)",
     )
     _add_verbosity(server)
     server.set_defaults(func=_server)

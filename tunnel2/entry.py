@@ -13,8 +13,10 @@ what happened (PROTOCOL.md §4); none of them ends anything but the one connecti
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import re
 from typing import Final, NoReturn, final
 
 import trio
@@ -22,8 +24,8 @@ import trio
 from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream, can_tell_peer_closed, has_peer_address
 from tunnel2.access import CREDENTIAL_HEADER, AccessPolicy
-from tunnel2.errors import ErrorCode, ProtocolError, StreamReset, UplinkClosed
-from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer
+from tunnel2.errors import ErrorCode, LocalProtocolError, ProtocolError, StreamReset, UplinkClosed
+from tunnel2.server import AGENT_PATH, IPNetwork, ServerConfig, TunnelServer, parse_networks
 from tunnel2.sessions import DISCONNECTED, Routed
 
 _AGENT_PATH: Final = AGENT_PATH.encode()
@@ -41,12 +43,17 @@ _SESSION_PREFIX: Final = b"/session/"
 
 
 # Cut from the request on its way to the agent; the relay writes its own framing and
-# X-Forwarded-* lines.
+# forwarding lines (PROTOCOL.md §4.2).
 _DROP_RE: Final = http.field_lines_re(
     http.HOP_BY_HOP
-    | {b"proxy-authorization", b"proxy-authenticate", b"expect"}
-    | {b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+    | {b"proxy-authorization", b"proxy-authenticate", b"expect", b"content-length"}
+    | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+    | {b"x-real-ip"}
 )
+# Trusted proxies walked back through X-Forwarded-For at most; past that, the element
+# reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
+_MAX_TRUSTED_HOPS: Final = 16
+_FORWARDED_HOST_RE: Final = re.compile(rb"[A-Za-z0-9.:\[\]_-]{1,255}")
 _REASONS: Final = {
     400: b"Bad Request",
     401: b"Unauthorized",
@@ -125,6 +132,7 @@ class _Connection:
         "gone",
         "in_head",
         "peer",
+        "peer_port",
         "pool",
         "timer",
         "waiting",
@@ -133,7 +141,7 @@ class _Connection:
 
     def __init__(self, client: trio.abc.Stream) -> None:
         self.client = client
-        self.peer = _peer_address(client)
+        self.peer, self.peer_port = _peer_address(client)
         self.buf = bytearray()
         # One scope per connection, cancelled by ProxyEntry.run_timeouts once `deadline`
         # passes: the idle or head timeout while a head is awaited, the request timeout
@@ -276,10 +284,12 @@ class _PrefixedStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-def _peer_address(stream: trio.abc.Stream) -> bytes:
+def _peer_address(stream: trio.abc.Stream) -> tuple[bytes, int]:
+    """The peer's IP address and port, or ``(b"unknown", 0)``."""
     if has_peer_address(stream):
-        return stream.getpeername().encode()
-    return b"unknown"
+        address, port = stream.peer_address()
+        return address.encode(), port
+    return b"unknown", 0
 
 
 @final
@@ -301,6 +311,7 @@ class ProxyEntry:
         self._head_timeout_answer = error_response(
             408, f"the request head did not arrive within {self.config.head_timeout:g}s", close=True
         )
+        self._trusted = parse_networks(self.config.trusted_proxies)
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -525,18 +536,16 @@ class ProxyEntry:
         target: bytes,
         framing: http.Framing,
         length: int,
-        peer: bytes,
+        peer: tuple[bytes, int],
         upgrade: bytes | None,
     ) -> bytes:
         """The request head for the agent, changed at the byte level (DESIGN.md): the
         request line gets the backend's target, hop-by-hop and X-Forwarded-* field lines are
         cut out in one regex pass, and our own framing and X-Forwarded-* lines are added."""
         fields = _DROP_RE.sub(b"", head[head.find(b"\r\n") + 2 : -2])
-        named = {
-            t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")
-        } - http.CONNECTION_OPTIONS
+        named = http.connection_tokens(request) - http.CONNECTION_OPTIONS
         if named:  # rare: fields the Connection header marks hop-by-hop
-            fields = http.field_lines_re(named).sub(b"", fields)
+            fields = http.drop_fields(fields, named)
         parts = [b"%s %s HTTP/1.1\r\n" % (request.method, target), fields]
         if upgrade is not None:
             parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
@@ -550,12 +559,7 @@ class ProxyEntry:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif framing is http.Framing.LENGTH:
             parts.append(b"Content-Length: %d\r\n" % length)
-        forwarded = request.get_all(b"x-forwarded-for")
-        forwarded_for = b", ".join([*forwarded, peer]) if forwarded else peer
-        parts.append(
-            b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n\r\n"
-            % (forwarded_for, self._proto, host)
-        )
+        parts.append(_forwarding_lines(request, peer, self._proto, host, self._trusted))
         return b"".join(parts)
 
     async def _proxy(
@@ -601,27 +605,39 @@ class ProxyEntry:
                 "the most one agent connection may carry",
             )
         upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
-        head = self._forward_head(request, head, target, framing, length, conn.peer, upgrade)
+        head = self._forward_head(
+            request, head, target, framing, length, (conn.peer, conn.peer_port), upgrade
+        )
         try:
             stream = route.open_stream(head)
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
-        if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
-            await conn.send(_CONTINUE)
+        except LocalProtocolError:
+            # It would not fit one OPEN frame (PROTOCOL.md §4.2): refuse this request only.
+            raise _Answer(
+                431,
+                f"the request head is {len(head)} bytes as forwarded to session {session_id}, "
+                f"over the tunnel's frame limit of {route.max_frame_size}",
+            ) from None
+        exchange = _Exchange(session_id, request, stream, upgrade is not None)
+        # From here on nothing may leave without closing the stream: a client gone before
+        # its 100 Continue must not leave the agent waiting for a body for ever (fuzz F4).
         try:
+            if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
+                await conn.send(_CONTINUE)
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
-                response_head = await self._wait_response(conn, stream)
-                if response_head.startswith(b"HTTP/1.1 101 "):
+                response_head, response = await self._wait_response(conn, exchange)
+                if response.status == 101:
                     await self._splice(conn, response_head, stream)
                     return False
                 stream.send_end()
-                return await self._respond(conn, request, response_head, stream)
+                return await self._respond(conn, exchange, response_head, response)
             if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
                 stream.send_end()
-                response_head = await self._wait_response(conn, stream)
-                return await self._respond(conn, request, response_head, stream)
-            return await self._exchange(conn, request, framing, length, stream)
+                response_head, response = await self._wait_response(conn, exchange)
+                return await self._respond(conn, exchange, response_head, response)
+            return await self._exchange(conn, exchange, framing, length)
         except StreamReset as exc:
             status = _RESET_STATUS.get(exc.code, 502)
             raise _Answer(status, f"session {session_id}: {exc.reason or exc}") from None
@@ -633,37 +649,59 @@ class ProxyEntry:
             if conn.waiting is not stream:  # else handle_connection resets it with TIMEOUT
                 stream.close()
 
-    async def _wait_response(self, conn: _Connection, stream: TunnelStream) -> bytes:
+    async def _wait_response(
+        self, conn: _Connection, exchange: _Exchange
+    ) -> tuple[bytes, http.ResponseHead]:
+        """Wait for the response head and validate it: everything from an agent is hostile
+        (PROTOCOL.md §4.2). Raises _Answer 502 for a head the client must not get."""
         # run_timeouts cancels the connection's scope if this passes; handle_connection
         # then answers 504.
+        stream = exchange.stream
         conn.deadline = trio.current_time() + self.config.request_timeout
         conn.waiting = stream
         head = await stream.receive_head()
         conn.waiting = None
         conn.deadline = math.inf
-        return head
+        try:
+            # The frame limit already bounds the head's size.
+            response = http.parse_response_head(head, max_size=len(head))
+        except ProtocolError:
+            kind = "an invalid response head"
+        else:
+            status = response.status
+            if status >= 200 or (status == 101 and exchange.upgrade):
+                return head, response
+            if status == 101:
+                kind = "101 Switching Protocols to a request that asked for no upgrade"
+            else:
+                kind = f"an interim {status} response (interim answers are not forwarded)"
+        # The bad bytes stay out of the log and the answer: they are the agent's, not ours.
+        logger.warning(
+            "session %s stream %d: the agent sent %s (%d bytes); answered 502",
+            exchange.session_id,
+            stream.id,
+            kind,
+            len(head),
+        )
+        stream.reset(ErrorCode.PROTOCOL_ERROR, "invalid response head")
+        raise _Answer(502, f"session {exchange.session_id}: the agent sent {kind}")
 
     async def _exchange(
-        self,
-        conn: _Connection,
-        request: http.RequestHead,
-        framing: http.Framing,
-        length: int,
-        stream: TunnelStream,
+        self, conn: _Connection, exchange: _Exchange, framing: http.Framing, length: int
     ) -> bool:
         """Carry a request that has a body: the body streams out while the response may
         already come back."""
         reader = http.make_body_reader(framing, length)
-        pump = _BodyPump(conn.client, reader, conn.buf, stream, self.config)
+        pump = _BodyPump(conn.client, reader, conn.buf, exchange.stream, self.config)
         result: bool | BaseException
         # Nothing raises out of this nursery (trio would wrap it in a group): the outcome is
         # kept and raised after it closes.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run)
             try:
-                response_head = await self._wait_response(conn, stream)
-                result = await self._respond(conn, request, response_head, stream)
-            except (StreamReset, UplinkClosed, _ClientGone, ProtocolError) as exc:
+                response_head, response = await self._wait_response(conn, exchange)
+                result = await self._respond(conn, exchange, response_head, response)
+            except (StreamReset, UplinkClosed, _ClientGone, _Answer, ProtocolError) as exc:
                 result = pump.error or exc
             nursery.cancel_scope.cancel()
         if isinstance(result, BaseException):
@@ -673,11 +711,11 @@ class ProxyEntry:
     async def _respond(
         self,
         conn: _Connection,
-        request: http.RequestHead,
+        exchange: _Exchange,
         response_head: bytes,
-        stream: TunnelStream,
+        response: http.ResponseHead,
     ) -> bool:
-        response = http.parse_response_head(response_head)
+        request, stream = exchange.request, exchange.stream
         framing, length = http.response_framing(response, request.method)
         keep_alive = request.keep_alive and framing is not http.Framing.UNTIL_CLOSE
         chunked = framing is http.Framing.CHUNKED
@@ -706,6 +744,7 @@ class ProxyEntry:
         )
         parts = [response_head]
         pending = len(response_head)
+        head_out = False
         try:
             while True:
                 try:
@@ -713,6 +752,7 @@ class ProxyEntry:
                 except trio.WouldBlock:
                     if pending:
                         # Send what we have: the head and a small body go out in one write.
+                        head_out = True
                         await conn.send(b"".join(parts))
                         parts = []
                         pending = 0
@@ -721,21 +761,35 @@ class ProxyEntry:
                     break
                 if remaining >= 0:
                     if len(data) > remaining:
-                        raise UplinkClosed("the agent sent more body than the response declared")
+                        kind = "more body than its response head declared"
+                        logger.warning(
+                            "session %s stream %d: the agent sent %s",
+                            exchange.session_id,
+                            stream.id,
+                            kind,
+                        )
+                        stream.reset(ErrorCode.PROTOCOL_ERROR, kind)
+                        if head_out:
+                            raise _ClientGone()
+                        raise _Answer(502, f"session {exchange.session_id}: the agent sent {kind}")
                     remaining -= len(data)
                 parts.append(http.encode_chunk(data) if chunked else data)
                 pending += len(data)
                 if pending >= _RECEIVE_SIZE:  # a large body goes out in ~64 KiB writes
+                    head_out = True
                     await conn.send(b"".join(parts))
                     parts = []
                     pending = 0
             if chunked:
                 parts.append(http.LAST_CHUNK)
+            head_out = True
             await conn.send(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             stream.reset(ErrorCode.CANCEL, "client went away")
             raise _ClientGone() from None
         except (StreamReset, UplinkClosed) as exc:
+            if not head_out:
+                raise  # nothing went out yet: _proxy answers 502/503/504 for it
             # The head is out: all we can do is cut the connection short so the client
             # sees an incomplete body rather than a wrong one.
             logger.info("stream %d failed after the response head: %s", stream.id, exc)
@@ -745,8 +799,8 @@ class ProxyEntry:
         return keep_alive
 
     async def _splice(self, conn: _Connection, response_head: bytes, stream: TunnelStream) -> None:
-        """After a 101 answer: carry raw bytes both ways until either side is done."""
-        http.parse_response_head(response_head)  # validated before it reaches the client
+        """After a 101 answer (validated by _wait_response): carry raw bytes both ways until
+        either side is done."""
         client = conn.client
         await conn.send(response_head)
 
@@ -787,13 +841,106 @@ def _admit(access: AccessPolicy, request: http.RequestHead, head: bytes, peer: b
     return _CREDENTIAL_RE.sub(b"", head) if access.uses_credentials else head
 
 
+def _forwarding_lines(
+    request: http.RequestHead,
+    peer: tuple[bytes, int],
+    proto: bytes,
+    host: bytes,
+    trusted: tuple[IPNetwork, ...],
+) -> bytes:
+    """X-Forwarded-For/-Proto/-Host and Forwarded (RFC 7239) lines, ending the head.
+
+    From an untrusted peer, visitor-supplied values are ignored (their lines were cut): the
+    peer is the client. From a trusted proxy its X-Forwarded-For chain is kept and the peer
+    appended; the client is the last element that is not itself a trusted proxy, and
+    ``Forwarded`` starts at it, so its first ``for=`` is the address the agent uses as the
+    client (PROTOCOL.md §4.2); what lies left of it is forgeable and not repeated there.
+    """
+    peer_ip, peer_port = peer
+    # The peer's address comes from getpeername(): formatted, not parsed (the hot path).
+    if peer_ip == b"unknown":
+        hops = [b"for=unknown"]
+    else:
+        hops = [(b'for="[%s]:%d"' if b":" in peer_ip else b'for="%s:%d"') % (peer_ip, peer_port)]
+    chain: list[bytes] = []
+    if trusted and _is_trusted(peer_ip, trusted):
+        chain = [e.strip() for v in request.get_all(b"x-forwarded-for") for e in v.split(b",")]
+        chain = [e for e in chain if e]
+        client = len(chain) - 1
+        while client > 0 and len(chain) - client <= _MAX_TRUSTED_HOPS:
+            if not _is_trusted(chain[client], trusted):
+                break
+            client -= 1
+        if chain:
+            hops = [_node(e) for e in chain[max(client, 0) :]] + hops
+        given_proto = (request.get(b"x-forwarded-proto") or b"").partition(b",")[0].strip()
+        if given_proto.lower() in (b"http", b"https"):
+            proto = given_proto.lower()
+        given_host = (request.get(b"x-forwarded-host") or b"").partition(b",")[0].strip()
+        if _FORWARDED_HOST_RE.fullmatch(given_host):
+            host = given_host
+    hops[0] += b';host="%s";proto=%s' % (host.replace(b'"', b"").replace(b"\\", b""), proto)
+    return (
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        b"Forwarded: %s\r\n\r\n" % (b", ".join([*chain, peer_ip]), proto, host, b", ".join(hops))
+    )
+
+
+def _ip(text: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in an X-Forwarded-For element (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``,
+    ``::1``), IPv4-mapped IPv6 as IPv4; None if it is none."""
+    name = text.decode("ascii", "replace")
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_trusted(text: bytes, trusted: tuple[IPNetwork, ...]) -> bool:
+    address = _ip(text)
+    return address is not None and any(address in network for network in trusted)
+
+
+def _node(text: bytes) -> bytes:
+    """``for=`` and the address of an X-Forwarded-For element (RFC 7239 §6), without a
+    port: ``for=192.0.2.1``, ``for="[::1]"``, or ``for=unknown`` for what is none."""
+    address = _ip(text)
+    if address is None:
+        return b"for=unknown"
+    return (
+        b'for="[%s]"' % str(address).encode()
+        if address.version == 6
+        else b"for=%s" % (str(address).encode())
+    )
+
+
+class _Exchange:
+    """One request in flight through the tunnel."""
+
+    __slots__ = ("request", "session_id", "stream", "upgrade")
+
+    def __init__(
+        self, session_id: str, request: http.RequestHead, stream: TunnelStream, upgrade: bool
+    ) -> None:
+        self.session_id = session_id
+        self.request = request
+        self.stream = stream
+        self.upgrade = upgrade  # the request asked for a protocol switch (PROTOCOL.md §4.4)
+
+
 def _upgrade_of(request: http.RequestHead) -> bytes | None:
     """The protocol a request asks to switch to (``Upgrade`` named in ``Connection``)."""
     upgrade = request.get(b"upgrade")
     if upgrade is None or request.http_version != b"1.1":
         return None
-    tokens = {t.strip().lower() for v in request.get_all(b"connection") for t in v.split(b",")}
-    return upgrade if b"upgrade" in tokens else None
+    return upgrade if b"upgrade" in http.connection_tokens(request) else None
 
 
 class _BodyPump:

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
@@ -46,7 +47,13 @@ from tunnel2.tokens import Identity, TokenTable
 from tunnel2.transports import FrameTransport, accept_websocket
 from tunnel2.uplink import TunnelUplink, UplinkLimits, open_uplink, receive_handshake_frame
 
-__all__ = ["AGENT_PATH", "ServerConfig", "TunnelServer"]
+__all__ = [
+    "AGENT_PATH",
+    "IPNetwork",
+    "ServerConfig",
+    "TunnelServer",
+    "parse_networks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +113,11 @@ class ServerConfig:
         uplink_limits: flood and stall limits for each agent's uplink (PROTOCOL.md §7).
         tls_cert: PEM certificate chain; set, the port serves HTTPS and WSS.
         tls_key: PEM private key of ``tls_cert`` (``None``: it is in ``tls_cert``).
+        trusted_proxies: networks (CIDRs, e.g. ``"10.0.0.0/8"``) of the proxies in front of
+            the relay. From a peer in one of them the relay keeps the client's
+            X-Forwarded-For chain (and its X-Forwarded-Proto/-Host) and appends the peer;
+            from anyone else it drops visitor-supplied forwarding headers and writes its
+            own (PROTOCOL.md §4.2).
     """
 
     host: str = "127.0.0.1"
@@ -140,6 +152,27 @@ class ServerConfig:
     uplink_limits: UplinkLimits = attrs.field(factory=UplinkLimits)
     tls_cert: str | None = None
     tls_key: str | None = None
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), validator=lambda _self, _attr, value: parse_networks(value)
+    )
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """Parse CIDRs such as ``"10.0.0.0/8"`` or ``"::1"`` (host bits may be set).
+
+    Raises:
+        ValueError: one is not an IP network; the message names it.
+    """
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{cidr!r} is not an IP network (CIDR): {exc}") from None
+    return tuple(networks)
 
 
 class _Refusal(Exception):

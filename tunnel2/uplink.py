@@ -46,6 +46,7 @@ from tunnel2._ratelimit import TokenBucket
 from tunnel2.errors import (
     ErrorCode,
     HandshakeError,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     StreamReset,
@@ -273,10 +274,13 @@ class TunnelStream:
         """Queue our OPEN (the agent's response head). Does not block.
 
         Raises:
-            LocalProtocolError: ``head`` is not a complete HTTP head.
+            LocalProtocolError: ``head`` is not a complete HTTP head, or is larger than the
+                negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 502); the
+                stream is unchanged, so it can still be reset with a reason.
             StreamReset, UplinkClosed: the stream is gone.
         """
         self._check_sendable()
+        self._uplink._check_head_size(head, 502)
         self._uplink._queue(frames.encode(frames.Open(self.id, head)))
 
     async def send_data(self, data: bytes, *, end: bool = False) -> None:
@@ -510,6 +514,12 @@ class TunnelUplink:
         return not (self._closing or self._draining or self._peer_goaway is not None)
 
     @property
+    def max_frame_size(self) -> int:
+        """The negotiated frame size limit (WELCOME), both directions: a head must fit in
+        one OPEN frame of at most this many payload bytes (PROTOCOL.md §4.2)."""
+        return self._max_frame_size
+
+    @property
     def open_streams(self) -> int:
         """Streams not yet finished in both directions."""
         return len(self._streams)
@@ -534,10 +544,13 @@ class TunnelUplink:
 
         Raises:
             UplinkClosed: the uplink is closing or draining.
-            LocalProtocolError: ``head`` is not a complete HTTP head.
+            LocalProtocolError: ``head`` is not a complete HTTP head, or is larger than the
+                negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 431); no
+                stream was opened.
         """
         if not self.accepting:
             raise self._close_error or UplinkClosed("uplink is draining")
+        self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
         frame = frames.Open(stream_id, head)
         self._last_stream_id = stream_id
@@ -611,6 +624,17 @@ class TunnelUplink:
         self._closed_event.set()
 
     # --- internals called by TunnelStream ---------------------------------------------------
+
+    def _check_head_size(self, head: bytes, status_hint: int) -> None:
+        # Checked where the frame is built: the peer's decoder would close the whole uplink
+        # on an oversized frame (PROTOCOL.md §2), failing every other stream on it.
+        if len(head) > self._max_frame_size:
+            raise LocalProtocolError(
+                f"head is {len(head)} bytes, over the tunnel's frame limit of "
+                f"{self._max_frame_size}",
+                code=ErrorCode.FRAME_SIZE_ERROR,
+                status_hint=status_hint,
+            )
 
     def _queue(self, data: bytes) -> None:
         if self._closing:
@@ -916,7 +940,11 @@ class TunnelUplink:
                 self._charge_stray("OPEN")  # an answer to a stream we already gave up on
                 return
             if stream._head is not None:
-                raise RemoteProtocolError(f"second OPEN on stream {stream_id}")
+                # A stream error, not a connection one (PROTOCOL.md §4.1): the agent's
+                # other streams live on; this one fails as a RESET would make it fail.
+                logger.warning("%s second OPEN on stream %d; stream reset", self, stream_id)
+                stream.reset(ErrorCode.PROTOCOL_ERROR, "the agent sent a second response head")
+                return
             stream._head = frame.head
             stream._wake()
             return
