@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Final, Literal
 
 import attrs
@@ -231,9 +233,9 @@ def agent_cases(kind: HeadKind) -> st.SearchStrategy[AgentCase]:
 
 
 async def _fake_agent(
-    transport: StreamTransport, case: AgentCase, hello_done: trio.Event, sid: list[str]
+    transport: StreamTransport, script: tuple[Action, ...], hello_done: trio.Event, sid: list[str]
 ) -> None:
-    """HELLO, then answer every OPEN with ``case.script``, reading whatever else comes.
+    """HELLO, then answer every OPEN with ``script``, reading whatever else comes.
 
     The relay's frames must always decode: a RemoteProtocolError here is a relay bug."""
     decoder = frames.FrameDecoder()
@@ -250,7 +252,7 @@ async def _fake_agent(
                     decoder.receive_data(data)
                     while (frame := decoder.next_frame()) is not None:
                         if isinstance(frame, frames.Open):
-                            nursery.start_soon(_answer, transport, case.script, frame.stream_id)
+                            nursery.start_soon(_answer, transport, script, frame.stream_id)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             nursery.cancel_scope.cancel()
@@ -288,7 +290,7 @@ TOLERATE_F6_STALLED_BODY: Final = True
 VISITOR_PATIENCE: Final = 120.0  # virtual seconds; longer than every relay timeout
 
 
-async def _visit(tunnel: MemoryTunnel, sid: str, data: bytes) -> tuple[bytes, bool]:
+async def visit(tunnel: MemoryTunnel, sid: str, data: bytes) -> tuple[bytes, bool]:
     """Send ``data`` on a new connection and read until EOF; return what was read and
     whether the visitor had to give up waiting."""
     client = tunnel.open_client_stream()
@@ -305,31 +307,41 @@ async def _visit(tunnel: MemoryTunnel, sid: str, data: bytes) -> tuple[bytes, bo
     return bytes(received), patience.cancelled_caught
 
 
+@asynccontextmanager
+async def open_fake_agent(tunnel: MemoryTunnel, script: tuple[Action, ...]) -> AsyncIterator[str]:
+    """Connect a fake agent answering every OPEN with ``script`` to ``tunnel``'s relay, for
+    the block; yields its session id."""
+    ours, theirs = memory_transport_pair()
+    hello_done = trio.Event()
+    sid: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tunnel.server.handle_agent, theirs)
+        nursery.start_soon(_fake_agent, ours, script, hello_done, sid)
+        await hello_done.wait()
+        assert sid, "the relay refused a plain HELLO"
+        yield sid[0]
+        nursery.cancel_scope.cancel()
+
+
 def check_agent(case: AgentCase, *, tolerate_f5: bool = False) -> None:
     """See the module docstring; ``tolerate_f5`` lets the ERROR records of finding F5 pass."""
     data, sent = _REQUESTS[case.request]
 
     async def one_case() -> None:
-        async with open_memory_tunnel(_relay.app, config=_relay.CONFIG) as tunnel:
-            ours, theirs = memory_transport_pair()
-            hello_done = trio.Event()
-            sid: list[str] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(tunnel.server.handle_agent, theirs)
-                nursery.start_soon(_fake_agent, ours, case, hello_done, sid)
-                await hello_done.wait()
-                assert sid, "the relay refused a plain HELLO"
-                received, gave_up = await _visit(tunnel, sid[0], data)
-                answers = _relay.parse_responses(received, sent)
-                assert len(answers.statuses) <= len(sent)
-                response = await tunnel.request("GET", "/")
-                assert response.status == 200, (response.status, response.body[:200])
-                if not (gave_up and TOLERATE_F6_STALLED_BODY):
-                    await trio.sleep(_relay.SETTLE)
-                    assert tunnel.entry.connections == 0, f"{tunnel.entry.connections} left open"
-                    for uplink in tunnel.server.uplinks:
-                        assert uplink.open_streams == 0, uplink
-                nursery.cancel_scope.cancel()
+        async with (
+            open_memory_tunnel(_relay.app, config=_relay.CONFIG) as tunnel,
+            open_fake_agent(tunnel, case.script) as sid,
+        ):
+            received, gave_up = await visit(tunnel, sid, data)
+            answers = _relay.parse_responses(received, sent)
+            assert len(answers.statuses) <= len(sent)
+            response = await tunnel.request("GET", "/")
+            assert response.status == 200, (response.status, response.body[:200])
+            if not (gave_up and TOLERATE_F6_STALLED_BODY):
+                await trio.sleep(_relay.SETTLE)
+                assert tunnel.entry.connections == 0, f"{tunnel.entry.connections} left open"
+                for uplink in tunnel.server.uplinks:
+                    assert uplink.open_streams == 0, uplink
 
     _relay.run_case(one_case, tolerate_f5=tolerate_f5)
 

@@ -7,7 +7,8 @@ where the head ends (a different end would desync a pipelined stream: request sm
 Where we refuse what h11 accepts, the reason must be one of the documented stricter choices in
 the :mod:`tunnel2._http11` docstring (bare LF, obs-fold, versions other than 1.0/1.1, CL with
 TE, TE in HTTP/1.0, a comma list in Content-Length) or the head size limit (431), and our
-error message must say which.
+error message must say which. And :func:`~tunnel2._http11.find_head_end`, called as the entry
+calls it on a growing buffer, finds the same end (or error) whatever the chunking.
 
 Inputs are realistic but hostile heads: smuggling shapes (CL+TE, duplicate and conflicting CL,
 odd TE values, whitespace before the colon, obs-fold, bare LF and CR), huge numbers, control
@@ -256,8 +257,29 @@ def _h11_framing(event: h11.Request) -> tuple[str, int]:
     return ("chunked", 0) if kind == "chunked" else ("close", 0)
 
 
+def _head_end_as_received(data: bytes, step: int) -> int | RemoteProtocolError:
+    """Where the entry finds the head end when ``data`` arrives ``step`` bytes at a time
+    (it rescans only the new bytes and the 3 before them), or the error it raises."""
+    buf = bytearray()
+    try:
+        for at in range(0, len(data), step):
+            chunk = data[at : at + step]
+            buf += chunk
+            end = find_head_end(buf, max(0, len(buf) - len(chunk) - 3))
+            if end >= 0:
+                return end
+    except RemoteProtocolError as exc:
+        return exc
+    return -1
+
+
 def check_request(data: bytes) -> None:
-    """Our parser and h11 agree on ``data``, up to the documented stricter choices."""
+    """Our parser and h11 agree on ``data``, up to the documented stricter choices; and the
+    head end is found the same whether ``data`` comes whole or a few bytes at a time."""
+    whole = _head_end_as_received(data, max(1, len(data)))
+    for step in (1, 7) if len(data) < 3000 else (997,):
+        split = _head_end_as_received(data, step)
+        assert repr(split) == repr(whole), (step, split, whole)
     event, h11_end, h11_error = h11_request(data)
     verdict, ours, end = our_request(data)
     if verdict == "accept":
