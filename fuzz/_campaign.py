@@ -114,7 +114,8 @@ def run_atheris(target: str, name: str, *, examples: int, seconds: float) -> Non
             del sys.modules[module_name]
     with atheris.instrument_imports(include=["tunnel2"]):
         module = importlib.import_module(f"fuzz.{target}")
-    prop = next(p for p in module.PROPERTIES if p.name == name)
+    properties: Sequence[Property] = module.PROPERTIES
+    prop = next(p for p in properties if p.name == name)
     test: Any = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))(
         given(prop.strategy)(prop.check)
     )
