@@ -69,12 +69,20 @@ def run(prop: Property, *, examples: int, seconds: float, verbose: bool = False)
     start = time.monotonic()
     deadline = start + seconds
 
+    failed = False
+
     def counted(value: Any) -> None:
-        nonlocal tried
-        if time.monotonic() > deadline or tried >= examples:
+        nonlocal tried, failed
+        # Past the budget, inputs are skipped so the round ends soon; not once one failed,
+        # or hypothesis could not shrink and replay it (it would call the failure flaky).
+        if not failed and (time.monotonic() > deadline or tried >= examples):
             return
         tried += 1
-        prop.check(value)
+        try:
+            prop.check(value)
+        except BaseException:
+            failed = True
+            raise
 
     database = DirectoryBasedExampleDatabase(str(DATABASE_DIR))
     size = _FIRST_ROUND
