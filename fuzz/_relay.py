@@ -43,7 +43,7 @@ TOLERATE_F3_HEAD_BODY_FROM_APP: Final = True
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
     """The backend: reads the body, then answers by path (``/stream``: three chunks without a
-    length; ``/empty``: 204; ``/big``: 100 kB, past the stream window; else ``ok N``)."""
+    length; ``/empty``: 204; ``/big``: 100 kB, two frames or more; else ``ok N``)."""
     if scope["type"] != "http":
         return
     size = 0

@@ -117,7 +117,8 @@ class Action:
         if kind == "reset":
             return frames.encode(frames.Reset(sid, number, "fuzz"))
         if kind == "window":
-            return frames.encode(frames.Window(sid if number % 2 else 0, 1 + number))
+            increment = frames.MAX_WINDOW if number > 12 else 1 + number  # big: overflow
+            return frames.encode(frames.Window(sid if number % 2 else 0, increment))
         if kind == "ping":
             return frames.encode(frames.Ping(b"12345678"))
         if kind == "pong":
