@@ -236,11 +236,10 @@ def parse_responses(data: bytes, sent: list[Sent]) -> Answers:
 
 
 def _is_f1(response: h11.Response | None, request: Sent, rest: bytes) -> bool:
-    """The known F1 shape: an entry error response to HEAD followed by its body."""
-    if response is None or request.method != b"HEAD":
+    """The known F1 shape: a relay error response to HEAD followed by its body."""
+    if response is None or request.method != b"HEAD" or response.status_code < 400:
         return False
-    headers = dict(response.headers)
-    return b"x-tunnel2-error" in headers and headers.get(b"content-length") == b"%d" % len(rest)
+    return dict(response.headers).get(b"content-length") == b"%d" % len(rest)
 
 
 SETTLE: Final = 15.0  # virtual seconds: past every timeout in CONFIG, so all is closed by then

@@ -61,6 +61,9 @@ def _responses(data: bytes, method: bytes) -> tuple[list[h11.Response], bytes]:
     [
         b"HEAD /p HTTP/1.1\r\n\r\n",  # 400: no Host
         b"HEAD /session/nope/ HTTP/1.1\r\nHost: relay.test\r\n\r\n",  # 404: no such session
+        # 400 from transports.accept_websocket: not a valid upgrade
+        b"HEAD /_tunnel/connect HTTP/1.1\r\nHost: relay.test\r\nConnection: upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n",
     ],
 )
 async def test_f1_error_response_to_head_has_no_body(
