@@ -287,7 +287,7 @@ async def _answer(transport: StreamTransport, script: tuple[Action, ...], sid: i
 # no timeout and does not notice the client leaving, so an agent that stalls pins the public
 # connection. The visitor gives up after VISITOR_PATIENCE; while this is True, a case where it
 # had to is not checked for connections left open. Set to False once entry.py is fixed.
-TOLERATE_F6_STALLED_BODY: Final = True
+TOLERATE_F6_STALLED_BODY: Final = False
 VISITOR_PATIENCE: Final = 120.0  # virtual seconds; longer than every relay timeout
 
 

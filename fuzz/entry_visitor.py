@@ -40,7 +40,7 @@ from tunnel2.testing import MemoryTunnel, open_memory_tunnel
 # Finding F4 (fuzz/FINDINGS.md): a client that sends "Expect: 100-continue" and closes before
 # the 100 goes out leaks the tunnel stream. While this is True, cases that close early carry no
 # Expect field; set to False once entry.py is fixed.
-TOLERATE_F4_EXPECT_LEAK: Final = True
+TOLERATE_F4_EXPECT_LEAK: Final = False
 
 # --- strategies -----------------------------------------------------------------------------
 

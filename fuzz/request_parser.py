@@ -28,6 +28,7 @@ from h11._connection import _body_framing, _keep_alive
 from hypothesis import strategies as st
 
 from fuzz._campaign import Property, main
+from tunnel2 import _http11
 from tunnel2._http11 import (
     MAX_HEAD_SIZE,
     Framing,
@@ -208,7 +209,9 @@ def our_request(data: bytes) -> tuple[Verdict, RequestHead | RemoteProtocolError
     return "accept", head, end
 
 
-def stricter_reasons(head: bytes, event: h11.Request) -> dict[str, str]:
+def stricter_reasons(
+    head: bytes, event: h11.Request | h11.Response | h11.InformationalResponse
+) -> dict[str, str]:
     """Where we are deliberately stricter than h11: reason -> what our error message says."""
     reasons = {}
     if re.search(rb"(?<!\r)\n", head):
@@ -224,12 +227,20 @@ def stricter_reasons(head: bytes, event: h11.Request) -> dict[str, str]:
         reasons["TE in HTTP/1.0"] = "Transfer-Encoding in an HTTP/1.0"
     if re.search(rb"(?im)^content-length:[^\n]*,", head):
         reasons["comma list in Content-Length"] = "invalid Content-Length"
+    lengths = [value for name, value in event.headers if name == b"content-length"]
+    if any(len(value) > 19 for value in lengths):
+        reasons["Content-Length over 19 digits"] = "must be 1 to 19 digits"
+    if any(len(value) <= 19 and int(value) > 2**63 - 1 for value in lengths):
+        reasons["Content-Length over 2**63-1"] = "over the limit of 2**63-1"
+    tokens = sum(value.count(b",") + 1 for name, value in event.headers if name == b"connection")
+    if tokens > _http11.MAX_CONNECTION_TOKENS:
+        reasons["Connection over 32 tokens"] = "tokens, at most"
     if len(head) > MAX_HEAD_SIZE:
         reasons["head over the size limit"] = "limit"
     return reasons
 
 
-def _norm_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def norm_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Our headers as h11 stores them: repeated Content-Length dropped, TE lower-cased."""
     out, seen_length = [], False
     for name, value in headers:
@@ -238,7 +249,9 @@ def _norm_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
             if seen_length:
                 continue
             seen_length = True
-        out.append((name, value.lower() if lname == b"transfer-encoding" else value))
+        if lname == b"transfer-encoding":
+            value = value.lower()
+        out.append((name, value))
     return out
 
 
@@ -291,7 +304,7 @@ def check_request(data: bytes) -> None:
             event.target,
             event.http_version,
         )
-        assert _norm_headers(ours.headers) == event.headers.raw_items()
+        assert norm_headers(ours.headers) == event.headers.raw_items()
         assert _norm_framing(request_framing(ours)) == _h11_framing(event)
         if ours.http_version == b"1.1":
             assert ours.keep_alive == _keep_alive(event)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from h11._connection import _body_framing, _keep_alive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz.request_parser import norm_headers, stricter_reasons
 from tunnel2 import _http11
 from tunnel2._http11 import (
     LAST_CHUNK,
@@ -662,35 +662,6 @@ def _h11_request(data: bytes) -> tuple[h11.Request | None, bytes, str]:
     return event, data[: len(data) - len(conn.trailing_data[0])], ""
 
 
-def _stricter_reasons(
-    head: bytes, event: h11.Request | h11.Response | h11.InformationalResponse
-) -> dict[str, str]:
-    """Where we are deliberately stricter than h11: reason -> what our error message says."""
-    reasons = {}
-    if re.search(rb"(?<!\r)\n", head):
-        reasons["bare LF line ending"] = "bare LF"
-    if re.search(rb"\n[ \t]", head):
-        reasons["obs-fold"] = "obs-fold"
-    if event.http_version not in (b"1.0", b"1.1"):
-        reasons["HTTP version not 1.0/1.1"] = "unsupported HTTP version"
-    names = {name for name, _ in event.headers}
-    if b"transfer-encoding" in names and b"content-length" in names:
-        reasons["both CL and TE"] = "both Content-Length and Transfer-Encoding"
-    if b"transfer-encoding" in names and event.http_version == b"1.0":
-        reasons["TE in HTTP/1.0"] = "Transfer-Encoding in an HTTP/1.0"
-    if re.search(rb"(?im)^content-length:[^\n]*,", head):
-        reasons["comma list in Content-Length"] = "invalid Content-Length"
-    lengths = [value for name, value in event.headers if name == b"content-length"]
-    if any(len(value) > 19 for value in lengths):
-        reasons["Content-Length over 19 digits"] = "must be 1 to 19 digits"
-    if any(len(value) <= 19 and int(value) > 2**63 - 1 for value in lengths):
-        reasons["Content-Length over 2**63-1"] = "over the limit of 2**63-1"
-    tokens = sum(value.count(b",") + 1 for name, value in event.headers if name == b"connection")
-    if tokens > _http11.MAX_CONNECTION_TOKENS:
-        reasons["Connection over 32 tokens"] = "tokens, at most"
-    return reasons
-
-
 def _norm_h11_framing(framing: tuple[str, tuple[()] | tuple[int]]) -> tuple[str, int]:
     kind, args = framing
     if kind == "content-length":
@@ -704,21 +675,6 @@ def _norm_framing(framing: tuple[Framing, int]) -> tuple[str, int]:
     if kind in (Framing.NONE, Framing.LENGTH):
         return ("length", length)
     return ("chunked", 0) if kind is Framing.CHUNKED else ("close", 0)
-
-
-def _norm_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Our headers as h11 stores them: repeated Content-Length dropped, TE lower-cased."""
-    out, seen_length = [], False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-length":
-            if seen_length:
-                continue
-            seen_length = True
-        if lname == b"transfer-encoding":
-            value = value.lower()
-        out.append((name, value))
-    return out
 
 
 def _ours_request(data: bytes) -> tuple[Verdict, RequestHead | RemoteProtocolError | None]:
@@ -747,8 +703,8 @@ def test_request_parser_agrees_with_h11(data: bytes) -> None:
             event.target,
             event.http_version,
         )
-        assert _norm_headers(ours.headers) == event.headers.raw_items()
-        assert [(n.lower(), v) for n, v in _norm_headers(ours.headers)] == list(event.headers)
+        assert norm_headers(ours.headers) == event.headers.raw_items()
+        assert [(n.lower(), v) for n, v in norm_headers(ours.headers)] == list(event.headers)
         assert _norm_framing(request_framing(ours)) == _norm_h11_framing(_body_framing(b"", event))
         if ours.http_version == b"1.1":
             assert ours.keep_alive == _keep_alive(event)
@@ -757,7 +713,7 @@ def test_request_parser_agrees_with_h11(data: bytes) -> None:
     elif verdict == "reject" and event is not None:
         # h11 accepted: we must be stricter for a documented reason, and say which.
         assert isinstance(ours, RemoteProtocolError)
-        reasons = _stricter_reasons(h11_head, event)
+        reasons = stricter_reasons(h11_head, event)
         assert reasons, f"refused {data!r} that h11 accepts: {ours}"
         assert any(text in str(ours) for text in reasons.values()), (reasons, str(ours))
     elif verdict == "incomplete":
@@ -853,7 +809,7 @@ def _check_same_response(
         event.status_code,
         event.reason,
     )
-    assert _norm_headers(ours.headers) == event.headers.raw_items()
+    assert norm_headers(ours.headers) == event.headers.raw_items()
     if isinstance(event, h11.Response):
         h11_framing = _norm_h11_framing(_body_framing(method, event))
     else:
@@ -876,7 +832,7 @@ def test_response_parser_agrees_with_h11(data: bytes, method: bytes) -> None:
             _check_same_response(ours, event, method)
     elif verdict == "reject" and event is not None:
         assert isinstance(ours, RemoteProtocolError)
-        reasons = _stricter_reasons(h11_head, event)
+        reasons = stricter_reasons(h11_head, event)
         assert reasons, f"refused {data!r} that h11 accepts: {ours}"
         assert any(text in str(ours) for text in reasons.values()), (reasons, str(ours))
     elif verdict == "incomplete":

@@ -820,7 +820,7 @@ class AsgiHandler:
             "client": _forwarded_client(request.get(b"forwarded")),
             "server": None,
         }
-        state = _AsgiExchange(stream, framing is http.Framing.NONE)
+        state = _AsgiExchange(stream, framing is http.Framing.NONE, request.method == b"HEAD")
         try:
             await self.app(scope, state.receive, state.send)
         except Exception:
@@ -841,9 +841,12 @@ class AsgiHandler:
 
 
 class _AsgiExchange:
-    def __init__(self, stream: TunnelStream, body_done: bool) -> None:
+    def __init__(self, stream: TunnelStream, body_done: bool, head_request: bool) -> None:
         self.stream = stream
         self.body_done = body_done
+        # A response to HEAD has no body (RFC 9110 §9.3.2); apps may send one anyway and
+        # leave it to the server to drop, as uvicorn and hypercorn do (fuzz F3).
+        self.head_request = head_request
         self.request_delivered = False
         self.head_sent = False
         self._start: AsgiMessage | None = None
@@ -907,4 +910,4 @@ class _AsgiExchange:
                     stream_id=stream.id, code=ErrorCode.BACKEND_UNAVAILABLE, reason=kind
                 ) from None
             self.head_sent = True
-        await self.stream.send_data(body, end=not more)
+        await self.stream.send_data(b"" if self.head_request else body, end=not more)

@@ -90,10 +90,11 @@ _WRITE_BEGUN: Final = -math.inf
 
 
 def error_response(
-    status: int, message: str, *, close: bool = False, headers: bytes = b""
+    status: int, message: str, *, close: bool = False, headers: bytes = b"", head: bool = False
 ) -> bytes:
     """A complete plain-text response whose body says what went wrong; ``headers`` are
-    extra field lines, each ending in CRLF."""
+    extra field lines, each ending in CRLF. For a HEAD request (``head``) the body is left
+    out and Content-Length still says its size (RFC 9110 §9.3.2)."""
     body = f"{status} {_REASONS.get(status, b'Error').decode()}: {message}\n".encode()
     return b"".join(
         [
@@ -103,8 +104,22 @@ def error_response(
             b"Connection: close\r\n" if close else b"",
             headers,
             b"X-Tunnel2-Error: 1\r\n\r\n",
-            body,
+            b"" if head else body,
         ]
+    )
+
+
+def _unparsed_head_answer(status: int, message: str) -> bytes:
+    """The answer to a head that was never parsed (too large, or too slow): without a body,
+    since whether it was a HEAD (whose answer has none) is unknown; the reason goes in the
+    X-Tunnel2-Error field instead."""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\nX-Tunnel2-Error: %s\r\n\r\n"
+        % (
+            status,
+            _REASONS[status],
+            message.encode(),
+        )
     )
 
 
@@ -130,6 +145,7 @@ class _Connection:
         "client",
         "deadline",
         "gone",
+        "head_request",
         "in_head",
         "peer",
         "peer_port",
@@ -151,6 +167,7 @@ class _Connection:
         self.deadline = math.inf
         self.in_head = False  # `deadline` is the head timeout (answered 408)
         self.gone = False  # run_timeouts saw the client close while we waited
+        self.head_request = False  # the request being served is a HEAD (no error bodies)
         self.waiting: TunnelStream | None = None
         self.pool = _UNCOUNTED
         # When the write to the client under way began, as run_timeouts first saw it
@@ -308,8 +325,8 @@ class ProxyEntry:
         self._connections: set[_Connection] = set()
         self._host = server.base_url.partition("://")[2].encode()
         self._limits = _Limits(self.config)
-        self._head_timeout_answer = error_response(
-            408, f"the request head did not arrive within {self.config.head_timeout:g}s", close=True
+        self._head_timeout_answer = _unparsed_head_answer(
+            408, f"the request head did not arrive within {self.config.head_timeout:g}s"
         )
         self._trusted = parse_networks(self.config.trusted_proxies)
 
@@ -358,7 +375,8 @@ class ProxyEntry:
             # The request timeout fired while we waited for the response head.
             conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
             message = f"no response from the tunnel within {config.request_timeout:g}s"
-            await self._send_last(conn, error_response(504, message, close=True))
+            answer = error_response(504, message, close=True, head=conn.head_request)
+            await self._send_last(conn, answer)
         elif conn.write_started != math.inf:
             # The client read nothing for write_timeout; the stream it was fed from is
             # reset by now (_proxy's finally), which frees the agent's worker.
@@ -434,7 +452,7 @@ class ProxyEntry:
         while end < 0:
             if len(buf) > config.max_head_size:
                 message = f"request head is over {config.max_head_size} bytes"
-                await conn.send(error_response(431, message, close=True))
+                await conn.send(_unparsed_head_answer(431, message))
                 return -1
             data = await client.receive_some(_RECEIVE_SIZE)
             if not data:
@@ -461,11 +479,13 @@ class ProxyEntry:
             if end < 0:
                 return  # the client closed, or its head was too large (answered 431)
             head = http.take(buf, end)
+            is_head = conn.head_request = head.startswith(b"HEAD ")
             try:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)
             except ProtocolError as exc:
-                await conn.send(error_response(exc.status_hint, str(exc), close=True))
+                answer = error_response(exc.status_hint, str(exc), close=True, head=is_head)
+                await conn.send(answer)
                 return
             if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"
@@ -491,7 +511,11 @@ class ProxyEntry:
                 # Nothing of a response went out yet; the request body may be unread.
                 await conn.send(
                     error_response(
-                        answer.status, answer.message, close=True, headers=answer.headers
+                        answer.status,
+                        answer.message,
+                        close=True,
+                        headers=answer.headers,
+                        head=is_head,
                     )
                 )
                 return
@@ -756,7 +780,12 @@ class ProxyEntry:
                         await conn.send(b"".join(parts))
                         parts = []
                         pending = 0
+                    # A body that stalls for idle_timeout is cut (as nginx's
+                    # proxy_read_timeout): a stalling agent cannot pin public connections
+                    # (fuzz F6). run_timeouts enforces it; the float store is all it costs.
+                    conn.deadline = trio.current_time() + self.config.idle_timeout
                     data = await stream.receive_data()
+                    conn.deadline = math.inf
                 if not data:
                     break
                 if remaining >= 0:

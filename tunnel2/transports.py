@@ -253,10 +253,10 @@ async def accept_websocket(stream: trio.abc.Stream, request: bytes) -> WsprotoTr
             break
     except wsproto.utilities.RemoteProtocolError:
         pass  # answered below
+    body = b"" if request.startswith(b"HEAD ") else b"not a valid WebSocket upgrade\n"
     with trio.move_on_after(1):
         await stream.send_all(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 30\r\nConnection: close\r\n\r\n"
-            b"not a valid WebSocket upgrade\n"
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 30\r\nConnection: close\r\n\r\n" + body
         )
     raise trio.BrokenResourceError("not a valid WebSocket upgrade request")
 

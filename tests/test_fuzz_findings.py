@@ -1,7 +1,5 @@
-"""Regression tests for the fuzzers' findings (fuzz/FINDINGS.md): each FAILS until its finding
-is fixed. Not collected by the default test run (the name does not match ``test_*.py``); run
-``python -m pytest fuzz/findings_test_relay.py``, and move a test into tests/ with its fix.
-"""
+"""Regression tests for the fuzzers' findings F1-F7 (fuzz/FINDINGS.md): each failed before
+its fix."""
 
 from __future__ import annotations
 
