@@ -199,25 +199,30 @@ def websocket_connector(
             why = str(exc) if isinstance(exc, OSError) else f"no connection in {connect_timeout}s"
             raise HandshakeError(f"cannot connect to the relay at {url}: {why}") from exc
         stream: SocketOrTls = tcp
-        if context is not None:
+        try:
+            if context is not None:
+                try:
+                    with trio.fail_after(connect_timeout):
+                        stream = await wrap_client(tcp, context, host)
+                except trio.TooSlowError as exc:
+                    raise HandshakeTimeout(
+                        f"no TLS handshake from the relay at {url} within {connect_timeout}s "
+                        "(does it serve TLS on that port?)"
+                    ) from exc
+                except trio.BrokenResourceError as exc:  # closed by wrap_client
+                    raise HandshakeError(f"{exc} (relay {url})") from exc
             try:
                 with trio.fail_after(connect_timeout):
-                    stream = await wrap_client(tcp, context, host)
-            except trio.TooSlowError as exc:
-                await trio.aclose_forcefully(tcp)
-                raise HandshakeTimeout(
-                    f"no TLS handshake from the relay at {url} within {connect_timeout}s "
-                    "(does it serve TLS on that port?)"
-                ) from exc
-            except trio.BrokenResourceError as exc:  # closed by wrap_client
-                raise HandshakeError(f"{exc} (relay {url})") from exc
-        try:
-            with trio.fail_after(connect_timeout):
-                transport = await connect_websocket(stream, parts.netloc, resource)
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    transport = await connect_websocket(stream, parts.netloc, resource)
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                why = str(exc) or f"no answer within {connect_timeout}s"
+                raise HandshakeError(f"WebSocket handshake with {url} failed: {why}") from exc
+        except BaseException:
+            # Whatever stops the handshake (a failure, a cancellation) closes the socket.
             await trio.aclose_forcefully(stream)
-            why = str(exc) or f"no answer within {connect_timeout}s"
-            raise HandshakeError(f"WebSocket handshake with {url} failed: {why}") from exc
+            if stream is not tcp:
+                await trio.aclose_forcefully(tcp)
+            raise
         try:
             yield transport
         finally:
