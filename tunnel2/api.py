@@ -147,12 +147,16 @@ async def open_tunnel(
     max_queued: int = 1024,
     connect_timeout: float = 10.0,
     access: AccessPolicy | None = None,
+    drain_timeout: float = 10.0,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
     Yields the connected :class:`Agent`; read ``.public_url`` and ``.session_id``. If the
     connection drops, the agent re-dials in the background and gets its session back. On
-    exit the agent's tasks are cancelled and its connections closed.
+    exit the agent drains (:meth:`Agent.drain`): the relay sends new requests to the
+    session's other agents, or holds them briefly for a replacement, and requests in flight
+    get ``drain_timeout`` seconds; then its tasks are cancelled. A block left by a
+    cancellation closes at once.
 
     Args:
         server_url: the relay, e.g. ``http://127.0.0.1:8000``.
@@ -166,6 +170,7 @@ async def open_tunnel(
             ``AccessPolicy.from_options(basic_auth=["alice:s3cret"])``; the relay turns
             everyone else away before a request reaches this agent. ``None``: anyone with
             the URL.
+        drain_timeout: seconds requests in flight get on exit.
 
     Raises:
         HandshakeRefused: the relay refused the agent (bad token, session held).
@@ -180,6 +185,7 @@ async def open_tunnel(
         max_queued=max_queued,
         connect_timeout=connect_timeout,
         access=access,
+        drain_timeout=drain_timeout,
     )
     handler = handler_for(target)
     agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)
@@ -190,6 +196,7 @@ async def open_tunnel(
                 await nursery.start(agent.serve)
                 try:
                     yield agent
+                    await agent.drain()
                 finally:
                     nursery.cancel_scope.cancel()
     finally:
