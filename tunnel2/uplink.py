@@ -620,6 +620,12 @@ class TunnelUplink:
                     )
                 self._draining = True
             await self._idle_event.wait()
+            if self.role == "agent":
+                # The relay closes once its side of the last stream is done (it read our
+                # GOAWAY): closing first could reset the connection under the tail of a
+                # response it has not read yet.
+                with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+                    await self._closed_event.wait()
         self.close("drained")
         await trio.lowlevel.checkpoint()
 
