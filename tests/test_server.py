@@ -47,6 +47,11 @@ TOKEN_FILE = f"""
 
 class FakeUplink:
     accepting = True
+    open_streams = 0
+    peer_draining = False
+
+    def heartbeat_late(self, now: float) -> bool:
+        return False
 
 
 def uplink() -> TunnelUplink:
@@ -163,7 +168,7 @@ async def test_store_keeps_owners_in_a_file(tmp_path: Path) -> None:
 # --- the route table -------------------------------------------------------------------------
 
 
-def test_routes_round_robin_over_a_sessions_uplinks() -> None:
+def test_routes_ties_round_robin_over_a_sessions_uplinks() -> None:
     routes = RouteTable(grace_period=30)
     a, b = uplink(), uplink()
     routes.attach("s", a)

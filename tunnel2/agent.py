@@ -17,6 +17,7 @@ import collections
 import ipaddress
 import logging
 import math
+import random
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -93,8 +94,10 @@ class AgentConfig:
         max_concurrent: requests answered at once (worker tasks).
         max_queued: requests that may wait for a worker; past it the relay answers 503.
         connect_timeout: seconds for the connection and handshake.
-        backoff_initial: first re-dial delay in seconds, doubled per failure.
-        backoff_max: longest re-dial delay.
+        backoff_initial: first re-dial delay in seconds, doubled per failure; each delay is
+            drawn from its upper half at random (equal jitter), so agents that lost one
+            relay do not re-dial it in step.
+        backoff_max: longest re-dial delay once disconnected for ``backoff_early_period``.
         max_frame_size: largest frame the agent accepts.
         access: who may visit the tunnel; sent in HELLO and enforced by the relay
             (PROTOCOL.md §3.1.1). ``None``: everyone who has the URL.
@@ -102,6 +105,13 @@ class AgentConfig:
             relay; ``None`` trusts the system's store.
         insecure_transport: allow a clear-text (``http``/``ws``) relay that is not on
             loopback; the token and all traffic then cross the network unencrypted.
+        backoff_early_max: longest re-dial delay during the first ``backoff_early_period``
+            seconds of being disconnected (a relay restart is over in seconds).
+        backoff_early_period: see ``backoff_early_max``.
+        heartbeat_timeout: seconds of silence from the relay after which the uplink is
+            dead and re-dialled; ``None``: twice the relay's ``ping_interval``.
+        drain_timeout: seconds :meth:`Agent.drain` gives requests in flight.
+
 
     ``connect_timeout``, ``ca_file`` and ``insecure_transport`` also configure the connector
     (:func:`websocket_connector`); :func:`tunnel2.open_tunnel` passes them on.
@@ -118,6 +128,10 @@ class AgentConfig:
     access: AccessPolicy | None = None
     ca_file: str | None = None
     insecure_transport: bool = False
+    backoff_early_max: float = 2.0
+    backoff_early_period: float = 60.0
+    heartbeat_timeout: float | None = None
+    drain_timeout: float = 10.0
 
 
 def agent_url(server_url: str) -> str:
@@ -231,6 +245,33 @@ def websocket_connector(
     return connect
 
 
+@attrs.define
+class _Backoff:
+    """Re-dial delays: doubling from ``backoff_initial``, capped at ``backoff_early_max``
+    for the first ``backoff_early_period`` seconds of being disconnected and at
+    ``backoff_max`` after, each drawn from the upper half of its value (equal jitter, so
+    a relay's agents do not re-dial in step and no delay is ever near zero twice)."""
+
+    config: AgentConfig
+    rng: random.Random
+    attempt: int = 0
+    since: float | None = None  # when the first delay of this outage was asked for
+
+    def next_delay(self, now: float) -> float:
+        config = self.config
+        if self.since is None:
+            self.since = now
+        early = now - self.since < config.backoff_early_period
+        cap = min(config.backoff_early_max, config.backoff_max) if early else config.backoff_max
+        delay = min(cap, config.backoff_initial * 2.0 ** min(self.attempt, 60))
+        self.attempt += 1
+        return delay / 2 + self.rng.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+        self.since = None
+
+
 @final
 class Agent:
     """Keeps a session on a relay and answers its requests with ``handler``.
@@ -240,9 +281,16 @@ class Agent:
     """
 
     def __init__(
-        self, connect: Connector, handler: StreamHandler, config: AgentConfig | None = None
+        self,
+        connect: Connector,
+        handler: StreamHandler,
+        config: AgentConfig | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config or AgentConfig()
+        self._random = rng or random.Random()
+        self._draining = False
         self._connect = connect
         self._handler = handler
         self._welcome: frames.Welcome | None = None
@@ -280,35 +328,43 @@ class Agent:
     async def serve(
         self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        """Connect, serve, and re-dial forever.
+        """Connect, serve, and re-dial until :meth:`drain`, then wait to be cancelled.
 
         ``task_status.started(self)`` is called once the first handshake succeeded, so
         :attr:`public_url` is set when ``nursery.start`` returns. Before that, failures raise
         (so a wrong URL or token surfaces at once); after it, a lost connection is re-dialled
-        with exponential backoff, asking for the same session. A refusal is final, except
-        that a connected agent waits out a relay that is shutting down or overloaded.
+        with jittered exponential backoff (:class:`_Backoff`), asking for the same session,
+        and at once after the relay's graceful GOAWAY (it restarts or hands the agent to
+        another node). A refusal is final, except that a connected agent waits out a relay
+        that is shutting down or overloaded.
 
         Raises:
             HandshakeRefused: the relay refused the agent.
             HandshakeError: the first connection or handshake failed.
         """
         config = self.config
-        delay = config.backoff_initial
+        backoff = _Backoff(config, self._random)
         started = False
-        while True:
+        immediate_at = -math.inf  # when we last re-dialled with no wait
+        while not self.draining():
+            goaway = False
             try:
                 async with self._connect() as transport:
                     with trio.fail_after(config.connect_timeout):
                         welcome, decoder = await self._handshake(transport)
                     self._welcome = welcome
                     self.connections += 1
-                    delay = config.backoff_initial
-                    await self._run_uplink(transport, decoder, welcome, task_status, started)
+                    backoff.reset()
+                    if self.draining():
+                        break
+                    goaway = await self._run_uplink(
+                        transport, decoder, welcome, task_status, started
+                    )
                     started = True
             except HandshakeRefused as exc:
                 if not started or exc.code not in _TEMPORARY_REFUSALS:
                     raise
-                logger.warning("relay refused us for now (%s); re-dialling in %.2fs", exc, delay)
+                why = f"relay refused us for now ({exc})"
             except (
                 HandshakeError,
                 ProtocolError,
@@ -326,14 +382,42 @@ class Agent:
                         raise
                     raise HandshakeError(f"cannot connect to the relay: {exc}") from exc
                 started = True
-                logger.warning(
-                    "connection to the relay lost (%s); re-dialling in %.2fs", exc, delay
-                )
+                why = f"connection to the relay lost ({exc})"
             else:
-                logger.warning("connection to the relay closed; re-dialling in %.2fs", delay)
+                why = "the relay said GOAWAY" if goaway else "connection to the relay closed"
             self._uplink = None
+            if self.draining():
+                break
+            now = trio.current_time()
+            # After a graceful GOAWAY, at once; but not twice in a row quickly (a relay that
+            # says GOAWAY right after WELCOME must not make us dial in a loop).
+            if goaway and now - immediate_at >= config.backoff_early_max:
+                immediate_at, delay = now, 0.0
+            else:
+                delay = backoff.next_delay(now)
+            logger.warning("%s; re-dialling in %.2fs", why, delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, config.backoff_max)
+        self._uplink = None
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called."""
+        return self._draining
+
+    async def drain(self, grace_period: float | None = None) -> None:
+        """Stop serving gracefully: tell the relay (GOAWAY, PROTOCOL.md §6.3), so it sends
+        new requests to the session's other agents or holds them for a replacement, give
+        the requests in flight up to ``grace_period`` seconds (default ``config.drain_timeout``)
+        and close the uplink. :meth:`serve` re-dials no more; it waits to be cancelled.
+        Checkpoints; a cancellation closes the uplink at once.
+        """
+        self._draining = True
+        uplink = self._uplink
+        if uplink is not None and not uplink.closed:
+            await uplink.drain(self.config.drain_timeout if grace_period is None else grace_period)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _run_uplink(
         self,
@@ -342,7 +426,9 @@ class Agent:
         welcome: frames.Welcome,
         task_status: trio.TaskStatus[Agent],
         started: bool,
-    ) -> None:
+    ) -> bool:
+        """Serve one uplink until it closes; return whether the relay ended it with a
+        graceful GOAWAY."""
         config = self.config
         async with open_uplink(
             transport,
@@ -351,6 +437,7 @@ class Agent:
             role="agent",
             max_incoming=config.max_queued,
             name=f"agent:{welcome.session_id[:8]}",
+            heartbeat_timeout=config.heartbeat_timeout,
         ) as uplink:
             self._uplink = uplink
             if started:
@@ -360,6 +447,7 @@ class Agent:
             async with trio.open_nursery() as workers:
                 for _ in range(config.max_concurrent):
                     workers.start_soon(self._worker, uplink)
+        return uplink.peer_draining
 
     async def _handshake(
         self, transport: FrameTransport

@@ -215,12 +215,16 @@ async def open_tunnel(
     ssl_context: ssl.SSLContext | None = None,
     backend_ca_file: str | None = None,
     backend_insecure: bool = False,
+    drain_timeout: float = 10.0,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
     Yields the connected :class:`Agent`; read ``.public_url`` and ``.session_id``. If the
     connection drops, the agent re-dials in the background and gets its session back. On
-    exit the agent's tasks are cancelled and its connections closed.
+    exit the agent drains (:meth:`Agent.drain`): the relay sends new requests to the
+    session's other agents, or holds them briefly for a replacement, and requests in flight
+    get ``drain_timeout`` seconds; then its tasks are cancelled. A block left by a
+    cancellation closes at once.
 
     Args:
         server_url: the relay, e.g. ``https://relay.example`` or ``http://127.0.0.1:8000``.
@@ -242,6 +246,7 @@ async def open_tunnel(
         ssl_context: TLS settings for the relay instead of ``ca_file``.
         backend_ca_file: for an ``https`` target, trust only these CA certificates.
         backend_insecure: for an ``https`` target, accept any certificate.
+        drain_timeout: seconds requests in flight get on exit.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
@@ -260,6 +265,7 @@ async def open_tunnel(
         access=access,
         ca_file=ca_file,
         insecure_transport=insecure_transport,
+        drain_timeout=drain_timeout,
     )
     connector = websocket_connector(
         server_url,
@@ -279,6 +285,7 @@ async def open_tunnel(
                 await nursery.start(agent.serve)
                 try:
                     yield agent
+                    await agent.drain()
                 finally:
                     nursery.cancel_scope.cancel()
     finally:

@@ -13,6 +13,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import trio
 
@@ -26,7 +27,7 @@ from tunnel2._util import (
     unwrap_lone_error,
 )
 from tunnel2.access import AccessPolicy
-from tunnel2.agent import websocket_connector
+from tunnel2.agent import AgentConfig, websocket_connector
 from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
@@ -52,26 +53,49 @@ def _add_verbosity(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _until_terminated(fn: Callable[..., Awaitable[object]], *args: object) -> None:
-    """Run ``fn(*args)`` until it returns or SIGTERM arrives (a clean stop, like Ctrl-C)."""
+# A second SIGINT or SIGTERM while draining stops at once, with this status (128 + SIGINT,
+# as a shell reports a process stopped by Ctrl-C).
+FORCED_EXIT: Final = 130
+
+
+async def _until_terminated(fn: Callable[..., Awaitable[object]], *args: object) -> int:
+    """Run ``fn(*args, stop)`` until it returns; return the exit status.
+
+    The first SIGTERM or SIGINT (Ctrl-C) sets the ``stop`` event: ``fn`` then drains and
+    returns, and the status is 0. A second one cancels it at once: :data:`FORCED_EXIT`.
+    """
     with unwrap_lone_error():
-        await _until_terminated_grouped(fn, *args)
+        return await _until_terminated_grouped(fn, *args)
 
 
-async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args: object) -> int:
+    stop = trio.Event()
+    forced = False
     async with trio.open_nursery() as nursery:
 
-        async def watch_sigterm() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
+        async def watch_signals(task_status: trio.TaskStatus[None]) -> None:
+            nonlocal forced
+            # While the receiver is open, SIGINT raises no KeyboardInterrupt.
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
+                async for signum in signals:
+                    if stop.is_set():
+                        logger.warning("%s again: stopping now", signal.Signals(signum).name)
+                        forced = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    logger.info("%s: draining (again to stop at once)", signal.Signals(signum).name)
+                    stop.set()
 
-        nursery.start_soon(watch_sigterm)
-        await fn(*args)
+        await nursery.start(watch_signals)
+        await fn(*args, stop)
         nursery.cancel_scope.cancel()
+    return FORCED_EXIT if forced else 0
 
 
-async def _run_server(config: ServerConfig, ssl_context: ssl.SSLContext | None) -> None:
+async def _run_server(
+    config: ServerConfig, ssl_context: ssl.SSLContext | None, stop: trio.Event
+) -> None:
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(
             functools.partial(serve_tunnel_server, config, ssl_context=ssl_context)
@@ -79,6 +103,10 @@ async def _run_server(config: ServerConfig, ssl_context: ssl.SSLContext | None) 
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
         nursery.start_soon(_reload_tokens_on_sighup, server)
+        await stop.wait()
+        # New requests get 503 + Retry-After, agents GOAWAY; in flight ones finish.
+        await server.drain()
+        nursery.cancel_scope.cancel()
 
 
 async def _reload_tokens_on_sighup(server: TunnelServer) -> None:
@@ -125,6 +153,10 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         **{field: getattr(args, field) for field, *_ in _FAIR_USE_OPTIONS},
         trusted_proxies=tuple(args.trusted_proxy),  # --- forwarded addresses ---
+        # --- drain and heartbeat ---
+        drain_timeout=args.drain_timeout,
+        ping_interval=args.ping_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
     )
 
 
@@ -148,16 +180,17 @@ def _server(args: argparse.Namespace) -> int:
             print(f"tunnel2 server: {exc}", file=sys.stderr)
             return 2
     try:
-        trio.run(_until_terminated, _run_server, config, ssl_context)
-    except KeyboardInterrupt:
-        pass
+        return trio.run(_until_terminated, _run_server, config, ssl_context)
+    except KeyboardInterrupt:  # before the signal handlers are in place
+        return FORCED_EXIT
     except OSError as exc:
         print(f"tunnel2 server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
-async def _run_http(args: argparse.Namespace, target: str, access: AccessPolicy | None) -> None:
+async def _run_http(
+    args: argparse.Namespace, target: str, access: AccessPolicy | None, stop: trio.Event
+) -> None:
     async with open_tunnel(
         args.server,
         target,
@@ -169,11 +202,15 @@ async def _run_http(args: argparse.Namespace, target: str, access: AccessPolicy 
         insecure_transport=args.insecure_transport,
         backend_ca_file=args.backend_ca_file,
         backend_insecure=args.backend_insecure,
+        drain_timeout=args.drain_timeout,
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
-        await trio.sleep_forever()
+        await stop.wait()
+        # The relay sends new requests to the session's other agents (or holds them for a
+        # replacement); the ones in flight finish here.
+        await tunnel.drain()
 
 
 def _target_url(text: str) -> str:
@@ -221,13 +258,12 @@ def _http(args: argparse.Namespace) -> int:
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(_until_terminated, _run_http, args, target, access)
-    except KeyboardInterrupt:
-        pass
+        return trio.run(_until_terminated, _run_http, args, target, access)
+    except KeyboardInterrupt:  # before the signal handlers are in place
+        return FORCED_EXIT
     except HandshakeError as exc:
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _per_ip_cap(text: str) -> int | None:
@@ -337,6 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="a proxy in front of the relay whose X-Forwarded-For is kept (repeatable)",
     )
+    # --- drain and heartbeat ---
+    server.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=defaults.drain_timeout,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, time for requests in flight (default %(default)s); "
+        "a second signal stops at once",
+    )
+    server.add_argument(
+        "--ping-interval",
+        type=positive_float,
+        default=defaults.ping_interval,
+        metavar="SECONDS",
+        help="ping an agent silent this long (default %(default)s)",
+    )
+    server.add_argument(
+        "--heartbeat-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="an agent silent this long is dead, its requests get 502 (default: twice "
+        "the ping interval)",
+    )
+    # --- end drain and heartbeat ---
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
@@ -402,6 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept any certificate from an https:// target",
     )
+    # --- drain ---
+    http.add_argument(
+        "--drain-timeout",
+        type=positive_float,
+        default=AgentConfig().drain_timeout,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, time for requests in flight while the relay sends new "
+        "ones to the session's other agents (default %(default)s); a second signal stops "
+        "at once",
+    )
+    # --- end drain ---
     _add_verbosity(http)
     http.set_defaults(func=_http)
 

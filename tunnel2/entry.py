@@ -603,8 +603,12 @@ class ProxyEntry:
             and length > config.max_body_size
         ):
             raise _Answer(413, f"request body is {length} bytes, limit {config.max_body_size}")
+        if self.server.draining:  # a restart: the client may retry soon (PROTOCOL.md §6.3)
+            raise _Answer(503, "the relay is shutting down", headers=b"Retry-After: 1\r\n")
         now = trio.current_time()
         routed = self.server.routes.route(session_id, now)
+        if routed is DISCONNECTED and self.server.routes.holding(session_id, now):
+            routed = await self.server.wait_for_agent(session_id)  # a rolling restart
         if type(routed) is not Routed:
             if routed is DISCONNECTED:
                 raise _Answer(502, f"session {session_id} has no agent connected right now")

@@ -39,6 +39,8 @@ from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
 from tunnel2.sessions import (
     Lease,
     MemorySessionStore,
+    Route,
+    Routed,
     RouteTable,
     SessionStore,
     SessionTaken,
@@ -118,6 +120,11 @@ class ServerConfig:
             X-Forwarded-For chain (and its X-Forwarded-Proto/-Host) and appends the peer;
             from anyone else it drops visitor-supplied forwarding headers and writes its
             own (PROTOCOL.md §4.2).
+        heartbeat_timeout: seconds of silence after which an agent's uplink is dead and
+            closed (its requests in flight get 502); ``None``: twice ``ping_interval``
+            (PROTOCOL.md §6.2).
+        drain_hold: seconds a request waits for an agent when the session's agents are
+            draining (a rolling restart) before it gets 502; 0 answers at once.
     """
 
     host: str = "127.0.0.1"
@@ -137,7 +144,7 @@ class ServerConfig:
     max_frame_size: int = frames.DEFAULT_MAX_FRAME_SIZE
     initial_window: int = 256 * 1024
     connection_window: int = 4 * 1024 * 1024
-    ping_interval: float = 15.0
+    ping_interval: float = 5.0
     drain_timeout: float = 10.0
     token_file: str | None = None
     state_dir: str | None = None
@@ -155,6 +162,11 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = attrs.field(
         default=(), validator=lambda _self, _attr, value: parse_networks(value)
     )
+
+    heartbeat_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
+    )
+    drain_hold: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -275,7 +287,7 @@ class TunnelServer:
             owners = Path(config.state_dir) / _OWNERS_FILE if config.state_dir else None
             store = MemorySessionStore(grace_period=config.grace_period, owners_file=owners)
         self.store: SessionStore = store
-        self.routes = RouteTable(grace_period=config.grace_period)
+        self.routes = RouteTable(grace_period=config.grace_period, drain_hold=config.drain_hold)
         # Visitor access policies of sessions with a connected agent (PROTOCOL.md §3.1.1).
         self.access_policies: dict[str, AccessPolicy] = {}
         # After a restart, agents need a moment to re-dial: unknown sessions get 503 for one
@@ -381,6 +393,7 @@ class TunnelServer:
                 role="relay",
                 name=name,
                 limits=self.config.uplink_limits,
+                heartbeat_timeout=self.config.heartbeat_timeout,
             ) as uplink:
                 # Decided synchronously: the uplink is routable the moment WELCOME is out.
                 self.routes.attach(lease.session_id, uplink)
@@ -547,6 +560,23 @@ class TunnelServer:
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` began: new requests get 503 with ``Retry-After``."""
+        return self._draining
+
+    async def wait_for_agent(self, session_id: str) -> Route:
+        """Wait up to ``config.drain_hold`` seconds for an agent of ``session_id`` to take
+        requests (its agents are draining, :meth:`RouteTable.holding`), then route."""
+        with trio.move_on_after(self.config.drain_hold):
+            while (event := self.routes.attached_event(session_id)) is not None:
+                await event.wait()
+                routed = self.routes.route(session_id, trio.current_time())
+                if type(routed) is Routed:
+                    return routed
+        await trio.lowlevel.checkpoint()
+        return self.routes.route(session_id, trio.current_time())
 
     async def drain(self) -> None:
         """Refuse new agents, send GOAWAY on every uplink and give in-flight requests

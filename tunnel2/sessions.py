@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -290,14 +291,17 @@ class _Entry:
     uplinks: list[TunnelUplink] = attrs.Factory(list)
     turn: int = 0
     deadline: float | None = None
+    hold_until: float = -math.inf  # a draining agent left: wait for its replacement
+    attached: trio.Event | None = None  # made by attached_event, set by attach
 
 
 @final
 class RouteTable:
     """Session id → the uplinks of this relay that serve it; synchronous, hot path."""
 
-    def __init__(self, *, grace_period: float) -> None:
+    def __init__(self, *, grace_period: float, drain_hold: float = 0.0) -> None:
         self.grace_period = grace_period
+        self.drain_hold = drain_hold
         self._entries: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
@@ -308,6 +312,9 @@ class RouteTable:
         entry = self._entries.setdefault(session_id, _Entry())
         entry.uplinks.append(uplink)
         entry.deadline = None
+        if entry.attached is not None:
+            entry.attached.set()
+            entry.attached = None
 
     def detach(self, session_id: str, uplink: TunnelUplink, now: float) -> None:
         """Forget ``uplink``; the last to leave keeps the session routable as
@@ -317,8 +324,29 @@ class RouteTable:
             return
         if uplink in entry.uplinks:
             entry.uplinks.remove(uplink)
+            if uplink.peer_draining:
+                entry.hold_until = now + self.drain_hold
         if not entry.uplinks:
             entry.deadline = now + self.grace_period
+
+    def holding(self, session_id: str, now: float) -> bool:
+        """True if requests for ``session_id`` should wait for an agent to attach: one of
+        its agents is draining or left draining less than ``drain_hold`` seconds ago (a
+        rolling restart: its replacement is on the way)."""
+        entry = self._entries.get(session_id)
+        if entry is None or self.drain_hold <= 0:
+            return False
+        return entry.hold_until > now or any(u.peer_draining for u in entry.uplinks)
+
+    def attached_event(self, session_id: str) -> trio.Event | None:
+        """An event set when the next uplink attaches for ``session_id`` (``None`` for a
+        session that is not in the table)."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        if entry.attached is None:
+            entry.attached = trio.Event()
+        return entry.attached
 
     def uplinks_of(self, session_id: str) -> tuple[TunnelUplink, ...]:
         """The uplinks attached for ``session_id``."""
@@ -326,7 +354,14 @@ class RouteTable:
         return tuple(entry.uplinks) if entry is not None else ()
 
     def route(self, session_id: str, now: float) -> Route:
-        """Pick an accepting uplink of the session (round robin), or say why there is none."""
+        """Pick the session's accepting uplink with the fewest streams in flight, or say why
+        there is none.
+
+        An uplink whose heartbeat is late (a frozen or cut-off agent,
+        :meth:`~tunnel2.uplink.TunnelUplink.heartbeat_late`) is chosen only if every
+        accepting uplink of the session is late. Ties go round robin. One pass over the
+        session's uplinks, allocating nothing but the result.
+        """
         entry = self._entries.get(session_id)
         if entry is None:
             return UNKNOWN
@@ -334,9 +369,17 @@ class RouteTable:
             del self._entries[session_id]
             return UNKNOWN
         uplinks = entry.uplinks
-        for _ in range(len(uplinks)):
-            entry.turn = (entry.turn + 1) % len(uplinks)
-            uplink = uplinks[entry.turn]
-            if uplink.accepting:
-                return Routed(uplink)
-        return DISCONNECTED
+        count = len(uplinks)
+        best: TunnelUplink | None = None
+        best_late = True
+        best_load = 0
+        start = entry.turn = (entry.turn + 1) % count if count else 0
+        for i in range(count):
+            uplink = uplinks[(start + i) % count]
+            if not uplink.accepting:
+                continue
+            late = uplink.heartbeat_late(now)
+            load = uplink.open_streams
+            if best is None or (best_late and not late) or (late == best_late and load < best_load):
+                best, best_late, best_load = uplink, late, load
+        return DISCONNECTED if best is None else Routed(best)

@@ -10,7 +10,8 @@ Tasks (all in the nursery of :func:`open_uplink`):
 * ``_writer_task`` is the only caller of ``transport.send()``. Other code encodes frames into
   ``_out`` without awaiting and wakes it; it puts everything pending into one transport write,
   so frames coalesce under load without timers (DESIGN.md, performance model).
-* ``_keepalive_task`` pings an idle connection and closes a dead one (PROTOCOL.md §6).
+* ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
+  the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
   ``UplinkLimits.write_timeout`` (a peer that stopped reading).
 
@@ -73,7 +74,12 @@ Role = Literal["relay", "agent"]
 _MAX_BATCH: Final = 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
-_DEAD_AFTER_PINGS: Final = 3
+# A heartbeat is late (the uplink takes no new streams while its session has others) once
+# nothing arrived for this many ping intervals: a PING went out after one interval of
+# silence and its PONG has not come back within half an interval more (PROTOCOL.md §6.2).
+_LATE_AFTER_INTERVALS: Final = 1.5
+# The default heartbeat timeout, in ping intervals: a live peer answers a PING within one.
+DEAD_AFTER_INTERVALS: Final = 2.0
 _CREDIT_RETURN_FRACTION: Final = 2
 # The reader yields to other tasks after this much work (PROTOCOL.md §7.1): a frame is one
 # unit, a receive one unit per started 2 KiB. So a message of thousands of tiny frames, or a
@@ -435,6 +441,7 @@ class TunnelUplink:
         max_incoming: int = 1024,
         name: str = "uplink",
         limits: UplinkLimits = UplinkLimits(),
+        heartbeat_timeout: float | None = None,
     ) -> None:
         self.transport = transport
         self.limits = limits
@@ -472,11 +479,20 @@ class TunnelUplink:
         self._close_error: UplinkClosed | None = None
         self._peer_goaway: frames.GoAway | None = None
         self._draining = False
+        # An agent's drain waits for the PONG to the PING behind its GOAWAY (drain()).
+        self._drain_pong: trio.Event | None = None
+        self._drain_ping = b""
         self._incoming_send, self._incoming_receive = trio.open_memory_channel[TunnelStream](
             max_incoming
         )
         self._last_received = trio.current_time()
-        self._last_sent = self._last_received
+        interval = settings.ping_interval
+        self.heartbeat_timeout = (
+            heartbeat_timeout if heartbeat_timeout is not None else DEAD_AFTER_INTERVALS * interval
+        )
+        # Past this silence the heartbeat is late; math.inf without keepalive.
+        self._late_after = _LATE_AFTER_INTERVALS * interval if interval > 0 else math.inf
+        self._ping_sent_at = -math.inf
         self._sends = 0  # writes started; the watchdog sees a stuck one by it
         self._aux_scope = trio.CancelScope()
         self._writer_scope = trio.CancelScope()
@@ -512,6 +528,17 @@ class TunnelUplink:
     def accepting(self) -> bool:
         """True while new streams may be opened on this uplink (not closing or draining)."""
         return not (self._closing or self._draining or self._peer_goaway is not None)
+
+    def heartbeat_late(self, now: float) -> bool:
+        """True if the peer has been silent past its PING's answer (PROTOCOL.md §6.2): it may
+        be frozen or cut off. The relay then routes new requests to the session's other
+        agents, if it has any."""
+        return now - self._last_received > self._late_after
+
+    @property
+    def peer_draining(self) -> bool:
+        """True once the peer sent a graceful GOAWAY (it is draining or shutting down)."""
+        return self._peer_goaway is not None and self._peer_goaway.code == ErrorCode.NO_ERROR
 
     @property
     def max_frame_size(self) -> int:
@@ -580,14 +607,36 @@ class TunnelUplink:
     async def drain(self, grace_period: float) -> None:
         """Send GOAWAY, wait up to ``grace_period`` seconds for open streams, then close.
 
-        Streams still open at the deadline are reset when the uplink closes.
+        Works from either side (PROTOCOL.md §6.3): the relay opens no stream after it; an
+        agent's GOAWAY tells the relay to route new requests elsewhere. The agent cannot
+        know which OPENs are on their way, so it does as HTTP/2 servers do (RFC 9113 §6.8):
+        its GOAWAY names the largest stream id, a PING follows, and every stream the relay
+        opened before its PONG is served. Streams still open at the deadline are reset when
+        the uplink closes.
         """
-        if not self._closing and not self._draining:
-            self._draining = True
-            logger.info("%s draining (%d streams open)", self, len(self._streams))
-            self._queue(frames.encode(frames.GoAway(self._last_stream_id, reason="draining")))
         with trio.move_on_after(grace_period):
+            if not self._closing and not self._draining and self._drain_pong is None:
+                logger.info("%s draining (%d streams open)", self, len(self._streams))
+                if self.role == "agent":
+                    self._drain_pong = trio.Event()
+                    self._drain_ping = os.urandom(8)
+                    self._queue(
+                        frames.encode(frames.GoAway(frames.MAX_STREAM_ID, reason="draining"))
+                        + frames.encode(frames.Ping(self._drain_ping))
+                    )
+                    await self._drain_pong.wait()
+                else:
+                    self._queue(
+                        frames.encode(frames.GoAway(self._last_stream_id, reason="draining"))
+                    )
+                self._draining = True
             await self._idle_event.wait()
+            if self.role == "agent":
+                # The relay closes once its side of the last stream is done (it read our
+                # GOAWAY): closing first could reset the connection under the tail of a
+                # response it has not read yet.
+                with trio.move_on_after(_CLOSE_FLUSH_TIMEOUT):
+                    await self._closed_event.wait()
         self.close("drained")
         await trio.lowlevel.checkpoint()
 
@@ -621,6 +670,8 @@ class TunnelUplink:
         self._out_event.set()
         self._wake_credit()
         self._wake_drained()
+        if self._drain_pong is not None:
+            self._drain_pong.set()
         self._closed_event.set()
 
     # --- internals called by TunnelStream ---------------------------------------------------
@@ -653,7 +704,6 @@ class TunnelUplink:
                 self._sent = self._taken
                 out.clear()
                 self._out_size = 0
-                self._last_sent = trio.current_time()
 
     async def _wait_writable(self) -> None:
         # Backpressure on the writer's queue: a sender waits while more than one batch is
@@ -757,7 +807,6 @@ class TunnelUplink:
             await transport.send(data)
             self._writer_sending = False
             self._sent = self._taken
-            self._last_sent = trio.current_time()
 
     def _take_batch(self) -> collections.deque[bytes]:
         # O(frames taken), however long the backlog (a list's del out[:n] is not).
@@ -919,7 +968,10 @@ class TunnelUplink:
                 self._pong_at = self._taken + len(self._out)
                 self._queue_reply(frames.encode(frames.Pong(frame.opaque)))
         elif kind is frames.Pong:
+            assert isinstance(frame, frames.Pong)
             self._charge(self._ping_bucket, "PONG")  # liveness was recorded on arrival
+            if self._drain_pong is not None and frame.opaque == self._drain_ping:
+                self._drain_pong.set()
         elif kind is frames.GoAway:
             assert isinstance(frame, frames.GoAway)
             self._charge(self._control_bucket, "GOAWAY")
@@ -975,14 +1027,26 @@ class TunnelUplink:
             self._idle_event = trio.Event()
 
     async def _keepalive_task(self, interval: float) -> None:
+        # Heartbeat (PROTOCOL.md §6.2): a PING once the peer was silent for an interval, and
+        # a PONG answers it, so a live peer is never silent for much more than an interval;
+        # silence for heartbeat_timeout means a frozen or cut-off peer. Sleeps until the
+        # next moment something is due, so a busy uplink costs one wake-up per interval.
+        timeout = self.heartbeat_timeout
         while True:
-            await trio.sleep(interval / 2)
             now = trio.current_time()
-            if now - self._last_received > _DEAD_AFTER_PINGS * interval:
-                self.close(f"no frame from the peer for {now - self._last_received:.1f}s")
+            last = self._last_received
+            if now - last >= timeout:
+                self.close(f"no frame from the peer for {now - last:.1f}s (heartbeat timeout)")
                 return
-            if now - self._last_sent >= interval:
+            # A PING is outstanding until something arrives after it (at the same instant
+            # counts: a mock clock does not move while frames cross).
+            outstanding = self._ping_sent_at > last
+            if now - last >= interval and not outstanding:
+                self._ping_sent_at = now
+                outstanding = now > last
                 self._queue(frames.encode(frames.Ping(os.urandom(8))))
+            due = last + (timeout if outstanding else interval)
+            await trio.sleep_until(max(due, now + interval / 64))
 
     async def _watchdog_task(self) -> None:
         # Polls rather than arming a deadline per write: the writer's hot path only counts
@@ -1043,6 +1107,7 @@ async def open_uplink(
     max_incoming: int = 1024,
     name: str = "uplink",
     limits: UplinkLimits = UplinkLimits(),
+    heartbeat_timeout: float | None = None,
 ) -> AsyncIterator[TunnelUplink]:
     """Run an uplink over a transport whose handshake is done.
 
@@ -1061,6 +1126,9 @@ async def open_uplink(
         name: the short id used in log lines.
         limits: what the peer may make this uplink do before it is closed
             (:class:`UplinkLimits`, PROTOCOL.md §7.1).
+        heartbeat_timeout: seconds of silence from the peer after which the uplink is
+            closed as dead (its streams fail); default twice ``settings.ping_interval``.
+            Unused when ``ping_interval`` is 0.
     """
     uplink = TunnelUplink(
         transport,
@@ -1070,6 +1138,7 @@ async def open_uplink(
         max_incoming=max_incoming,
         name=name,
         limits=limits,
+        heartbeat_timeout=heartbeat_timeout,
     )
     try:
         async with trio.open_nursery() as nursery:
