@@ -27,7 +27,11 @@ from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from tunnel2.access import AccessPolicy
+    from tunnel2.admin import PrometheusObserver
+    from tunnel2.observe import Observer
     from tunnel2.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ async def serve_tunnel_server(
     config: ServerConfig | None = None,
     *,
     store: SessionStore | None = None,
+    observers: Iterable[Observer] = (),
+    admin: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay: the public HTTP entry and the agents' WebSocket endpoint on one port.
@@ -57,10 +63,14 @@ async def serve_tunnel_server(
         config: the relay's settings.
         store: where session claims are decided (default: in memory, see
             :class:`~tunnel2.server.TunnelServer`).
+        observers: told of every request, agent, refusal and drain (:mod:`tunnel2.observe`).
+        admin: ``(host, port)`` to serve the admin endpoint on (``/metrics``, ``/healthz``,
+            ``/readyz``, ``/status``; :mod:`tunnel2.admin`); keep it off public addresses.
+            Its URL is in ``server.admin_url``. Needs prometheus-client and hypercorn.
         task_status: for ``nursery.start``.
 
     Raises:
-        OSError: the address could not be bound.
+        OSError: the address (or the admin address) could not be bound.
         ExceptionGroup: an unexpected error in a connection task (a bug).
     """
     require_async_library("trio", "tunnel2.serve_tunnel_server", "tunnel2.aio.open_tunnel_server")
@@ -68,11 +78,13 @@ async def serve_tunnel_server(
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     host = config.host if ":" not in config.host else f"[{config.host}]"
+    metrics = _metrics_observer() if admin is not None else None
     server = TunnelServer(
         config,
         base_url=config.public_url or f"http://{host}:{port}",
         port=port,
         store=store,
+        observers=[*observers, *([metrics] if metrics is not None else [])],
     )
     if server.open_relay:
         logger.warning(
@@ -84,6 +96,11 @@ async def serve_tunnel_server(
     entry = ProxyEntry(server)
     try:
         async with trio.open_nursery() as nursery:
+            if admin is not None and metrics is not None:
+                from tunnel2.admin import relay_admin, serve_admin
+
+                app = relay_admin(server, metrics)
+                server.admin_url = await nursery.start(serve_admin, app, *admin)
             await nursery.start(trio.serve_listeners, entry.handle_connection, listeners)
             nursery.start_soon(entry.run_timeouts)
             task_status.started(server)
@@ -113,6 +130,13 @@ async def open_tunnel_server(config: ServerConfig | None = None) -> AsyncIterato
                 with trio.move_on_after(server.config.drain_timeout + 1):
                     await server.drain()
             nursery.cancel_scope.cancel()
+
+
+def _metrics_observer() -> PrometheusObserver:
+    # Imported on use: prometheus-client and hypercorn stay out of `import tunnel2`.
+    from tunnel2.admin import PrometheusObserver
+
+    return PrometheusObserver()
 
 
 def handler_for(target: int | str | AsgiApp) -> StreamHandler:
@@ -147,6 +171,8 @@ async def open_tunnel(
     max_queued: int = 1024,
     connect_timeout: float = 10.0,
     access: AccessPolicy | None = None,
+    observers: Iterable[Observer] = (),
+    admin: tuple[str, int] | None = None,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -166,6 +192,9 @@ async def open_tunnel(
             ``AccessPolicy.from_options(basic_auth=["alice:s3cret"])``; the relay turns
             everyone else away before a request reaches this agent. ``None``: anyone with
             the URL.
+        observers: told of every request and reconnection (:mod:`tunnel2.observe`).
+        admin: ``(host, port)`` to serve the agent's admin endpoint on (see
+            :func:`serve_tunnel_server`); its URL is in ``agent.admin_url``.
 
     Raises:
         HandshakeRefused: the relay refused the agent (bad token, session held).
@@ -182,11 +211,22 @@ async def open_tunnel(
         access=access,
     )
     handler = handler_for(target)
-    agent = Agent(websocket_connector(server_url, connect_timeout=connect_timeout), handler, config)
+    metrics = _metrics_observer() if admin is not None else None
+    agent = Agent(
+        websocket_connector(server_url, connect_timeout=connect_timeout),
+        handler,
+        config,
+        observers=[*observers, *([metrics] if metrics is not None else [])],
+    )
     try:
         # trio wraps what the agent's task raised; a lone error comes out as itself.
         with unwrap_lone_error():
             async with trio.open_nursery() as nursery:
+                if admin is not None and metrics is not None:
+                    from tunnel2.admin import agent_admin, serve_admin
+
+                    app = agent_admin(agent, metrics)
+                    agent.admin_url = await nursery.start(serve_admin, app, *admin)
                 await nursery.start(agent.serve)
                 try:
                     yield agent

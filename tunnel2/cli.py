@@ -6,6 +6,7 @@ Layer: top. No logic of its own: every subcommand calls the library.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -20,18 +21,51 @@ from tunnel2.access import AccessPolicy
 from tunnel2.api import open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
+from tunnel2.observe import AccessLogObserver, JsonFormatter, Observer, request_logger
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens
 from tunnel2.tokens import TokenError
 
 logger = logging.getLogger("tunnel2.cli")
 
 
-def _configure_logging(verbosity: int) -> None:
+def _configure_logging(verbosity: int, log_format: str = "text") -> None:
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity >= 0 else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _observers() -> list[Observer]:
+    """The access log, if its lines would show (not under -q: no events built then)."""
+    return [AccessLogObserver()] if request_logger.isEnabledFor(logging.INFO) else []
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--admin``."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:9100")
+    return host, int(port)
+
+
+def _add_observe_options(parser: argparse.ArgumentParser) -> None:
+    # --- observe: admin endpoint and log format ---
+    parser.add_argument(
+        "--admin",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and /status here (e.g. 127.0.0.1:9100; "
+        "it names sessions: never bind it publicly)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or one JSON object per line (default %(default)s)",
     )
 
 
@@ -61,11 +95,17 @@ async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args:
         nursery.cancel_scope.cancel()
 
 
-async def _run_server(config: ServerConfig) -> None:
+async def _run_server(config: ServerConfig, admin: tuple[str, int] | None = None) -> None:
     async with trio.open_nursery() as nursery:
-        server: TunnelServer = await nursery.start(serve_tunnel_server, config)
+        server: TunnelServer = await nursery.start(
+            functools.partial(serve_tunnel_server, observers=_observers(), admin=admin), config
+        )
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
+        if server.admin_url is not None:
+            logger.info(
+                "admin endpoint on %s (/metrics /healthz /readyz /status)", server.admin_url
+            )
         nursery.start_soon(_reload_tokens_on_sighup, server)
 
 
@@ -114,7 +154,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _server(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     config = _server_config(args)
     try:
         load_tokens(config)
@@ -122,7 +162,7 @@ def _server(args: argparse.Namespace) -> int:
         print(f"tunnel2 server: bad tokens: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(_until_terminated, _run_server, config)
+        trio.run(_until_terminated, _run_server, config, args.admin)
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -140,10 +180,16 @@ async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> No
         token=args.token,
         max_concurrent=args.max_concurrent,
         access=access,
+        observers=_observers(),
+        admin=args.admin,
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
+        if tunnel.admin_url is not None:
+            logger.info(
+                "admin endpoint on %s (/metrics /healthz /readyz /status)", tunnel.admin_url
+            )
         await trio.sleep_forever()
 
 
@@ -165,7 +211,7 @@ def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
 
 
 def _http(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     if not args.target.isdigit() and "://" not in args.target:
         print(f"tunnel2 http: {args.target!r} is neither a port nor a URL", file=sys.stderr)
         return 2
@@ -261,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavar,
             help=text + " (default %(default)s)",
         )
+    # --- observe: --admin, --log-format ---
+    _add_observe_options(server)
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
@@ -304,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn away visitors from this network, even if allowed (repeatable)",
     )
     # --- end visitor access ---
+    # --- observe: --admin, --log-format ---
+    _add_observe_options(http)
     _add_verbosity(http)
     http.set_defaults(func=_http)
 

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, final
 
@@ -35,6 +36,7 @@ import trio
 from tunnel2 import frames
 from tunnel2.access import AccessPolicy
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
+from tunnel2.observe import AgentJoined, AgentLeft, DrainStarted, Observer, Refused, emit
 from tunnel2.sessions import (
     Lease,
     MemorySessionStore,
@@ -143,6 +145,11 @@ class _Refusal(Exception):
         self.reason = reason
 
 
+def _refused(name: str, exc: ProtocolError | _Refusal) -> Refused:
+    reason = exc.reason if isinstance(exc, _Refusal) else str(exc)
+    return Refused(name, exc.code, ErrorCode.name_of(exc.code), reason)
+
+
 def _access_policy(hello: frames.Hello) -> AccessPolicy | None:
     """The policy a HELLO sets; a malformed one refuses the agent (PROTOCOL.md §3.1.1)."""
     if hello.access is None:
@@ -216,6 +223,8 @@ class TunnelServer:
             owners kept in ``config.state_dir`` if set); pass a shared one for several relay
             nodes.
         secret: the key for resume keys (default: from ``config.state_dir``, else random).
+        observers: told of agents joining and leaving, refusals, drains and (through the
+            entry) every request (:mod:`tunnel2.observe`).
     """
 
     def __init__(
@@ -226,6 +235,7 @@ class TunnelServer:
         port: int = 0,
         store: SessionStore | None = None,
         secret: bytes | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.config = config
         self.base_url = base_url.rstrip("/")
@@ -249,6 +259,9 @@ class TunnelServer:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        # --- observe --- (the entry emits the request events to the same list)
+        self.observers: list[Observer] = list(observers)
+        self.admin_url: str | None = None  # the admin endpoint, if one is served
 
     def __repr__(self) -> str:
         return f"<TunnelServer {self.base_url} sessions={len(self.routes)}>"
@@ -328,6 +341,8 @@ class TunnelServer:
             welcome, lease, decoder, access = await self._handshake(transport, name)
         except (HandshakeError, ProtocolError, _Refusal) as exc:
             logger.info("%s handshake failed: %s", name, exc)
+            if self.observers and isinstance(exc, (ProtocolError, _Refusal)):  # --- observe ---
+                emit(self.observers, _refused(name, exc))
             await trio.aclose_forcefully(transport)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -355,6 +370,9 @@ class TunnelServer:
                     lease.epoch,
                     len(self.routes.uplinks_of(lease.session_id)),
                 )
+                if self.observers:  # --- observe ---
+                    agents = len(self.routes.uplinks_of(lease.session_id))
+                    emit(self.observers, AgentJoined(lease.session_id, name, lease.owner, agents))
                 try:
                     await uplink.wait_closed()
                 finally:
@@ -363,6 +381,9 @@ class TunnelServer:
                     if not self.routes.uplinks_of(lease.session_id):
                         self.access_policies.pop(lease.session_id, None)
                     logger.info("%s disconnected: %s", name, uplink.close_reason)
+                    if self.observers:  # --- observe ---
+                        left = AgentLeft(lease.session_id, name, lease.owner, uplink.close_reason)
+                        emit(self.observers, left)
         finally:
             await self._release(lease)
 
@@ -493,6 +514,11 @@ class TunnelServer:
                 await transport.send(frames.encode(frames.Refuse(code, reason[:1000])))
 
     @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called: new agents are refused."""
+        return self._draining
+
+    @property
     def requests_in_flight(self) -> int:
         """Public requests whose response has not been fully sent yet."""
         return self._in_flight
@@ -513,6 +539,8 @@ class TunnelServer:
         """Refuse new agents, send GOAWAY on every uplink and give in-flight requests
         ``config.drain_timeout`` seconds (until their responses are sent, not just relayed)
         before the uplinks close."""
+        if self.observers and not self._draining:  # --- observe ---
+            emit(self.observers, DrainStarted(len(self._uplinks), self._in_flight))
         self._draining = True
         with trio.move_on_after(self.config.drain_timeout):
             async with trio.open_nursery() as nursery:
