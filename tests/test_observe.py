@@ -9,11 +9,13 @@ import json
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+import tunnel2
 from tunnel2 import observe
 from tunnel2.agent import Agent, AsgiHandler
 from tunnel2.entry import ProxyEntry
@@ -235,3 +237,43 @@ def test_json_formatter_plain_record_and_exception() -> None:
     assert fields["level"] == "ERROR"
     assert "ValueError: boom" in fields["exception"]
     assert fields["time"].endswith("Z")
+
+
+# --- the CLI: --log-format json and --admin, as real subprocesses ---------------------------
+
+
+async def test_cli_relay_logs_json_request_lines_and_serves_admin(tmp_path: Path) -> None:
+    from test_admin import get
+    from test_cli import CLI, run
+
+    args = ("server", "--port", "0", "--log-format", "json", "--admin", "127.0.0.1:0")
+    with trio.fail_after(30):
+        async with run(*CLI, *args, stderr=tmp_path / "relay.err") as relay:
+            relay_url = (await relay.readline()).split()[3]
+            async with tunnel2.open_tunnel(relay_url, app) as agent:
+                status, _ = await get(relay_url, f"/session/{agent.session_id}/x?token=secret")
+                assert status == 200
+                admin_lines = [
+                    json.loads(line)
+                    for line in relay.stderr().splitlines()
+                    if "admin endpoint" in line
+                ]
+                admin_url = admin_lines[0]["message"].rsplit(" ", 1)[1]
+                assert await get(admin_url, "/healthz") == (200, b"ok\n")
+            assert await relay.interrupt() == 0
+    lines = [json.loads(line) for line in relay.stderr().splitlines()]  # every line is JSON
+    requests = [f for f in lines if f.get("event") == "RequestFinished"]
+    assert [(f["side"], f["path"], f["status"]) for f in requests] == [("relay", "/x", 200)]
+    assert requests[0]["session_id"] == agent.session_id
+    assert "secret" not in relay.stderr()
+
+
+async def test_cli_rejects_a_bad_admin_address() -> None:
+    from test_cli import CLI
+
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, "http", "8080", "--admin", "nowhere"], capture_stderr=True, check=False
+        )
+    assert result.returncode == 2
+    assert "is not HOST:PORT" in result.stderr.decode()

@@ -87,6 +87,9 @@ class PrometheusObserver:
         )
         self.drains = Counter("tunnel2_drains", "Drains started", registry=r)
         self.reconnects = Counter("tunnel2_reconnects", "Agent re-dials that got back", registry=r)
+        self._children: dict[tuple[str, int, str], Any] = {}
+        self._latency = {side: self.latency.labels(side) for side in ("relay", "agent")}
+        self._request_bytes = {side: self.request_bytes.labels(side) for side in ("relay", "agent")}
 
     def __repr__(self) -> str:
         return "<PrometheusObserver>"
@@ -103,14 +106,19 @@ class PrometheusObserver:
         kind = type(event)
         if kind is RequestFinished:
             assert isinstance(event, RequestFinished)
-            code = f"{event.status // 100}xx" if event.status else "0"
-            if self._session_labels:
-                self.requests.labels(event.side, code, self._session(event.session_id)).inc()
-            else:
-                self.requests.labels(event.side, code).inc()
-            self.latency.labels(event.side).observe(event.duration)
+            side, status = event.side, event.status
+            session = self._session(event.session_id) if self._session_labels else ""
+            # The labelled children are cached: .labels() takes a lock and builds a tuple.
+            key = (side, status // 100, session)
+            counter = self._children.get(key)
+            if counter is None:
+                code = f"{status // 100}xx" if status else "0"
+                labels = (side, code, session) if self._session_labels else (side, code)
+                counter = self._children[key] = self.requests.labels(*labels)
+            counter.inc()
+            self._latency[side].observe(event.duration)
             if event.request_body:
-                self.request_bytes.labels(event.side).inc(event.request_body)
+                self._request_bytes[side].inc(event.request_body)
             if event.response_bytes:
                 self.response_bytes.inc(event.response_bytes)
         elif kind is AgentJoined:

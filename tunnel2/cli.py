@@ -104,7 +104,7 @@ async def _run_server(config: ServerConfig, admin: tuple[str, int] | None = None
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
         if server.admin_url is not None:
             logger.info(
-                "admin endpoint on %s (/metrics /healthz /readyz /status)", server.admin_url
+                "admin endpoint (/metrics /healthz /readyz /status) on %s", server.admin_url
             )
         nursery.start_soon(_reload_tokens_on_sighup, server)
 
@@ -188,7 +188,7 @@ async def _run_http(args: argparse.Namespace, access: AccessPolicy | None) -> No
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
         if tunnel.admin_url is not None:
             logger.info(
-                "admin endpoint on %s (/metrics /healthz /readyz /status)", tunnel.admin_url
+                "admin endpoint (/metrics /healthz /readyz /status) on %s", tunnel.admin_url
             )
         await trio.sleep_forever()
 
