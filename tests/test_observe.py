@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from httpbackend import serve_backend
 
 import tunnel2
 from tunnel2 import observe
-from tunnel2.agent import Agent, AsgiHandler
+from tunnel2.agent import Agent, AsgiHandler, BackendForwarder, StreamHandler
 from tunnel2.entry import ProxyEntry
 from tunnel2.observe import (
     AccessLogObserver,
@@ -39,9 +41,11 @@ Scope = MutableMapping[str, Any]
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
-    """200 "hello" on every path but /missing (404); reads the body first."""
+    """200 "hello" on every path but /missing (404) and /slow (no answer); reads the body."""
     while (await receive()).get("more_body"):
         pass
+    if scope["path"] == "/slow":
+        await trio.sleep_forever()
     status = 404 if scope["path"] == "/missing" else 200
     body = b"hello" if status == 200 else b"no"
     await send({"type": "http.response.start", "status": status, "headers": []})
@@ -64,13 +68,17 @@ class Recorder:
 
 @asynccontextmanager
 async def observed_tunnel(
-    relay: list[Observer], agent: list[Observer], config: ServerConfig | None = None
+    relay: list[Observer],
+    agent: list[Observer],
+    config: ServerConfig | None = None,
+    handler: StreamHandler | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     server = TunnelServer(config or ServerConfig(), base_url=MEMORY_BASE_URL, observers=relay)
     entry = ProxyEntry(server)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(entry.run_timeouts)
-        tunnel_agent = Agent(memory_connector(server, nursery), AsgiHandler(app), observers=agent)
+        connector = memory_connector(server, nursery)
+        tunnel_agent = Agent(connector, handler or AsgiHandler(app), observers=agent)
         await nursery.start(tunnel_agent.serve)
         yield MemoryTunnel(server, entry, tunnel_agent, nursery)
         nursery.cancel_scope.cancel()
@@ -105,6 +113,35 @@ async def test_request_events_on_both_sides() -> None:
     joined = relay.of(AgentJoined)
     assert joined == [AgentJoined(session, joined[0].agent, "", 1)]
     assert "secret" not in repr(relay.events + agent.events)
+
+
+async def test_agent_events_carry_the_backends_status() -> None:
+    agent = Recorder()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            backend = await nursery.start(serve_backend)
+            forwarder = BackendForwarder("127.0.0.1", backend.port)
+            async with observed_tunnel([], [agent], handler=forwarder) as tunnel:
+                assert (await tunnel.request("GET", "/echo?q=1")).status == 200
+                assert (await tunnel.request("GET", "/status/204")).status == 204
+            await forwarder.aclose()
+            nursery.cancel_scope.cancel()
+    assert [(e.path, e.status) for e in agent.of(RequestFinished)] == [
+        ("/echo", 200),
+        ("/status/204", 204),
+    ]
+
+
+async def test_a_request_timeout_is_finished_as_504(autojump_clock: trio.testing.MockClock) -> None:
+    relay, agent = Recorder(), Recorder()
+    with trio.fail_after(100):
+        async with observed_tunnel([relay], [agent], ServerConfig(request_timeout=5)) as tunnel:
+            assert (await tunnel.request("GET", "/slow")).status == 504
+            await trio.testing.wait_all_tasks_blocked()
+    assert [(e.path, e.status) for e in relay.of(RequestFinished)] == [("/slow", 504)]
+    assert relay.of(RequestFinished)[0].duration >= 5
+    # The agent's handler was cancelled by the reset: it answered nothing.
+    assert [(e.path, e.status) for e in agent.of(RequestFinished)] == [("/slow", 0)]
 
 
 async def test_agent_left_reconnected_drain_and_refused() -> None:
