@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -314,3 +315,22 @@ async def test_cli_rejects_a_bad_admin_address() -> None:
         )
     assert result.returncode == 2
     assert "is not HOST:PORT" in result.stderr.decode()
+
+
+async def test_cli_admin_address_in_use_is_one_line_and_exit_1() -> None:
+    from test_cli import CLI
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        admin = f"127.0.0.1:{busy.getsockname()[1]}"
+        for command in (("server", "--port", "0"), ("http", "1", "--server", "http://127.0.0.1:1")):
+            with trio.fail_after(20):
+                result = await trio.run_process(
+                    [*CLI, *command, "-q", "--admin", admin], capture_stderr=True, check=False
+                )
+            assert result.returncode == 1
+            last = result.stderr.decode().strip().splitlines()[-1]
+            assert last.startswith(f"tunnel2 {command[0]}: cannot serve the admin endpoint on")
+            assert admin in last
+            assert "Traceback" not in result.stderr.decode()

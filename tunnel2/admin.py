@@ -20,6 +20,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from tunnel2._util import unwrap_lone_error
 from tunnel2.observe import (
     AgentJoined,
     AgentLeft,
@@ -34,7 +35,14 @@ if TYPE_CHECKING:
     from tunnel2.agent import Agent
     from tunnel2.server import TunnelServer
 
-__all__ = ["AdminApp", "PrometheusObserver", "agent_admin", "relay_admin", "serve_admin"]
+__all__ = [
+    "AdminApp",
+    "AdminBindError",
+    "PrometheusObserver",
+    "agent_admin",
+    "relay_admin",
+    "serve_admin",
+]
 
 _OTHER: Final = "other"
 _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -43,6 +51,10 @@ AsgiScope = MutableMapping[str, Any]
 AsgiMessage = MutableMapping[str, Any]
 AsgiReceive = Callable[[], Awaitable[AsgiMessage]]
 AsgiSend = Callable[[AsgiMessage], Awaitable[None]]
+
+
+class AdminBindError(OSError):
+    """The admin endpoint's address could not be bound (it names the address)."""
 
 
 @final
@@ -270,6 +282,9 @@ async def serve_admin(
 
     ``task_status.started`` receives the bound base URL (``http://127.0.0.1:9100``), once
     hypercorn listens, so a bind error surfaces from ``nursery.start``.
+
+    Raises:
+        AdminBindError: ``host:port`` could not be bound.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -283,7 +298,13 @@ async def serve_admin(
         await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(started)
+        try:
+            with unwrap_lone_error():  # hypercorn's own nursery wraps its bind error
+                binds: list[str] = await nursery.start(started)
+        except OSError as exc:
+            error = AdminBindError(f"cannot serve the admin endpoint on {host}:{port}: {exc}")
+            error.errno = exc.errno
+            raise error from exc
         task_status.started(binds[0])
         await trio.sleep_forever()
     raise AssertionError("unreachable")  # pragma: no cover

@@ -52,6 +52,13 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _is_admin_error(exc: OSError) -> bool:
+    """True if ``exc`` is the admin endpoint's bind error (imported only then)."""
+    from tunnel2.admin import AdminBindError
+
+    return isinstance(exc, AdminBindError)
+
+
 def _add_observe_options(parser: argparse.ArgumentParser) -> None:
     # --- observe: admin endpoint and log format ---
     parser.add_argument(
@@ -166,7 +173,8 @@ def _server(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        print(f"tunnel2 server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        where = "" if _is_admin_error(exc) else f"cannot listen on {args.host}:{args.port}: "
+        print(f"tunnel2 server: {where}{exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -225,6 +233,11 @@ def _http(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except HandshakeError as exc:
+        print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not _is_admin_error(exc):
+            raise
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 1
     return 0
