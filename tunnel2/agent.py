@@ -20,7 +20,7 @@ import math
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from http import HTTPStatus
 from typing import Any, Final, NoReturn, final
@@ -43,6 +43,7 @@ from tunnel2.errors import (
     StreamReset,
     UplinkClosed,
 )
+from tunnel2.observe import Observer, Reconnected, RequestFinished, RequestStarted, emit
 from tunnel2.transports import FrameTransport, connect_websocket
 from tunnel2.uplink import (
     TunnelStream,
@@ -66,14 +67,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("tunnel2.access")
 
 _AGENT_PATH: Final = "/_tunnel/connect"
 # Refusals a connected agent waits out (the relay restarts or sheds load) instead of quitting.
 _TEMPORARY_REFUSALS: Final = frozenset({ErrorCode.SESSION_UNAVAILABLE, ErrorCode.OVERLOADED})
 _RECEIVE_SIZE: Final = 65536
 
-StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+# A handler may return the status it answered (for RequestFinished; None: not known).
+StreamHandler = Callable[[TunnelStream], Awaitable[int | None]]
 Connector = Callable[[], AbstractAsyncContextManager[FrameTransport]]
 AsgiScope = MutableMapping[str, Any]
 AsgiMessage = MutableMapping[str, Any]
@@ -287,10 +288,13 @@ class Agent:
         config: AgentConfig | None = None,
         *,
         rng: random.Random | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.config = config or AgentConfig()
         self._random = rng or random.Random()
         self._draining = False
+        self.observers: list[Observer] = list(observers)  # --- observe ---
+        self.admin_url: str | None = None  # the admin endpoint, if one is served
         self._connect = connect
         self._handler = handler
         self._welcome: frames.Welcome | None = None
@@ -442,6 +446,9 @@ class Agent:
             self._uplink = uplink
             if started:
                 logger.info("reconnected: %s", welcome.public_url)
+                if self.observers:  # --- observe ---
+                    event = Reconnected(welcome.session_id, welcome.public_url, self.connections)
+                    emit(self.observers, event)
             else:
                 task_status.started(self)
             async with trio.open_nursery() as workers:
@@ -482,8 +489,10 @@ class Agent:
                     except UplinkClosed:
                         return
                     stream.cancel_on_reset(scope)
+                    observed = self._request_started(stream) if self.observers else None
+                    status: int | None = 0
                     try:
-                        await handler(stream)
+                        status = await handler(stream)
                     except (StreamReset, UplinkClosed):
                         pass
                     except Exception:
@@ -492,6 +501,34 @@ class Agent:
                     finally:
                         stream.cancel_on_reset(None)
                         stream.close()
+                        if observed is not None:
+                            self._request_finished(observed, status)
+
+    # --- observe: request events, built only when someone listens ------------------------
+
+    def _request_started(self, stream: TunnelStream) -> tuple[RequestStarted, float]:
+        head = stream.head or b""
+        method, framing, length = _relay_head_framing(head)
+        target = head[len(method) + 1 : head.find(b" ", len(method) + 1)]
+        path = target.partition(b"?")[0].decode("ascii", "replace")
+        body = None if framing is http.Framing.CHUNKED else length
+        started = RequestStarted("agent", self.session_id or "", method.decode(), path, body)
+        emit(self.observers, started)
+        return started, trio.current_time()
+
+    def _request_finished(self, observed: tuple[RequestStarted, float], status: int | None) -> None:
+        started, start = observed
+        finished = RequestFinished(
+            "agent",
+            started.session_id,
+            started.method,
+            started.path,
+            started.request_body,
+            status or 0,
+            None,
+            trio.current_time() - start,
+        )
+        emit(self.observers, finished)
 
 
 def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
@@ -619,7 +656,8 @@ class BackendForwarder:
         while self._idle:
             await trio.aclose_forcefully(self._idle.pop())
 
-    async def __call__(self, stream: TunnelStream) -> None:
+    async def __call__(self, stream: TunnelStream) -> int | None:
+        """Forward one request; return the backend's status (None if it gave none)."""
         head = stream.head
         assert head is not None
         if self._host_line is not None:
@@ -629,7 +667,6 @@ class BackendForwarder:
             )
         method, framing, length = _relay_head_framing(head)
         has_body = length > 0 or framing is http.Framing.CHUNKED
-        start = trio.current_time()
         for attempt in (0, 1):
             conn = self._checkout(check=has_body) if attempt == 0 else None
             reused = conn is not None
@@ -638,10 +675,10 @@ class BackendForwarder:
                     conn = await self._open()
                 except OSError as exc:
                     self._fail(stream, _REFUSED, exc.strerror or str(exc))
-                    return
+                    return None
                 except trio.BrokenResourceError as exc:  # the TLS handshake failed
                     self._fail(stream, _TLS_FAILED, str(exc))
-                    return
+                    return None
             keep = False
             try:
                 status, keep = await self._exchange(
@@ -651,32 +688,25 @@ class BackendForwarder:
             except _BackendGone:
                 if has_body:  # its body is consumed: it cannot be sent again
                     self._fail(stream, _CLOSED, "a reused connection was closed")
-                    return
+                    return None
                 continue  # retry once on a fresh connection
             except LocalProtocolError as exc:  # its head does not fit one OPEN frame
                 self._fail(stream, _HEAD_TOO_LARGE, str(exc))
-                return
+                return None
             except ProtocolError as exc:
                 self._fail(stream, _INVALID, str(exc))
-                return
+                return None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(stream, _BROKE, str(exc) or type(exc).__name__)
-                return
+                return None
             finally:
                 if keep and len(self._idle) < self.max_idle:
                     self._idle.append(conn)
                 else:
                     await trio.aclose_forcefully(conn)
         else:  # pragma: no cover - the loop always breaks or returns
-            return
-        if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info(
-                "%s %s -> %d (%.1f ms)",
-                method.decode(),
-                head[len(method) + 1 : head.find(b" ", len(method) + 1)].decode("ascii", "replace"),
-                status,
-                (trio.current_time() - start) * 1000,
-            )
+            return None
+        return status
 
     def _fail(self, stream: TunnelStream, kind: str, detail: str) -> None:
         """Reset ``stream`` (the relay answers 502) with a generic ``kind`` of failure: the
@@ -893,7 +923,8 @@ class AsgiHandler:
     def __repr__(self) -> str:
         return f"<AsgiHandler {self.app!r}>"
 
-    async def __call__(self, stream: TunnelStream) -> None:
+    async def __call__(self, stream: TunnelStream) -> int | None:
+        """Answer one request with the app; return the status it sent."""
         head = stream.head
         assert head is not None
         request = http.parse_request_head(head)
@@ -926,11 +957,12 @@ class AsgiHandler:
                 b"Content-Length: %d\r\n\r\n" % len(body)
             )
             await stream.send_data(body, end=True)
-            return
+            return 500
         if not state.head_sent and not stream.local_ended:
             raise RuntimeError("the ASGI app returned without sending a response")
         if not stream.local_ended:
             await stream.send_data(b"", end=True)
+        return state.status
 
 
 class _AsgiExchange:
@@ -942,6 +974,7 @@ class _AsgiExchange:
         self.head_request = head_request
         self.request_delivered = False
         self.head_sent = False
+        self.status = 0  # the status sent, once head_sent
         self._start: AsgiMessage | None = None
 
     async def receive(self) -> AsgiMessage:
@@ -973,7 +1006,7 @@ class _AsgiExchange:
         body: bytes = message.get("body", b"")
         more: bool = message.get("more_body", False)
         if not self.head_sent:
-            status = int(self._start["status"])
+            status = self.status = int(self._start["status"])
             headers = [(bytes(n), bytes(v)) for n, v in self._start.get("headers", [])]
             has_length = any(n.lower() == b"content-length" for n, _ in headers)
             if not has_length and not more:

@@ -31,7 +31,11 @@ from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from tunnel2.access import AccessPolicy
+    from tunnel2.admin import PrometheusObserver
+    from tunnel2.observe import Observer
     from tunnel2.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ async def serve_tunnel_server(
     *,
     store: SessionStore | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    observers: Iterable[Observer] = (),
+    admin: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[TunnelServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run a relay: the public HTTP entry and the agents' WebSocket endpoint on one port.
@@ -71,9 +77,14 @@ async def serve_tunnel_server(
             :class:`~tunnel2.server.TunnelServer`).
         ssl_context: the server's TLS settings (injected; takes precedence over
             ``config.tls_cert``).
+        observers: told of every request, agent, refusal and drain (:mod:`tunnel2.observe`).
+        admin: ``(host, port)`` to serve the admin endpoint on (``/metrics``, ``/healthz``,
+            ``/readyz``, ``/status``; :mod:`tunnel2.admin`); keep it off public addresses.
+            Its URL is in ``server.admin_url``. Needs prometheus-client and hypercorn.
+        task_status: for ``nursery.start``.
 
     Raises:
-        OSError: the address could not be bound.
+        OSError: the address (or the admin address) could not be bound.
         ValueError: a TLS file cannot be loaded, or ``config.tls_key`` is set without
             ``config.tls_cert``.
         ExceptionGroup: an unexpected error in a connection task (a bug).
@@ -88,11 +99,13 @@ async def serve_tunnel_server(
     port = listeners[0].socket.getsockname()[1]
     host = config.host if ":" not in config.host else f"[{config.host}]"
     scheme = "http" if ssl_context is None else "https"
+    metrics = _metrics_observer() if admin is not None else None
     server = TunnelServer(
         config,
         base_url=config.public_url or f"{scheme}://{host}:{port}",
         port=port,
         store=store,
+        observers=[*observers, *([metrics] if metrics is not None else [])],
     )
     if server.open_relay:
         logger.warning(
@@ -122,6 +135,11 @@ async def serve_tunnel_server(
 
     try:
         async with trio.open_nursery() as nursery:
+            if admin is not None and metrics is not None:
+                from tunnel2.admin import relay_admin, serve_admin
+
+                app = relay_admin(server, metrics)
+                server.admin_url = await nursery.start(serve_admin, app, *admin)
             await nursery.start(trio.serve_listeners, handler, listeners)
             nursery.start_soon(entry.run_timeouts)
             task_status.started(server)
@@ -155,6 +173,13 @@ async def open_tunnel_server(
                 with trio.move_on_after(server.config.drain_timeout + 1):
                     await server.drain()
             nursery.cancel_scope.cancel()
+
+
+def _metrics_observer() -> PrometheusObserver:
+    # Imported on use: prometheus-client and hypercorn stay out of `import tunnel2`.
+    from tunnel2.admin import PrometheusObserver
+
+    return PrometheusObserver()
 
 
 def handler_for(
@@ -216,6 +241,8 @@ async def open_tunnel(
     backend_ca_file: str | None = None,
     backend_insecure: bool = False,
     drain_timeout: float = 10.0,
+    observers: Iterable[Observer] = (),
+    admin: tuple[str, int] | None = None,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -247,6 +274,9 @@ async def open_tunnel(
         backend_ca_file: for an ``https`` target, trust only these CA certificates.
         backend_insecure: for an ``https`` target, accept any certificate.
         drain_timeout: seconds requests in flight get on exit.
+        observers: told of every request and reconnection (:mod:`tunnel2.observe`).
+        admin: ``(host, port)`` to serve the agent's admin endpoint on (see
+            :func:`serve_tunnel_server`); its URL is in ``agent.admin_url``.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
@@ -277,11 +307,22 @@ async def open_tunnel(
     handler = handler_for(
         target, backend_ca_file=backend_ca_file, backend_insecure=backend_insecure
     )
-    agent = Agent(connector, handler, config)
+    metrics = _metrics_observer() if admin is not None else None
+    agent = Agent(
+        connector,
+        handler,
+        config,
+        observers=[*observers, *([metrics] if metrics is not None else [])],
+    )
     try:
         # trio wraps what the agent's task raised; a lone error comes out as itself.
         with unwrap_lone_error():
             async with trio.open_nursery() as nursery:
+                if admin is not None and metrics is not None:
+                    from tunnel2.admin import agent_admin, serve_admin
+
+                    app = agent_admin(agent, metrics)
+                    agent.admin_url = await nursery.start(serve_admin, app, *admin)
                 await nursery.start(agent.serve)
                 try:
                     yield agent

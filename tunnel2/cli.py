@@ -31,18 +31,58 @@ from tunnel2.agent import AgentConfig, websocket_connector
 from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
+from tunnel2.observe import AccessLogObserver, JsonFormatter, Observer, request_logger
 from tunnel2.server import AGENT_PATH, ServerConfig, TunnelServer, load_tokens, parse_networks
 from tunnel2.tokens import TokenError
 
 logger = logging.getLogger("tunnel2.cli")
 
 
-def _configure_logging(verbosity: int) -> None:
+def _configure_logging(verbosity: int, log_format: str = "text") -> None:
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity >= 0 else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _observers() -> list[Observer]:
+    """The access log, if its lines would show (not under -q: no events built then)."""
+    return [AccessLogObserver()] if request_logger.isEnabledFor(logging.INFO) else []
+
+
+def _address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--admin``."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:9100")
+    return host, int(port)
+
+
+def _is_admin_error(exc: OSError) -> bool:
+    """True if ``exc`` is the admin endpoint's bind error (imported only then)."""
+    from tunnel2.admin import AdminBindError
+
+    return isinstance(exc, AdminBindError)
+
+
+def _add_observe_options(parser: argparse.ArgumentParser) -> None:
+    # --- observe: admin endpoint and log format ---
+    parser.add_argument(
+        "--admin",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz and /status here (e.g. 127.0.0.1:9100; "
+        "it names sessions: never bind it publicly)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or one JSON object per line (default %(default)s)",
     )
 
 
@@ -94,14 +134,27 @@ async def _until_terminated_grouped(fn: Callable[..., Awaitable[object]], *args:
 
 
 async def _run_server(
-    config: ServerConfig, ssl_context: ssl.SSLContext | None, stop: trio.Event
+    config: ServerConfig,
+    ssl_context: ssl.SSLContext | None,
+    admin: tuple[str, int] | None,
+    stop: trio.Event,
 ) -> None:
     async with trio.open_nursery() as nursery:
         server: TunnelServer = await nursery.start(
-            functools.partial(serve_tunnel_server, config, ssl_context=ssl_context)
+            functools.partial(
+                serve_tunnel_server,
+                config,
+                ssl_context=ssl_context,
+                observers=_observers(),
+                admin=admin,
+            )
         )
         ws_url = server.base_url.replace("http", "ws", 1) + AGENT_PATH
         print(f"tunnel2 relay on {server.base_url} (agents connect to {ws_url})", flush=True)
+        if server.admin_url is not None:
+            logger.info(
+                "admin endpoint (/metrics /healthz /readyz /status) on %s", server.admin_url
+            )
         nursery.start_soon(_reload_tokens_on_sighup, server)
         await stop.wait()
         # New requests get 503 + Retry-After, agents GOAWAY; in flight ones finish.
@@ -161,7 +214,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _server(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     config = _server_config(args)
     try:
         load_tokens(config)
@@ -180,11 +233,12 @@ def _server(args: argparse.Namespace) -> int:
             print(f"tunnel2 server: {exc}", file=sys.stderr)
             return 2
     try:
-        return trio.run(_until_terminated, _run_server, config, ssl_context)
+        return trio.run(_until_terminated, _run_server, config, ssl_context, args.admin)
     except KeyboardInterrupt:  # before the signal handlers are in place
         return FORCED_EXIT
     except OSError as exc:
-        print(f"tunnel2 server: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        where = "" if _is_admin_error(exc) else f"cannot listen on {args.host}:{args.port}: "
+        print(f"tunnel2 server: {where}{exc}", file=sys.stderr)
         return 1
 
 
@@ -203,10 +257,16 @@ async def _run_http(
         backend_ca_file=args.backend_ca_file,
         backend_insecure=args.backend_insecure,
         drain_timeout=args.drain_timeout,
+        observers=_observers(),
+        admin=args.admin,
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
         print(f"Forwarding {tunnel.public_url} -> {target}", flush=True)
+        if tunnel.admin_url is not None:
+            logger.info(
+                "admin endpoint (/metrics /healthz /readyz /status) on %s", tunnel.admin_url
+            )
         await stop.wait()
         # The relay sends new requests to the session's other agents (or holds them for a
         # replacement); the ones in flight finish here.
@@ -239,7 +299,7 @@ def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
 
 
 def _http(args: argparse.Namespace) -> int:
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.log_format)
     target = _target_url(args.target)
     # --- tls ---
     try:  # what open_tunnel would refuse (clear text, CA files), said before anything runs
@@ -262,6 +322,11 @@ def _http(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before the signal handlers are in place
         return FORCED_EXIT
     except HandshakeError as exc:
+        print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not _is_admin_error(exc):
+            raise
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 1
 
@@ -397,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the ping interval)",
     )
     # --- end drain and heartbeat ---
+    # --- observe: --admin, --log-format ---
+    _add_observe_options(server)
     _add_verbosity(server)
     server.set_defaults(func=_server)
 
@@ -473,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
         "at once",
     )
     # --- end drain ---
+    # --- observe: --admin, --log-format ---
+    _add_observe_options(http)
     _add_verbosity(http)
     http.set_defaults(func=_http)
 

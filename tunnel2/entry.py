@@ -25,6 +25,7 @@ from tunnel2 import _http11 as http
 from tunnel2._sockets import FastSocketStream, can_tell_peer_closed, has_peer_address
 from tunnel2.access import CREDENTIAL_HEADER, AccessPolicy
 from tunnel2.errors import ErrorCode, LocalProtocolError, ProtocolError, StreamReset, UplinkClosed
+from tunnel2.observe import RequestFinished, RequestStarted, emit
 from tunnel2.server import AGENT_PATH, IPNetwork, ServerConfig, TunnelServer, parse_networks
 from tunnel2.sessions import DISCONNECTED, Routed
 
@@ -150,6 +151,8 @@ class _Connection:
         "peer",
         "peer_port",
         "pool",
+        "sent",
+        "status",
         "timer",
         "waiting",
         "write_started",
@@ -173,6 +176,8 @@ class _Connection:
         # When the write to the client under way began, as run_timeouts first saw it
         # (_WRITE_BEGUN until it has); infinite while no write is under way.
         self.write_started = math.inf
+        self.sent = 0  # bytes written to the client (RequestFinished.response_bytes)
+        self.status = 0  # the status of the response going out now
 
     async def send(self, data: bytes | bytearray) -> None:
         """Send to the client, within the write timeout (ProxyEntry.run_timeouts): two float
@@ -180,6 +185,7 @@ class _Connection:
         self.write_started = _WRITE_BEGUN
         await self.client.send_all(data)
         self.write_started = math.inf
+        self.sent += len(data)
 
 
 @final
@@ -325,6 +331,7 @@ class ProxyEntry:
         self._connections: set[_Connection] = set()
         self._host = server.base_url.partition("://")[2].encode()
         self._limits = _Limits(self.config)
+        self._observers = server.observers  # --- observe --- (the server's list itself)
         self._head_timeout_answer = _unparsed_head_answer(
             408, f"the request head did not arrive within {self.config.head_timeout:g}s"
         )
@@ -505,9 +512,13 @@ class ProxyEntry:
                     return
             # Counted in flight until the response is out, so a draining relay waits for it.
             self.server.request_started()
+            observed = (
+                self._request_started(conn, request, length, framing) if self._observers else None
+            )
             try:
                 keep_alive = await self._proxy(conn, head, request, framing, length)
             except _Answer as answer:
+                conn.status = answer.status
                 # Nothing of a response went out yet; the request body may be unread.
                 await conn.send(
                     error_response(
@@ -521,8 +532,43 @@ class ProxyEntry:
                 return
             finally:
                 self.server.request_finished()
+                if observed is not None:
+                    self._request_finished(conn, observed)
             if not keep_alive:
                 return
+
+    # --- observe: request events, built only when someone listens ------------------------
+
+    def _request_started(
+        self, conn: _Connection, request: http.RequestHead, length: int, framing: http.Framing
+    ) -> tuple[RequestStarted, float, int]:
+        try:
+            session_id, target = self._route(request)
+        except _Answer:
+            session_id, target = "", request.target
+        path = target.partition(b"?")[0].decode("ascii", "replace")
+        body = None if framing is http.Framing.CHUNKED else length
+        started = RequestStarted("relay", session_id, request.method.decode(), path, body)
+        emit(self._observers, started)
+        conn.status = 0
+        return started, trio.current_time(), conn.sent
+
+    def _request_finished(
+        self, conn: _Connection, observed: tuple[RequestStarted, float, int]
+    ) -> None:
+        started, start, sent = observed
+        status = conn.status or (504 if conn.waiting is not None and not conn.gone else 0)
+        finished = RequestFinished(
+            "relay",
+            started.session_id,
+            started.method,
+            started.path,
+            started.request_body,
+            status,
+            conn.sent - sent,
+            trio.current_time() - start,
+        )
+        emit(self._observers, finished)
 
     # --- one request --------------------------------------------------------------------
 
@@ -744,6 +790,7 @@ class ProxyEntry:
         response: http.ResponseHead,
     ) -> bool:
         request, stream = exchange.request, exchange.stream
+        conn.status = response.status
         framing, length = http.response_framing(response, request.method)
         keep_alive = request.keep_alive and framing is not http.Framing.UNTIL_CLOSE
         chunked = framing is http.Framing.CHUNKED

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, final
 
@@ -36,6 +37,7 @@ import trio
 from tunnel2 import frames
 from tunnel2.access import AccessPolicy
 from tunnel2.errors import ErrorCode, HandshakeError, ProtocolError
+from tunnel2.observe import AgentJoined, AgentLeft, DrainStarted, Observer, Refused, emit
 from tunnel2.sessions import (
     Lease,
     MemorySessionStore,
@@ -194,6 +196,11 @@ class _Refusal(Exception):
         self.reason = reason
 
 
+def _refused(name: str, exc: ProtocolError | _Refusal) -> Refused:
+    reason = exc.reason if isinstance(exc, _Refusal) else str(exc)
+    return Refused(name, exc.code, ErrorCode.name_of(exc.code), reason)
+
+
 def _access_policy(hello: frames.Hello) -> AccessPolicy | None:
     """The policy a HELLO sets; a malformed one refuses the agent (PROTOCOL.md §3.1.1)."""
     if hello.access is None:
@@ -267,6 +274,8 @@ class TunnelServer:
             owners kept in ``config.state_dir`` if set); pass a shared one for several relay
             nodes.
         secret: the key for resume keys (default: from ``config.state_dir``, else random).
+        observers: told of agents joining and leaving, refusals, drains and (through the
+            entry) every request (:mod:`tunnel2.observe`).
     """
 
     def __init__(
@@ -277,6 +286,7 @@ class TunnelServer:
         port: int = 0,
         store: SessionStore | None = None,
         secret: bytes | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.config = config
         self.base_url = base_url.rstrip("/")
@@ -300,6 +310,9 @@ class TunnelServer:
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        # --- observe --- (the entry emits the request events to the same list)
+        self.observers: list[Observer] = list(observers)
+        self.admin_url: str | None = None  # the admin endpoint, if one is served
 
     def __repr__(self) -> str:
         return f"<TunnelServer {self.base_url} sessions={len(self.routes)}>"
@@ -379,6 +392,8 @@ class TunnelServer:
             welcome, lease, decoder, access = await self._handshake(transport, name)
         except (HandshakeError, ProtocolError, _Refusal) as exc:
             logger.info("%s handshake failed: %s", name, exc)
+            if self.observers and isinstance(exc, (ProtocolError, _Refusal)):  # --- observe ---
+                emit(self.observers, _refused(name, exc))
             await trio.aclose_forcefully(transport)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -407,6 +422,9 @@ class TunnelServer:
                     lease.epoch,
                     len(self.routes.uplinks_of(lease.session_id)),
                 )
+                if self.observers:  # --- observe ---
+                    agents = len(self.routes.uplinks_of(lease.session_id))
+                    emit(self.observers, AgentJoined(lease.session_id, name, lease.owner, agents))
                 try:
                     await uplink.wait_closed()
                 finally:
@@ -415,6 +433,9 @@ class TunnelServer:
                     if not self.routes.uplinks_of(lease.session_id):
                         self.access_policies.pop(lease.session_id, None)
                     logger.info("%s disconnected: %s", name, uplink.close_reason)
+                    if self.observers:  # --- observe ---
+                        left = AgentLeft(lease.session_id, name, lease.owner, uplink.close_reason)
+                        emit(self.observers, left)
         finally:
             await self._release(lease)
 
@@ -582,6 +603,8 @@ class TunnelServer:
         """Refuse new agents, send GOAWAY on every uplink and give in-flight requests
         ``config.drain_timeout`` seconds (until their responses are sent, not just relayed)
         before the uplinks close."""
+        if self.observers and not self._draining:  # --- observe ---
+            emit(self.observers, DrainStarted(len(self._uplinks), self._in_flight))
         self._draining = True
         with trio.move_on_after(self.config.drain_timeout):
             async with trio.open_nursery() as nursery:

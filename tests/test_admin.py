@@ -1,0 +1,168 @@
+"""The control plane (tunnel2.admin): Prometheus metrics, /healthz, /readyz, /status.
+
+In memory (the admin ASGI app called directly) and over real sockets on 127.0.0.1 port 0
+(hypercorn serving it beside a relay and an agent). Bounded with ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import h11
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+from test_observe import app, observed_tunnel
+
+import tunnel2
+from tunnel2.admin import AdminApp, PrometheusObserver, agent_admin, relay_admin
+from tunnel2.server import ServerConfig
+
+
+async def call(asgi: AdminApp, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """One request to an ASGI app, in-process."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await asgi({"type": "http", "method": method, "path": path}, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+async def test_metrics_after_known_traffic_in_memory() -> None:
+    relay_metrics, agent_metrics = PrometheusObserver(), PrometheusObserver()
+    with trio.fail_after(10):
+        async with observed_tunnel([relay_metrics], [agent_metrics]) as tunnel:
+            relay_app = relay_admin(tunnel.server, relay_metrics)
+            for _ in range(3):
+                assert (await tunnel.request("GET", "/")).status == 200
+            assert (await tunnel.request("POST", "/missing", body=b"abc")).status == 404
+            status, text = await call(relay_app, "/metrics")
+            agent_app = agent_admin(tunnel.agent, agent_metrics)
+            agent_status, agent_text = await call(agent_app, "/metrics")
+    assert (status, agent_status) == (200, 200)
+    got = samples(text.decode())
+    assert got["tunnel2_requests_total", (("code", "2xx"), ("side", "relay"))] == 3
+    assert got["tunnel2_requests_total", (("code", "4xx"), ("side", "relay"))] == 1
+    assert got["tunnel2_request_duration_seconds_count", (("side", "relay"),)] == 4
+    assert got["tunnel2_request_body_bytes_total", (("side", "relay"),)] == 3
+    assert got["tunnel2_response_bytes_total", ()] > 0
+    assert got["tunnel2_sessions", ()] == 1
+    assert got["tunnel2_agents_connected", ()] == 1
+    assert got["tunnel2_open_streams", ()] == 0
+    on_agent = samples(agent_text.decode())
+    assert on_agent["tunnel2_requests_total", (("code", "2xx"), ("side", "agent"))] == 3
+    assert on_agent["tunnel2_requests_total", (("code", "4xx"), ("side", "agent"))] == 1
+    assert on_agent["tunnel2_connected", ()] == 1
+
+
+async def test_session_labels_are_capped() -> None:
+    metrics = PrometheusObserver(session_labels=1)
+    with trio.fail_after(10):
+        async with observed_tunnel([metrics], []) as tunnel:
+            await tunnel.request("GET", "/")
+            await tunnel.request("GET", "/session/other-one/", raw_path=True)  # 404, no agent
+    got = samples((await call(AdminApp(metrics.registry, bool, dict), "/metrics"))[1].decode())
+    session = tunnel.agent.session_id
+    assert session is not None
+    assert got["tunnel2_requests_total", (("code", "2xx"), ("session", session), ("side", "relay"))]
+    assert got["tunnel2_requests_total", (("code", "4xx"), ("session", "other"), ("side", "relay"))]
+
+
+async def test_health_ready_status_and_drain_in_memory() -> None:
+    metrics = PrometheusObserver()
+    with trio.fail_after(10):
+        async with observed_tunnel([metrics], []) as tunnel:
+            admin = relay_admin(tunnel.server, metrics)
+            assert await call(admin, "/healthz") == (200, b"ok\n")
+            assert (await call(admin, "/readyz"))[0] == 200
+            status, body = await call(admin, "/status")
+            assert status == 200
+            doc = json.loads(body)
+            assert doc["draining"] is False
+            # relay_admin was made after the agent joined: it knows it from later events only.
+            assert doc["sessions"] == []
+            assert (await call(admin, "/nope"))[0] == 404
+            assert (await call(admin, "/metrics", method="POST"))[0] == 405
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tunnel.server.drain)
+                await trio.testing.wait_all_tasks_blocked()
+                assert await call(admin, "/readyz") == (503, b"not ready\n")
+                doc = json.loads((await call(admin, "/status"))[1])
+                assert doc["draining"] is True
+            got = samples((await call(admin, "/metrics"))[1].decode())
+            assert got["tunnel2_drains_total", ()] == 1
+
+
+# --- real sockets: hypercorn serves the admin app beside the relay and the agent -----------
+
+
+async def get(url: str, path: str) -> tuple[int, bytes]:
+    """GET ``url + path`` with h11 on a real socket."""
+    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    conn = h11.Connection(h11.CLIENT)
+    async with stream:
+        request = h11.Request(method="GET", target=path, headers=[("Host", host)])
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        status, body = 0, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body
+
+
+async def test_admin_over_real_sockets() -> None:
+    admin = ("127.0.0.1", 0)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: tunnel2.serve_tunnel_server(
+                    ServerConfig(port=0), admin=admin, task_status=task_status
+                )
+            )
+            assert server.admin_url is not None
+            assert server.admin_url.startswith("http://127.0.0.1:")
+            assert (await get(server.admin_url, "/readyz"))[0] == 200
+            async with tunnel2.open_tunnel(server.base_url, app, admin=admin) as agent:
+                assert agent.admin_url is not None
+                for path in ("/", "/", "/", "/missing"):
+                    status, _ = await get(server.base_url, f"/session/{agent.session_id}{path}")
+                    assert status == (404 if path == "/missing" else 200)
+                status, text = await get(server.admin_url, "/metrics")
+                assert status == 200
+                got = samples(text.decode())
+                assert got["tunnel2_requests_total", (("code", "2xx"), ("side", "relay"))] == 3
+                assert got["tunnel2_requests_total", (("code", "4xx"), ("side", "relay"))] == 1
+                assert got["tunnel2_agent_joins_total", ()] == 1
+                doc = json.loads((await get(server.admin_url, "/status"))[1])
+                assert [s["session_id"] for s in doc["sessions"]] == [agent.session_id]
+                assert doc["sessions"][0]["agents"][0]["identity"] == ""
+                assert await get(agent.admin_url, "/healthz") == (200, b"ok\n")
+                assert (await get(agent.admin_url, "/readyz"))[0] == 200
+                agent_doc = json.loads((await get(agent.admin_url, "/status"))[1])
+                assert agent_doc["session_id"] == agent.session_id
+                assert agent_doc["connected"] is True
+                assert agent_doc["public_url"] == agent.public_url
+                on_agent = samples((await get(agent.admin_url, "/metrics"))[1].decode())
+                assert on_agent["tunnel2_requests_total", (("code", "2xx"), ("side", "agent"))] == 3
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,310 @@
+"""The control plane: Prometheus metrics as an observer, and a small admin ASGI app.
+
+Layer: above server, entry and agent (it reads their state), below api. May import
+prometheus-client and hypercorn; nothing on the data path imports this module (DESIGN.md:
+hypercorn belongs on the control plane, never in the request path).
+
+The admin app answers ``/metrics`` (Prometheus text format), ``/healthz`` (200 while the
+process runs), ``/readyz`` (200 when it can serve: a relay listening and not draining, an
+agent connected; else 503) and ``/status`` (JSON). It names sessions and identities, so it
+binds loopback by default and must never be reachable from the public side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Final, NoReturn, final
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from tunnel2._util import unwrap_lone_error
+from tunnel2.observe import (
+    AgentJoined,
+    AgentLeft,
+    DrainStarted,
+    Event,
+    Reconnected,
+    Refused,
+    RequestFinished,
+)
+
+if TYPE_CHECKING:
+    from tunnel2.agent import Agent
+    from tunnel2.server import TunnelServer
+
+__all__ = [
+    "AdminApp",
+    "AdminBindError",
+    "PrometheusObserver",
+    "agent_admin",
+    "relay_admin",
+    "serve_admin",
+]
+
+_OTHER: Final = "other"
+_LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+AsgiScope = MutableMapping[str, Any]
+AsgiMessage = MutableMapping[str, Any]
+AsgiReceive = Callable[[], Awaitable[AsgiMessage]]
+AsgiSend = Callable[[AsgiMessage], Awaitable[None]]
+
+
+class AdminBindError(OSError):
+    """The admin endpoint's address could not be bound (it names the address)."""
+
+
+@final
+class PrometheusObserver:
+    """Counts events into its own :class:`CollectorRegistry` (never the global one).
+
+    Args:
+        registry: where the metrics live (default: a new one, :attr:`registry`).
+        session_labels: how many sessions get a ``session`` label of their own on
+            ``tunnel2_requests_total``; the rest count under ``session="other"``. 0 (the
+            default): no per-session series at all. Session ids are unbounded, and every
+            label value is a series Prometheus keeps, so keep this small.
+    """
+
+    def __init__(
+        self, *, registry: CollectorRegistry | None = None, session_labels: int = 0
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._session_labels = session_labels
+        self._labelled: set[str] = set()
+        r = self.registry
+        labels = ["side", "code"] + (["session"] if session_labels else [])
+        self.requests = Counter(
+            "tunnel2_requests", "Requests answered, by status class (2xx..5xx, 0: none)", labels,
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "tunnel2_request_duration_seconds", "From request head to the end of the response",
+            ["side"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_bytes = Counter(
+            "tunnel2_request_body_bytes", "Declared request body bytes (chunked not counted)",
+            ["side"], registry=r,
+        )  # fmt: skip
+        self.response_bytes = Counter(
+            "tunnel2_response_bytes", "Bytes written to visitors, heads included", registry=r
+        )
+        self.joins = Counter("tunnel2_agent_joins", "Agent connections welcomed", registry=r)
+        self.leaves = Counter("tunnel2_agent_leaves", "Agent connections ended", registry=r)
+        self.refusals = Counter(
+            "tunnel2_refusals", "Agent handshakes refused, by reason", ["reason"], registry=r
+        )
+        self.drains = Counter("tunnel2_drains", "Drains started", registry=r)
+        self.reconnects = Counter("tunnel2_reconnects", "Agent re-dials that got back", registry=r)
+        self._children: dict[tuple[str, int, str], Any] = {}
+        self._latency = {side: self.latency.labels(side) for side in ("relay", "agent")}
+        self._request_bytes = {side: self.request_bytes.labels(side) for side in ("relay", "agent")}
+
+    def __repr__(self) -> str:
+        return "<PrometheusObserver>"
+
+    def _session(self, session_id: str) -> str:
+        if session_id in self._labelled:
+            return session_id
+        if session_id and len(self._labelled) < self._session_labels:
+            self._labelled.add(session_id)
+            return session_id
+        return _OTHER
+
+    def on_event(self, event: Event) -> None:
+        kind = type(event)
+        if kind is RequestFinished:
+            assert isinstance(event, RequestFinished)
+            side, status = event.side, event.status
+            session = self._session(event.session_id) if self._session_labels else ""
+            # The labelled children are cached: .labels() takes a lock and builds a tuple.
+            key = (side, status // 100, session)
+            counter = self._children.get(key)
+            if counter is None:
+                code = f"{status // 100}xx" if status else "0"
+                labels = (side, code, session) if self._session_labels else (side, code)
+                counter = self._children[key] = self.requests.labels(*labels)
+            counter.inc()
+            self._latency[side].observe(event.duration)
+            if event.request_body:
+                self._request_bytes[side].inc(event.request_body)
+            if event.response_bytes:
+                self.response_bytes.inc(event.response_bytes)
+        elif kind is AgentJoined:
+            self.joins.inc()
+        elif kind is AgentLeft:
+            self.leaves.inc()
+        elif kind is Refused:
+            assert isinstance(event, Refused)
+            self.refusals.labels(event.reason_code).inc()
+        elif kind is DrainStarted:
+            self.drains.inc()
+        elif kind is Reconnected:
+            self.reconnects.inc()
+
+
+@final
+class AdminApp:
+    """A plain ASGI 3 app (no framework) with the four admin routes.
+
+    Args:
+        registry: what ``/metrics`` exposes.
+        ready: whether ``/readyz`` answers 200.
+        status: the ``/status`` document.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        status: Callable[[], dict[str, object]],
+    ) -> None:
+        self.registry = registry
+        self._ready = ready
+        self._status = status
+
+    async def __call__(self, scope: AsgiScope, receive: AsgiReceive, send: AsgiSend) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        text = "text/plain; charset=utf-8"
+        if scope["method"] not in ("GET", "HEAD"):
+            status, kind, body = 405, text, b"405 Method Not Allowed: the admin API is read-only\n"
+        elif path == "/metrics":
+            status, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        elif path == "/healthz":
+            status, kind, body = 200, text, b"ok\n"
+        elif path == "/readyz":
+            ready = self._ready()
+            status, kind, body = (200, text, b"ready\n") if ready else (503, text, b"not ready\n")
+        elif path == "/status":
+            status, kind = 200, "application/json"
+            body = json.dumps(self._status(), indent=2).encode() + b"\n"
+        else:
+            status, kind = 404, text
+            body = b"404 Not Found: try /metrics, /healthz, /readyz or /status\n"
+        headers = [(b"content-type", kind.encode()), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@final
+class _AgentBook:
+    """Which agent connections hold which session, as the events tell."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, tuple[str, str]] = {}  # agent name -> (session, identity)
+
+    def on_event(self, event: Event) -> None:
+        if type(event) is AgentJoined:
+            self.agents[event.agent] = (event.session_id, event.identity)
+        elif type(event) is AgentLeft:
+            self.agents.pop(event.agent, None)
+
+
+def relay_admin(server: TunnelServer, metrics: PrometheusObserver) -> AdminApp:
+    """The admin app of a relay: adds live gauges (sessions, agents, open streams) to
+    ``metrics.registry`` and an observer of its agents to ``server.observers``. Call it
+    before the relay accepts agents (:func:`tunnel2.serve_tunnel_server` does)."""
+    registry = metrics.registry
+    Gauge("tunnel2_sessions", "Sessions routed here", registry=registry).set_function(
+        lambda: len(server.routes)
+    )
+    Gauge("tunnel2_agents_connected", "Agent connections", registry=registry).set_function(
+        lambda: len(server.uplinks)
+    )
+    Gauge("tunnel2_open_streams", "Requests in flight on uplinks", registry=registry).set_function(
+        lambda: sum(u.open_streams for u in server.uplinks)
+    )
+
+    book = _AgentBook()
+    server.observers.append(book)
+
+    def status() -> dict[str, object]:
+        streams = {str(u): u.open_streams for u in server.uplinks}
+        sessions: dict[str, list[dict[str, object]]] = {}
+        for name, (session_id, identity) in book.agents.items():
+            sessions.setdefault(session_id, []).append(
+                {"agent": name, "identity": identity, "open_streams": streams.get(name, 0)}
+            )
+        return {
+            "role": "relay",
+            "base_url": server.base_url,
+            "draining": server.draining,
+            "requests_in_flight": server.requests_in_flight,
+            "sessions": [{"session_id": s, "agents": a} for s, a in sorted(sessions.items())],
+        }
+
+    return AdminApp(registry, lambda: not server.draining, status)
+
+
+def agent_admin(agent: Agent, metrics: PrometheusObserver) -> AdminApp:
+    """The admin app of an agent."""
+
+    def connected() -> bool:
+        uplink = agent.uplink
+        return uplink is not None and not uplink.closed
+
+    Gauge("tunnel2_connected", "1 while the agent is connected", registry=metrics.registry
+          ).set_function(lambda: float(connected()))  # fmt: skip
+
+    def status() -> dict[str, object]:
+        uplink = agent.uplink
+        return {
+            "role": "agent",
+            "session_id": agent.session_id,
+            "public_url": agent.public_url if agent.connections else None,
+            "connected": connected(),
+            "connections": agent.connections,
+            "reconnects": max(0, agent.connections - 1),
+            "open_streams": uplink.open_streams if uplink is not None else 0,
+        }
+
+    return AdminApp(metrics.registry, connected, status)
+
+
+async def serve_admin(
+    app: AdminApp,
+    host: str = "127.0.0.1",
+    port: int = 9100,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve ``app`` with hypercorn on ``host:port`` until cancelled.
+
+    ``task_status.started`` receives the bound base URL (``http://127.0.0.1:9100``), once
+    hypercorn listens, so a bind error surfaces from ``nursery.start``.
+
+    Raises:
+        AdminBindError: ``host:port`` could not be bound.
+    """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+
+    async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        try:
+            with unwrap_lone_error():  # hypercorn's own nursery wraps its bind error
+                binds: list[str] = await nursery.start(started)
+        except OSError as exc:
+            error = AdminBindError(f"cannot serve the admin endpoint on {host}:{port}: {exc}")
+            error.errno = exc.errno
+            raise error from exc
+        task_status.started(binds[0])
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover

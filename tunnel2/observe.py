@@ -1,0 +1,253 @@
+"""Events out, not hooks in (STYLE.md §10): what the relay and the agent tell observers.
+
+Layer: beside errors, below server, entry and agent; imports only the stdlib and attrs.
+
+The relay and the agent hold a list of :class:`Observer` objects and build an event only when
+that list is not empty (``if self._observers:``), so a relay nobody watches allocates nothing
+for observation on its hot path. Observers are called synchronously, in the emitting task:
+they must not block. One that raises is logged once, with its traceback, and removed, so a
+broken observer costs neither a request nor a log line per request.
+
+What events expose is chosen so that logs and metrics can be handed around: a request's path
+without its query string (queries carry tokens and signed URLs), never header values
+(``Authorization``, ``Cookie``), never a token; an agent's identity is the *name* of its token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Final, Literal, Protocol, final
+
+import attrs
+
+__all__ = [
+    "AccessLogObserver",
+    "AgentJoined",
+    "AgentLeft",
+    "DrainStarted",
+    "Event",
+    "JsonFormatter",
+    "Observer",
+    "Reconnected",
+    "Refused",
+    "RequestFinished",
+    "RequestStarted",
+    "emit",
+    "event_fields",
+]
+
+logger = logging.getLogger(__name__)
+# One line per request; not "tunnel2.access", which is the visitor access-policy module.
+request_logger: Final = logging.getLogger("tunnel2.requests")
+
+Side = Literal["relay", "agent"]
+
+
+@final
+@attrs.frozen
+class RequestStarted:
+    """A request arrived: at the relay (from a visitor) or at the agent (from the relay).
+
+    Attributes:
+        side: who saw it.
+        session_id: its session ("" at the relay when the URL names none).
+        method: the request method.
+        path: the backend's path, without the query string (it may carry secrets).
+        request_body: the declared body length; ``None`` for a chunked body.
+    """
+
+    side: Side
+    session_id: str
+    method: str
+    path: str
+    request_body: int | None
+
+
+@final
+@attrs.frozen
+class RequestFinished:
+    """A request is done (its response sent, or given up).
+
+    Attributes:
+        side, session_id, method, path, request_body: as in :class:`RequestStarted`.
+        status: the status answered; 0 if no answer went out (the visitor left, a write
+            timed out, the stream was reset); 504 for the relay's request timeout.
+        response_bytes: bytes written to the visitor, head included (relay side);
+            ``None`` where not counted (agent side).
+        duration: seconds from the request head to the end of the response.
+    """
+
+    side: Side
+    session_id: str
+    method: str
+    path: str
+    request_body: int | None
+    status: int
+    response_bytes: int | None
+    duration: float
+
+
+@final
+@attrs.frozen
+class AgentJoined:
+    """An agent connection was welcomed (relay side).
+
+    Attributes:
+        session_id: the session it holds.
+        agent: the connection's short name (``agent-7``).
+        identity: the name of its token ("" on an open relay).
+        agents: agent connections of the session now.
+    """
+
+    session_id: str
+    agent: str
+    identity: str
+    agents: int
+
+
+@final
+@attrs.frozen
+class AgentLeft:
+    """An agent connection ended (relay side).
+
+    Attributes:
+        session_id, agent, identity: as in :class:`AgentJoined`.
+        reason: why its uplink closed.
+    """
+
+    session_id: str
+    agent: str
+    identity: str
+    reason: str
+
+
+@final
+@attrs.frozen
+class DrainStarted:
+    """The relay began to drain (GOAWAY to every agent, new agents refused).
+
+    Attributes:
+        agents: agent connections at that moment.
+        in_flight: requests in flight at that moment.
+    """
+
+    agents: int
+    in_flight: int
+
+
+@final
+@attrs.frozen
+class Refused:
+    """The relay refused an agent's handshake.
+
+    Attributes:
+        agent: the connection's short name.
+        code: the REFUSE code (:class:`tunnel2.errors.ErrorCode`).
+        reason_code: its name, e.g. ``UNAUTHORIZED`` (a bounded set: fit for a label).
+        reason: the message sent to the agent.
+    """
+
+    agent: str
+    code: int
+    reason_code: str
+    reason: str
+
+
+@final
+@attrs.frozen
+class Reconnected:
+    """The agent re-dialled and got its session back (agent side).
+
+    Attributes:
+        session_id: the session.
+        public_url: its preferred public URL.
+        connections: successful handshakes so far, this one included.
+    """
+
+    session_id: str
+    public_url: str
+    connections: int
+
+
+Event = (
+    RequestStarted
+    | RequestFinished
+    | AgentJoined
+    | AgentLeft
+    | DrainStarted
+    | Refused
+    | Reconnected
+)
+
+
+class Observer(Protocol):
+    """Receives the events of a relay or an agent."""
+
+    def on_event(self, event: Event) -> None:
+        """Take one event. Called in the emitting task: must not block or await."""
+
+
+def emit(observers: list[Observer], event: Event) -> None:
+    """Hand ``event`` to every observer; one that raises is logged once and removed."""
+    for observer in tuple(observers):
+        try:
+            observer.on_event(event)
+        except Exception:
+            logger.exception("observer %r raised on %s; it is removed", observer, type(event))
+            observers.remove(observer)
+
+
+def event_fields(event: Event) -> dict[str, object]:
+    """The event as a flat dict: ``{"event": "RequestFinished", "status": 200, ...}``."""
+    return {"event": type(event).__name__, **attrs.asdict(event)}
+
+
+@final
+class AccessLogObserver:
+    """Logs one INFO line per finished request to the ``tunnel2.requests`` logger.
+
+    The record carries the event's fields in ``record.event`` (:class:`JsonFormatter` writes
+    them out); the message is ``side session METHOD /path -> status (N ms)``.
+    """
+
+    def __repr__(self) -> str:
+        return "<AccessLogObserver>"
+
+    def on_event(self, event: Event) -> None:
+        if type(event) is RequestFinished and request_logger.isEnabledFor(logging.INFO):
+            request_logger.info(
+                "%s %s %s %s -> %d (%.1f ms)",
+                event.side,
+                event.session_id[:8] or "-",
+                event.method,
+                event.path,
+                event.status,
+                event.duration * 1000,
+                extra={"event": event_fields(event)},
+            )
+
+
+@final
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and an event's fields.
+
+    Only what the record's message and event hold is written: the library logs no tokens,
+    bodies or header values above DEBUG (STYLE.md §7), and events carry none.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        event = getattr(record, "event", None)
+        if isinstance(event, dict):
+            fields.update(event)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return json.dumps(fields, default=str)
