@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tunnel2 import _http11 as http
-from tunnel2.agent import _forwarded_client, _relay_head_framing, _response_head_for_tunnel
+from tunnel2.asgi import _forwarded_client
+from tunnel2.backend import _relay_head_framing, _response_head_for_tunnel
 
 
 def rewrite(head: bytes, method: bytes = b"GET") -> tuple[bytes, bool]:

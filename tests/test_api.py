@@ -15,8 +15,9 @@ from httpbackend import Backend, serve_backend
 
 import tunnel2
 from tunnel2 import ServerConfig, TunnelServer
-from tunnel2.agent import AsgiHandler, BackendForwarder
 from tunnel2.api import handler_for
+from tunnel2.asgi import AsgiHandler
+from tunnel2.backend import BackendForwarder
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -24,7 +24,7 @@ from tunnel2.entry import _AGENT, _SPARE, _UNCOUNTED, _VISITOR, _Connection, _Li
 from tunnel2.testing import MemoryTunnel, open_memory_tunnel
 
 if TYPE_CHECKING:
-    from tunnel2.agent import AsgiApp
+    from tunnel2.asgi import AsgiApp
 
 Scope = MutableMapping[str, Any]
 

@@ -14,14 +14,8 @@ import trio
 import trio.testing
 
 from tunnel2 import ErrorCode, ServerConfig, TunnelServer
-from tunnel2.agent import (
-    Agent,
-    AgentConfig,
-    AsgiHandler,
-    AsgiMessage,
-    AsgiScope,
-    _Backoff,
-)
+from tunnel2.agent import Agent, AgentConfig, _Backoff
+from tunnel2.asgi import AsgiHandler, AsgiMessage, AsgiScope
 from tunnel2.entry import ProxyEntry
 from tunnel2.sessions import DISCONNECTED, Routed, RouteTable
 from tunnel2.testing import MEMORY_BASE_URL, MemoryTunnel

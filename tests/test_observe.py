@@ -20,7 +20,9 @@ from httpbackend import serve_backend
 
 import tunnel2
 from tunnel2 import observe
-from tunnel2.agent import Agent, AsgiHandler, BackendForwarder, StreamHandler
+from tunnel2.agent import Agent, StreamHandler
+from tunnel2.asgi import AsgiHandler
+from tunnel2.backend import BackendForwarder
 from tunnel2.entry import ProxyEntry
 from tunnel2.observe import (
     AccessLogObserver,

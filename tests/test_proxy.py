@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import pytest
@@ -18,10 +18,13 @@ import trio
 import trio.testing
 
 from tunnel2 import _http11 as http
-from tunnel2.agent import AgentConfig, AsgiApp
+from tunnel2.agent import AgentConfig
 from tunnel2.entry import _forwarding_lines
 from tunnel2.server import ServerConfig, parse_networks
 from tunnel2.testing import MemoryTunnel, open_memory_tunnel
+
+if TYPE_CHECKING:
+    from tunnel2.asgi import AsgiApp
 
 Scope = MutableMapping[str, Any]
 

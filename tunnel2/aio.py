@@ -31,7 +31,8 @@ from tunnel2._util import require_async_library
 from tunnel2.sync import AgentView, RelayView, TrioThread, TunnelOptions
 
 if TYPE_CHECKING:
-    from tunnel2.agent import Agent, AsgiApp
+    from tunnel2.agent import Agent
+    from tunnel2.asgi import AsgiApp
     from tunnel2.server import ServerConfig, TunnelServer
 
 __all__ = ["Relay", "Tunnel", "open_tunnel", "open_tunnel_server", "run_in_trio_thread"]

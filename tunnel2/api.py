@@ -18,15 +18,9 @@ import trio
 from tunnel2._sockets import FastSocketStream
 from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_context
 from tunnel2._util import require_async_library, unwrap_lone_error
-from tunnel2.agent import (
-    Agent,
-    AgentConfig,
-    AsgiApp,
-    AsgiHandler,
-    BackendForwarder,
-    StreamHandler,
-    websocket_connector,
-)
+from tunnel2.agent import Agent, AgentConfig, StreamHandler, websocket_connector
+from tunnel2.asgi import AsgiApp, AsgiHandler
+from tunnel2.backend import BackendForwarder
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 

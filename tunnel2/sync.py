@@ -26,14 +26,17 @@ import weakref
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from types import TracebackType
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, final
+from typing import TYPE_CHECKING, Any, Generic, Self, TypedDict, TypeVar, Unpack, final
 
 import trio
 
 from tunnel2._util import unwrap_lone_error
-from tunnel2.agent import Agent, AsgiApp
+from tunnel2.agent import Agent
 from tunnel2.api import open_tunnel, open_tunnel_server
 from tunnel2.server import ServerConfig, TunnelServer
+
+if TYPE_CHECKING:
+    from tunnel2.asgi import AsgiApp
 
 logger = logging.getLogger(__name__)
 

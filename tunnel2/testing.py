@@ -25,7 +25,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, final
+from typing import TYPE_CHECKING, Protocol, final
 
 import attrs
 import h11
@@ -34,12 +34,16 @@ import trio
 import trio.testing
 
 from tunnel2 import aio
-from tunnel2.agent import Agent, AgentConfig, AsgiApp, BackendForwarder, Connector
+from tunnel2.agent import Agent, AgentConfig, Connector
 from tunnel2.api import handler_for
+from tunnel2.backend import BackendForwarder
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.sync import EXIT_TIMEOUT, ThreadHandle, TrioThread
 from tunnel2.transports import FrameTransport, memory_transport_pair
+
+if TYPE_CHECKING:
+    from tunnel2.asgi import AsgiApp
 
 __all__ = [
     "AioMemoryTunnel",

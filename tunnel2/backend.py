@@ -1,0 +1,392 @@
+"""Backend forwarding: the agent's stream handler for an HTTP/1.1 (or https) backend.
+
+Layer: beside the agent, above uplink. May import trio, errors, the stream layer
+(``_sockets``, ``_tls``) and the internal HTTP/1.1 parser.
+
+The relay wrote each request head canonically (PROTOCOL.md §4.3); :class:`BackendForwarder`
+sends it over a pooled keep-alive connection, validates the backend's answer and carries it
+back through the tunnel with its framing normalised, or splices raw bytes after a 101.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+from typing import Final, final
+
+import trio
+
+from tunnel2 import _http11 as http
+from tunnel2._sockets import connect_tcp
+from tunnel2._tls import SocketOrTls, wrap_client
+from tunnel2.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamReset,
+    UplinkClosed,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tunnel2.uplink import TunnelStream
+
+__all__ = ["BackendForwarder"]
+
+logger = logging.getLogger("tunnel2.agent")
+
+_RECEIVE_SIZE: Final = 65536
+
+
+def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
+    """Method and body framing of a request head the relay wrote.
+
+    The relay validated the client's request and states its framing canonically, once
+    (PROTOCOL.md §4.3), so no full parse is needed here; the backend parses what it gets.
+    """
+    method = head[: head.find(b" ")]
+    index = head.find(b"\r\nContent-Length: ")
+    if index >= 0:
+        start = index + len(b"\r\nContent-Length: ")
+        return method, http.Framing.LENGTH, int(head[start : head.find(b"\r\n", start)])
+    if head.find(b"\r\nTransfer-Encoding: chunked\r\n") >= 0:
+        return method, http.Framing.CHUNKED, 0
+    return method, http.Framing.NONE, 0
+
+
+def _response_head_for_tunnel(
+    response: http.ResponseHead, head: bytes, framing: http.Framing
+) -> tuple[bytes, bool]:
+    """The head carried through the tunnel, and whether the backend keeps the connection.
+
+    Works on the bytes (DESIGN.md: change heads at the byte level): hop-by-hop field lines
+    are cut out with one regex pass (a 101 keeps Connection and Upgrade), and the framing is
+    normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3).
+
+    Args:
+        response: ``head`` parsed (so every field line in it is valid).
+        head: the backend's response head, ending in CRLF CRLF.
+        framing: the body framing of the response.
+    """
+    status = response.status
+    fields = head[head.find(b"\r\n") + 2 : -2]
+    fields = (_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE).sub(b"", fields)
+    tokens = http.connection_tokens(response)
+    named = tokens - http.CONNECTION_OPTIONS
+    if named:  # rare: fields the Connection header marks hop-by-hop
+        fields = http.drop_fields(fields, named)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
+    if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    if b"close" in tokens:
+        keep_alive = False
+    else:
+        keep_alive = response.http_version == b"1.1" or b"keep-alive" in tokens
+    return b"".join(parts), keep_alive
+
+
+_HOP_BY_HOP_RE: Final = http.field_lines_re(http.HOP_BY_HOP)
+_HOP_BY_HOP_101_RE: Final = http.field_lines_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
+
+
+# RESET reasons: kinds of failure, no addresses and no bytes of the backend's answer.
+_REFUSED: Final = "the backend refused the connection"
+_CLOSED: Final = "the backend closed the connection before answering"
+_INVALID: Final = "the backend sent an invalid response"
+_BROKE: Final = "the backend connection broke"
+_HEAD_TOO_LARGE: Final = "the backend's response head is too large for the tunnel"
+_TLS_FAILED: Final = "the TLS handshake with the backend failed"
+
+
+class _BackendGone(Exception):
+    """A reused keep-alive connection turned out to be closed before any answer."""
+
+
+# What a backend exchange can fail with, besides _BackendGone.
+_EXCHANGE_ERRORS: Final = (
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    StreamReset,
+    UplinkClosed,
+)
+
+
+_HOST_FIELD_RE: Final = http.field_lines_re({b"host"})
+
+
+@final
+class BackendForwarder:
+    """Answers streams by forwarding them to an HTTP/1.1 backend at ``host:port``.
+
+    Keeps up to ``max_idle`` keep-alive connections open for reuse. A request on a reused
+    connection the backend had already closed is retried once on a fresh one when nothing of
+    it was consumed yet (no body).
+
+    With ``ssl_context`` the backend speaks https: the TLS handshake is part of opening a
+    pooled connection, the certificate is checked for ``host`` (also sent as SNI), and the
+    request's Host names the backend (as its certificate does); the client's Host stays in
+    X-Forwarded-Host.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int = 128,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.ssl_context = ssl_context
+        self._idle: collections.deque[SocketOrTls] = collections.deque()
+        self._host_line: bytes | None = None
+        if ssl_context is not None:
+            name = f"[{host}]" if ":" in host else host
+            authority = name if port == 443 else f"{name}:{port}"
+            self._host_line = b"Host: %s\r\n" % authority.encode("idna")
+
+    def __repr__(self) -> str:
+        return f"<BackendForwarder {self.target} idle={len(self._idle)}>"
+
+    @property
+    def target(self) -> str:
+        """``http(s)://host:port`` for messages."""
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def aclose(self) -> None:
+        """Close the idle connections."""
+        while self._idle:
+            await trio.aclose_forcefully(self._idle.pop())
+
+    async def __call__(self, stream: TunnelStream) -> int | None:
+        """Forward one request; return the backend's status (None if it gave none)."""
+        head = stream.head
+        assert head is not None
+        if self._host_line is not None:
+            start_line = head.find(b"\r\n") + 2
+            head = b"".join(
+                [head[:start_line], self._host_line, _HOST_FIELD_RE.sub(b"", head[start_line:])]
+            )
+        method, framing, length = _relay_head_framing(head)
+        has_body = length > 0 or framing is http.Framing.CHUNKED
+        for attempt in (0, 1):
+            conn = self._checkout(check=has_body) if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await self._open()
+                except OSError as exc:
+                    self._fail(stream, _REFUSED, exc.strerror or str(exc))
+                    return None
+                except trio.BrokenResourceError as exc:  # the TLS handshake failed
+                    self._fail(stream, _TLS_FAILED, str(exc))
+                    return None
+            keep = False
+            try:
+                status, keep = await self._exchange(
+                    conn, stream, head, method, has_body, framing, reused
+                )
+                break
+            except _BackendGone:
+                if has_body:  # its body is consumed: it cannot be sent again
+                    self._fail(stream, _CLOSED, "a reused connection was closed")
+                    return None
+                continue  # retry once on a fresh connection
+            except LocalProtocolError as exc:  # its head does not fit one OPEN frame
+                self._fail(stream, _HEAD_TOO_LARGE, str(exc))
+                return None
+            except ProtocolError as exc:
+                self._fail(stream, _INVALID, str(exc))
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(stream, _BROKE, str(exc) or type(exc).__name__)
+                return None
+            finally:
+                if keep and len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                else:
+                    await trio.aclose_forcefully(conn)
+        else:  # pragma: no cover - the loop always breaks or returns
+            return None
+        return status
+
+    def _fail(self, stream: TunnelStream, kind: str, detail: str) -> None:
+        """Reset ``stream`` (the relay answers 502) with a generic ``kind`` of failure: the
+        visitor learns neither the backend's address nor bytes of its answer. The details
+        go to the agent's log, once (PROTOCOL.md §4.5)."""
+        logger.warning(
+            "stream %d: %s (backend %s:%d: %s)", stream.id, kind, self.host, self.port, detail
+        )
+        stream.reset(ErrorCode.BACKEND_UNAVAILABLE, kind)
+
+    async def _open(self) -> SocketOrTls:
+        conn = await connect_tcp(self.host, self.port)
+        if self.ssl_context is None:
+            return conn
+        return await wrap_client(conn, self.ssl_context, self.host)
+
+    def _checkout(self, *, check: bool) -> SocketOrTls | None:
+        """An idle pooled connection, or None.
+
+        With ``check`` (a request whose body cannot be sent twice), one the backend has
+        closed meanwhile is dropped first (a peek, as urllib3 and httpcore do); without it,
+        a closed one shows when the request is sent, and is retried on a fresh connection.
+        """
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not check or not conn.peer_closed():
+                return conn
+            conn.close()
+        return None
+
+    async def _exchange(
+        self,
+        conn: SocketOrTls,
+        stream: TunnelStream,
+        head: bytes,
+        method: bytes,
+        has_body: bool,
+        framing: http.Framing,
+        reused: bool,
+    ) -> tuple[int, bool]:
+        """Send the request and relay the response; return (status, reusable)."""
+        buf = bytearray()
+        if not has_body:
+            try:
+                await conn.send_all(head)
+            except trio.BrokenResourceError:
+                if reused:
+                    raise _BackendGone() from None
+                raise
+            return await self._relay_response(conn, stream, buf, method, reused)
+        # The body streams to the backend while its answer may already come back. Errors
+        # are kept and raised after the nursery (which would wrap them in a group).
+        errors: list[BaseException] = []
+        result: tuple[int, bool] | None = None
+        sent = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def pump() -> None:
+                try:
+                    await self._pump_body(conn, stream, head, framing, sent)
+                except _EXCHANGE_ERRORS as exc:
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump)
+            try:
+                result = await self._relay_response(conn, stream, buf, method, reused)
+            except (_BackendGone, *_EXCHANGE_ERRORS) as exc:
+                errors.append(exc)
+            nursery.cancel_scope.cancel()  # an early answer: the rest of the body is unwanted
+        if errors:
+            raise errors[0]
+        assert result is not None
+        # Reusable only if the backend also got the whole body.
+        return result[0], result[1] and sent.is_set()
+
+    async def _pump_body(
+        self,
+        conn: SocketOrTls,
+        stream: TunnelStream,
+        head: bytes,
+        framing: http.Framing,
+        sent: trio.Event,
+    ) -> None:
+        chunked = framing is http.Framing.CHUNKED
+        pending = head
+        while True:
+            data = await stream.receive_data()
+            if not data:
+                await conn.send_all(pending + http.LAST_CHUNK if chunked else pending)
+                sent.set()
+                return
+            await conn.send_all(pending + (http.encode_chunk(data) if chunked else data))
+            pending = b""
+
+    async def _relay_response(
+        self,
+        conn: SocketOrTls,
+        stream: TunnelStream,
+        buf: bytearray,
+        method: bytes,
+        reused: bool,
+    ) -> tuple[int, bool]:
+        # The head, skipping interim 1xx answers (the entry already said 100 Continue).
+        while True:
+            end = http.find_head_end(buf)
+            while end < 0:
+                data = await conn.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    if reused and not buf:
+                        raise _BackendGone()
+                    raise RemoteProtocolError(
+                        "backend closed the connection before a complete response head"
+                    )
+                buf += data
+                if len(buf) > http.MAX_HEAD_SIZE:
+                    raise RemoteProtocolError("backend response head is too large")
+                end = http.find_head_end(buf)
+            head = http.take(buf, end)
+            response = http.parse_response_head(head)
+            if response.status >= 200 or response.status == 101:
+                break
+        framing, length = http.response_framing(response, method)
+        tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing)
+        stream.send_head(tunnel_head)
+        if response.status == 101:
+            await _splice(conn, stream, buf)
+            return 101, False
+        reader = http.make_body_reader(framing, length)
+        while True:
+            data = reader.read(buf) if buf else b""
+            if reader.done:
+                try:  # the common small answer: head, body and END in one write, no yield
+                    stream.send_data_nowait(data, end=True)
+                except trio.WouldBlock:
+                    await stream.send_data(data, end=True)
+                break
+            if data:
+                await stream.send_data(data)
+            more = await conn.receive_some(_RECEIVE_SIZE)
+            if not more:
+                reader.feed_eof()
+                await stream.send_data(b"", end=True)
+                break
+            buf += more
+        reusable = keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
+        return response.status, reusable
+
+
+async def _splice(conn: SocketOrTls, stream: TunnelStream, buf: bytearray) -> None:
+    """After a 101 from the backend: carry raw bytes both ways until either side is done."""
+
+    async def downstream() -> None:
+        try:
+            while data := await stream.receive_data():
+                await conn.send_all(data)
+            if isinstance(conn, trio.abc.HalfCloseableStream):  # TLS cannot half-close
+                await conn.send_eof()  # the client is done sending; the backend may still answer
+        except (trio.BrokenResourceError, trio.ClosedResourceError, StreamReset, UplinkClosed):
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(downstream)
+        try:
+            if buf:
+                await stream.send_data(bytes(buf))
+                buf.clear()
+            while data := await conn.receive_some(_RECEIVE_SIZE):
+                await stream.send_data(data)
+            stream.send_end()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        nursery.cancel_scope.cancel()
