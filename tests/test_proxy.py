@@ -731,3 +731,15 @@ async def test_visitor_forged_forwarding_headers_never_reach_the_app() -> None:
     assert seen["client"] is None
     assert not any("6.6.6.6" in value for _, value in seen["headers"])
     assert header_values(seen, "x-forwarded-proto") == ["http"]
+
+
+async def test_the_path_form_names_its_prefix_and_the_host_form_none() -> None:
+    forged = [("X-Forwarded-Prefix", "/evil"), ("x-forwarded-prefix", "/evil2")]
+    async with tunnel_for(echo_app, ServerConfig(domain="tunnels.test")) as tunnel:
+        session = tunnel.agent.session_id
+        by_path = await tunnel.request("GET", "/a?b=1", headers=forged)
+        by_host = await tunnel.request(
+            "GET", "/a", headers=[("Host", f"{session}.tunnels.test"), *forged], raw_path=True
+        )
+    assert header_values(json.loads(by_path.body), "x-forwarded-prefix") == [f"/session/{session}"]
+    assert header_values(json.loads(by_host.body), "x-forwarded-prefix") == []

@@ -49,6 +49,7 @@ _DROP_RE: Final = http.field_lines_re(
     http.HOP_BY_HOP
     | {b"proxy-authorization", b"proxy-authenticate", b"expect", b"content-length"}
     | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+    | {b"x-forwarded-prefix"}
     | {b"x-real-ip"}
 )
 # Trusted proxies walked back through X-Forwarded-For at most; past that, the element
@@ -543,7 +544,7 @@ class ProxyEntry:
         self, conn: _Connection, request: http.RequestHead, length: int, framing: http.Framing
     ) -> tuple[RequestStarted, float, int]:
         try:
-            session_id, target = self._route(request)
+            session_id, target, _ = self._route(request)
         except _Answer:
             session_id, target = "", request.target
         path = target.partition(b"?")[0].decode("ascii", "replace")
@@ -572,14 +573,15 @@ class ProxyEntry:
 
     # --- one request --------------------------------------------------------------------
 
-    def _route(self, request: http.RequestHead) -> tuple[str, bytes]:
-        """Return (session id, target for the backend) or raise _Answer 404."""
+    def _route(self, request: http.RequestHead) -> tuple[str, bytes, bytes]:
+        """Return (session id, target for the backend, public path prefix) or raise _Answer
+        404. The prefix is ``/session/{id}`` on the path form, empty on the Host form."""
         if self._domain_suffix is not None:
             host = (request.get(b"host") or b"").rpartition(b":")[0] or request.get(b"host")
             if host and host.lower().endswith(self._domain_suffix):
                 label = host[: -len(self._domain_suffix)]
                 if label and b"." not in label:
-                    return label.decode("ascii", "replace"), request.target
+                    return label.decode("ascii", "replace"), request.target, b""
         target = request.target
         if target.startswith(_SESSION_PREFIX):
             rest = target[len(_SESSION_PREFIX) :]
@@ -592,7 +594,8 @@ class ProxyEntry:
             if not backend_target.startswith(b"/"):
                 backend_target = b"/" + backend_target
             if session_id:
-                return session_id.decode("ascii", "replace"), backend_target
+                prefix = target[: len(_SESSION_PREFIX) + cut]
+                return session_id.decode("ascii", "replace"), backend_target, prefix
         raise _Answer(
             404,
             "no tunnel here: use /session/{id}/... "
@@ -604,6 +607,7 @@ class ProxyEntry:
         request: http.RequestHead,
         head: bytes,
         target: bytes,
+        prefix: bytes,
         framing: http.Framing,
         length: int,
         peer: tuple[bytes, int],
@@ -611,7 +615,8 @@ class ProxyEntry:
     ) -> bytes:
         """The request head for the agent, changed at the byte level (DESIGN.md): the
         request line gets the backend's target, hop-by-hop and X-Forwarded-* field lines are
-        cut out in one regex pass, and our own framing and X-Forwarded-* lines are added."""
+        cut out in one regex pass, and our own framing and X-Forwarded-* lines are added
+        (``X-Forwarded-Prefix`` with the public path prefix, on the path form only)."""
         fields = _DROP_RE.sub(b"", head[head.find(b"\r\n") + 2 : -2])
         named = http.connection_tokens(request) - http.CONNECTION_OPTIONS
         if named:  # rare: fields the Connection header marks hop-by-hop
@@ -629,6 +634,8 @@ class ProxyEntry:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif framing is http.Framing.LENGTH:
             parts.append(b"Content-Length: %d\r\n" % length)
+        if prefix:
+            parts.append(b"X-Forwarded-Prefix: %s\r\n" % prefix)
         parts.append(_forwarding_lines(request, peer, self._proto, host, self._trusted))
         return b"".join(parts)
 
@@ -642,7 +649,7 @@ class ProxyEntry:
     ) -> bool:
         """Carry one request through the tunnel; return whether the connection stays open."""
         config = self.config
-        session_id, target = self._route(request)
+        session_id, target, prefix = self._route(request)
         if (
             config.max_body_size is not None
             and framing is http.Framing.LENGTH
@@ -680,7 +687,7 @@ class ProxyEntry:
             )
         upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
         head = self._forward_head(
-            request, head, target, framing, length, (conn.peer, conn.peer_port), upgrade
+            request, head, target, prefix, framing, length, (conn.peer, conn.peer_port), upgrade
         )
         try:
             stream = route.open_stream(head)
