@@ -4,10 +4,23 @@
 One run, loopback only, every phase bounded in time. It starts an nginx backend serving a
 small static file, the ``tunnel2 backend`` test server, a tunnel2 relay + agent in front of
 the nginx backend, a second nginx as a plain reverse proxy and an OpenSSH reverse tunnel,
-then drives each path with ``wrk --latency`` at each connection count and prints req/s, p50,
-p99, errors, the ratio to the direct rate and the CPU microseconds per request of the relay
-and agent processes (from ``/proc/PID/stat``). ``--aggressive`` then runs ``tunnel2
-loadtest --profile aggressive`` through the tunnel against the direct backend.
+then drives each path at each connection count and prints req/s, p50, p99, mean, errors,
+the ratio to the direct rate and the CPU microseconds per request of the relay and agent
+processes (from ``/proc/PID/stat``). ``--aggressive`` then runs ``tunnel2 loadtest
+--profile aggressive`` through the tunnel against the direct backend.
+
+Loads (``--loads``, one or more):
+
+* ``keepalive``: ``wrk --latency``, kept-alive connections, as fast as they go;
+* ``close``: ``ab`` without ``-k``, a new connection per request (how the reference
+  deployment measured its tunnel);
+* ``burst``: ``hey -q`` at a fixed total rate (``--burst-rate``, default 1000 req/s over
+  the connection count), bursty arrivals; its figure is the mean latency each path adds
+  to the direct one.
+
+These machines are shared and their speed swings by tens of percent within minutes, so
+``--rounds N`` measures every path once per round, rounds interleaved, and reports the
+median round with each round's figure beside it: compare paths within one run only.
 
 Every process it starts is stopped by PID at the end, also on error, Ctrl-C or SIGTERM.
 Only the standard library is used; run it with the interpreter that has tunnel2 installed::
@@ -59,6 +72,8 @@ APT_PACKAGES = {
     "sshd": "openssh-server",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "ab": "apache2-utils",
+    "hey": "hey",
 }
 
 
@@ -585,6 +600,7 @@ class WrkResult:
     rps: float
     p50_ms: float | None
     p99_ms: float | None
+    mean_ms: float | None = None
     connect_errors: int = 0
     read_errors: int = 0
     write_errors: int = 0
@@ -626,12 +642,14 @@ def parse_wrk(text: str) -> WrkResult:
         r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", distribution, re.MULTILINE
     ):
         percentiles[f"{float(match.group(1)):g}"] = _to_ms(match.group(2), match.group(3))
+    mean = re.search(r"^\s*Latency\s+([\d.]+)(us|ms|s|m|h)\b", text, re.MULTILINE)
     result = WrkResult(
         requests=int(summary.group(1)),
         seconds=_to_ms(summary.group(2), summary.group(3)) / 1000,
         rps=float(rate.group(1)),
         p50_ms=percentiles.get("50"),
         p99_ms=percentiles.get("99"),
+        mean_ms=_to_ms(mean.group(1), mean.group(2)) if mean else None,
     )
     socket_errors = re.search(
         r"Socket errors:\s*connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
@@ -666,6 +684,101 @@ def run_wrk(
     return parse_wrk(text)
 
 
+def parse_ab(text: str) -> WrkResult:
+    """Parse ``ab`` output; ValueError if the summary lines are missing."""
+    complete = re.search(r"^Complete requests:\s*(\d+)", text, re.MULTILINE)
+    taken = re.search(r"^Time taken for tests:\s*([\d.]+) seconds", text, re.MULTILINE)
+    rate = re.search(r"^Requests per second:\s*([\d.]+)", text, re.MULTILINE)
+    if not complete or not taken or not rate:
+        raise ValueError(f"no summary in ab output:\n{text.strip()[-800:]}")
+    percentiles = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^\s*(\d+)%\s+(\d+)", text, re.MULTILINE)
+    }
+    mean = re.search(r"^Time per request:\s*([\d.]+) \[ms\] \(mean\)$", text, re.MULTILINE)
+    failed = re.search(r"^Failed requests:\s*(\d+)", text, re.MULTILINE)
+    non_2xx = re.search(r"^Non-2xx responses:\s*(\d+)", text, re.MULTILINE)
+    return WrkResult(
+        requests=int(complete.group(1)),
+        seconds=float(taken.group(1)),
+        rps=float(rate.group(1)),
+        p50_ms=percentiles.get("50"),
+        p99_ms=percentiles.get("99"),
+        # ab's first "Time per request" is per concurrent request: the latency.
+        mean_ms=float(mean.group(1)) if mean else None,
+        read_errors=int(failed.group(1)) if failed else 0,
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+    )
+
+
+def parse_hey(text: str) -> WrkResult:
+    """Parse ``hey`` output; ValueError if the summary lines are missing."""
+    total = re.search(r"^\s*Total:\s*([\d.]+) secs", text, re.MULTILINE)
+    rate = re.search(r"^\s*Requests/sec:\s*([\d.]+)", text, re.MULTILINE)
+    mean = re.search(r"^\s*Average:\s*([\d.]+) secs", text, re.MULTILINE)
+    if not total or not rate or not mean:
+        raise ValueError(f"no summary in hey output:\n{text.strip()[-800:]}")
+    percentiles = {
+        m.group(1): float(m.group(2)) * 1000
+        for m in re.finditer(r"^\s*(\d+)% in ([\d.]+) secs", text, re.MULTILINE)
+    }
+    codes = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"^\s*\[(\d+)\]\s+(\d+) responses", text, re.MULTILINE)
+    }
+    _, _, error_part = text.partition("Error distribution:")
+    errors = sum(int(m.group(1)) for m in re.finditer(r"^\s*\[(\d+)\]", error_part, re.M))
+    return WrkResult(
+        requests=sum(codes.values()),
+        seconds=float(total.group(1)),
+        rps=float(rate.group(1)),
+        p50_ms=percentiles.get("50"),
+        p99_ms=percentiles.get("99"),
+        mean_ms=float(mean.group(1)) * 1000,
+        read_errors=errors,
+        non_2xx=sum(n for code, n in codes.items() if not 200 <= code < 400),
+    )
+
+
+def run_load(
+    procs: Processes,
+    tools: dict[str, str | None],
+    load: str,
+    url: str,
+    connections: int,
+    args: argparse.Namespace,
+) -> WrkResult:
+    """Drive ``url`` with ``load`` for ``args.duration`` seconds."""
+    seconds = args.duration
+    tool = {"keepalive": "wrk", "close": "ab", "burst": "hey"}[load]
+    if tools[tool] is None:
+        raise StartError(f"{tool} is not installed (apt-get install {APT_PACKAGES[tool]})")
+    if load == "keepalive":
+        return run_wrk(
+            procs,
+            tools["wrk"] or "wrk",
+            url,
+            threads=args.threads,
+            connections=connections,
+            seconds=seconds,
+        )
+    if load == "close":
+        # -n is a ceiling that -t reaches first; -r: a failed receive is counted, not fatal.
+        argv = [str(tools["ab"]), "-q", "-r", "-s", "10", "-c", str(connections)]
+        argv += ["-t", str(seconds), "-n", "100000000", url]
+        proc = procs.run("ab", argv, timeout=seconds + 30)
+        if proc.popen.returncode != 0:
+            raise StartError(proc.why_dead())
+        return parse_ab(proc.stdout_text())
+    per_worker = max(args.burst_rate / connections, 1.0)
+    argv = [str(tools["hey"]), "-z", f"{seconds}s", "-c", str(connections)]
+    argv += ["-q", f"{per_worker:g}", "-t", "10", url]
+    proc = procs.run("hey", argv, timeout=seconds + 30)
+    if proc.popen.returncode != 0:
+        raise StartError(proc.why_dead())
+    return parse_hey(proc.stdout_text())
+
+
 # --- measurement --------------------------------------------------------------------------
 
 
@@ -689,6 +802,8 @@ class Row:
     cpu_percent: dict[str, float] = field(default_factory=dict)
     """Share of one CPU the role's processes used during the measured window."""
     memory: dict[str, tuple[int, int]] = field(default_factory=dict)
+    rounds: list[float] = field(default_factory=list)
+    """With --rounds: this path's figure in each round (req/s, or mean ms for burst)."""
 
 
 def _snapshot(pids: list[int]) -> dict[int, int]:
@@ -697,14 +812,19 @@ def _snapshot(pids: list[int]) -> dict[int, int]:
 
 
 def measure(
-    procs: Processes, wrk: str, target: Target, connections: int, args: argparse.Namespace
+    procs: Processes,
+    tools: dict[str, str | None],
+    load: str,
+    target: Target,
+    connections: int,
+    args: argparse.Namespace,
 ) -> Row:
     row = Row(target.name)
     try:
         if args.warmup > 0:
             run_wrk(
                 procs,
-                wrk,
+                tools["wrk"] or "wrk",
                 target.url,
                 threads=args.threads,
                 connections=connections,
@@ -713,14 +833,7 @@ def measure(
             )
         before = {role: _snapshot(pids()) for role, pids in target.roles.items()}
         started = time.monotonic()
-        result = run_wrk(
-            procs,
-            wrk,
-            target.url,
-            threads=args.threads,
-            connections=connections,
-            seconds=args.duration,
-        )
+        result = run_load(procs, tools, load, target.url, connections, args)
         after = {role: _snapshot(pids()) for role, pids in target.roles.items()}
         window = time.monotonic() - started
     except (StartError, ValueError) as exc:
@@ -777,42 +890,55 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
     return "\n".join(out)
 
 
-def results_table(rows: list[Row], markdown: bool) -> str:
+def results_table(rows: list[Row], markdown: bool, *, burst: bool = False) -> str:
     direct = next((r.result for r in rows if r.path == "direct" and r.result), None)
     headers = [
         "path",
         "req/s",
         "p50 ms",
         "p99 ms",
+        "mean ms",
+        "added mean ms" if burst else "vs direct",
         "errors",
-        "vs direct",
         "relay CPU µs/req",
         "agent CPU µs/req",
     ]
+    if any(len(row.rounds) > 1 for row in rows):
+        headers.append("each round (mean ms)" if burst else "each round (req/s)")
     body = []
     for row in rows:
         if row.result is None:
-            body.append([row.path, "failed", "-", "-", "-", "-", "-", "-"])
+            body.append([row.path, "failed", *["-"] * (len(headers) - 2)])
             continue
-        ratio = f"{row.result.rps / direct.rps:.3f}" if direct and direct.rps else "-"
-        body.append(
-            [
-                row.path,
-                f"{row.result.rps:,.0f}",
-                fmt_ms(row.result.p50_ms),
-                fmt_ms(row.result.p99_ms),
-                row.result.error_text(),
-                ratio,
-                fmt_cpu(row, "relay"),
-                fmt_cpu(row, "agent"),
-            ]
-        )
+        result = row.result
+        if burst:
+            added = (
+                f"{result.mean_ms - direct.mean_ms:+.2f}"
+                if direct and direct.mean_ms is not None and result.mean_ms is not None
+                else "-"
+            )
+        else:
+            added = f"{result.rps / direct.rps:.3f}" if direct and direct.rps else "-"
+        cells = [
+            row.path,
+            f"{result.rps:,.0f}",
+            fmt_ms(result.p50_ms),
+            fmt_ms(result.p99_ms),
+            fmt_ms(result.mean_ms),
+            added,
+            result.error_text(),
+            fmt_cpu(row, "relay"),
+            fmt_cpu(row, "agent"),
+        ]
+        if len(headers) > len(cells):
+            cells.append(" / ".join(fmt_ms(v) if burst else f"{v:,.0f}" for v in row.rounds))
+        body.append(cells)
     return render(headers, body, markdown)
 
 
-def tunnel2_table(results: dict[int, list[Row]], markdown: bool) -> str:
+def tunnel2_table(results: dict[str, list[Row]], markdown: bool) -> str:
     headers = [
-        "connections",
+        "load",
         "req/s",
         "entry CPU µs/req",
         "agent CPU µs/req",
@@ -821,7 +947,7 @@ def tunnel2_table(results: dict[int, list[Row]], markdown: bool) -> str:
         "agent RSS / HWM MiB",
     ]
     body = []
-    for connections, rows in results.items():
+    for label, rows in results.items():
         for row in rows:
             if row.path != "tunnel2" or row.result is None:
                 continue
@@ -833,7 +959,7 @@ def tunnel2_table(results: dict[int, list[Row]], markdown: bool) -> str:
             ]
             body.append(
                 [
-                    str(connections),
+                    label,
                     f"{row.result.rps:,.0f}",
                     fmt_cpu(row, "relay"),
                     fmt_cpu(row, "agent"),
@@ -868,8 +994,11 @@ def machine_info(tools: dict[str, str | None], args: argparse.Namespace) -> list
         f"kernel: {platform.system()} {platform.release()}; Python {platform.python_version()}",
         f"load average at start: {load}",
         f"tunnel2 {version} (git {commit}); wrk {wrk}; nginx {nginx}; {ssh}",
-        f"method: wrk -t{args.threads} -cN -d{args.duration}s --latency after a "
-        f"{args.warmup} s unmeasured warm-up per path; loopback; all processes on this machine",
+        f"method: {args.duration} s per path and load (keepalive: wrk -t{args.threads} -cN "
+        f"--latency; close: ab -cN without -k; burst: hey -cN -q at {args.burst_rate:g} req/s "
+        f"in all) after a {args.warmup} s unmeasured wrk warm-up; {args.rounds} round(s), "
+        "paths interleaved in each, the median round shown; loopback; all processes on this "
+        "machine",
     ]
 
 
@@ -1065,7 +1194,7 @@ def run_aggressive(procs: Processes, args: argparse.Namespace, stack: Stack) -> 
 
 
 def build_report(
-    info: list[str], results: dict[int, list[Row]], notes: list[str], markdown: bool
+    info: list[str], results: dict[str, list[Row]], notes: list[str], markdown: bool
 ) -> str:
     out: list[str] = []
     if markdown:
@@ -1073,9 +1202,10 @@ def build_report(
         out += [f"- {line}" for line in info]
     else:
         out += ["tunnel2 benchmark", *info]
-    for connections, rows in results.items():
-        out += ["", f"### {connections} connections" if markdown else f"{connections} connections:"]
-        out += ["", results_table(rows, markdown)] if markdown else [results_table(rows, markdown)]
+    for label, rows in results.items():
+        table = results_table(rows, markdown, burst=label.startswith("burst"))
+        out += ["", f"### {label}" if markdown else f"{label}:"]
+        out += ["", table] if markdown else [table]
     t2 = tunnel2_table(results, markdown)
     if t2:
         title = "tunnel2 entry (relay) and agent: CPU per request, memory after the run"
@@ -1086,7 +1216,11 @@ def build_report(
         "agent CPU: tunnel2 agent / ssh client; utime+stime over the measured window divided by "
         "the requests wrk completed. The backend's and wrk's CPU are not counted.",
         "CPU %: share of one core during the measured window (100 = one core saturated).",
-        "errors: wrk socket errors (connect, read, write, timeout) + non-2xx/3xx responses.",
+        "errors: socket errors (wrk: connect, read, write, timeout; ab: failed requests; "
+        "hey: errors) + non-2xx/3xx responses.",
+        "loads: keepalive = wrk on kept-alive connections; close = ab without -k, a new "
+        "connection per request; burst = hey -q at a fixed total rate, added mean ms = the "
+        "path's mean latency minus direct's.",
         *notes,
     ]
     out += [""]
@@ -1101,27 +1235,37 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
         log(line)
     stack = setup(procs, tools, args)
     per_run = args.warmup + args.duration
-    estimate = len(stack.targets) * len(args.connections) * per_run
+    estimate = len(stack.targets) * len(args.connections) * len(args.loads) * per_run
     log(
-        f"measuring {', '.join(t.name for t in stack.targets)} at "
-        f"{' '.join(map(str, args.connections))} connections: about {estimate} s"
+        f"measuring {', '.join(t.name for t in stack.targets)} with {' '.join(args.loads)} at "
+        f"{' '.join(map(str, args.connections))} connections, {args.rounds} round(s): "
+        f"about {estimate * args.rounds} s"
     )
-    results: dict[int, list[Row]] = {}
+    measured: dict[str, dict[str, list[Row]]] = {}
     failed = stack.tunnel2_failed
-    for connections in args.connections:
-        rows = results.setdefault(connections, [])
-        for target in stack.targets:
-            log(f"{target.name} at {connections} connections ({target.url})")
-            row = measure(procs, tools["wrk"] or "wrk", target, connections, args)
-            rows.append(row)
-            if row.result is None:
-                failed = True
-                stack.note(f"{target.name} at {connections} connections failed: {row.failure}")
-            else:
-                log(
-                    f"  {row.result.rps:,.0f} req/s, p50 {fmt_ms(row.result.p50_ms)} ms, "
-                    f"p99 {fmt_ms(row.result.p99_ms)} ms, errors {row.result.error_text()}"
-                )
+    for round_number in range(1, args.rounds + 1):  # rounds interleaved: each path once
+        for load in args.loads:
+            for connections in args.connections:
+                label = f"{load}, {connections} connections"
+                if load == "burst":
+                    label += f" at {args.burst_rate:g} req/s"
+                for target in stack.targets:
+                    log(f"round {round_number}: {target.name}, {label} ({target.url})")
+                    row = measure(procs, tools, load, target, connections, args)
+                    measured.setdefault(label, {}).setdefault(target.name, []).append(row)
+                    if row.result is None:
+                        failed = True
+                        stack.note(f"{target.name}, {label} failed: {row.failure}")
+                    else:
+                        log(
+                            f"  {row.result.rps:,.0f} req/s, p50 {fmt_ms(row.result.p50_ms)} "
+                            f"ms, mean {fmt_ms(row.result.mean_ms)} ms, errors "
+                            f"{row.result.error_text()}"
+                        )
+    results = {
+        label: [median_row(rows, burst=label.startswith("burst")) for rows in by_path.values()]
+        for label, by_path in measured.items()
+    }
     info.append("load average at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print()
     print(build_report(info, results, stack.notes, markdown=False), flush=True)
@@ -1138,6 +1282,23 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             args.markdown.write_text(f"{markdown}\n{title}\n\n```text\n{report.rstrip()}\n```\n")
         failed = failed or status not in (0, 1)
     return 1 if failed else 0
+
+
+def median_row(rows: list[Row], *, burst: bool) -> Row:
+    """The median round of one path (by req/s, or by mean latency for bursts), with every
+    round's figure in ``rounds``; a failed round makes the whole row failed."""
+    failed = next((row for row in rows if row.result is None), None)
+    if failed is not None:
+        return failed
+
+    def figure(row: Row) -> float:
+        assert row.result is not None
+        return (row.result.mean_ms or 0.0) if burst else row.result.rps
+
+    ordered = sorted(rows, key=figure)
+    median = ordered[(len(ordered) - 1) // 2]
+    median.rounds = [figure(row) for row in rows]
+    return median
 
 
 def _positive_int(text: str) -> int:
@@ -1176,6 +1337,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="unmeasured warm-up seconds before each measurement (default 2; 0: none)",
     )
     parser.add_argument("--threads", type=_positive_int, default=2, help="wrk threads (2)")
+    parser.add_argument(
+        "--loads",
+        nargs="+",
+        choices=("keepalive", "close", "burst"),
+        default=["keepalive"],
+        metavar="LOAD",
+        help="keepalive (wrk), close (ab without -k: a connection per request), burst "
+        "(hey -q at --burst-rate); default keepalive",
+    )
+    parser.add_argument(
+        "--burst-rate",
+        type=float,
+        default=1000.0,
+        metavar="REQ/S",
+        help="total request rate of the burst load, shared by the connections (default 1000)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="measure every path N times, rounds interleaved; report the median (default 1)",
+    )
     parser.add_argument(
         "--paths",
         nargs="+",
