@@ -23,6 +23,7 @@ from tunnel2.sessions import (
     MemorySessionStore,
     Routed,
     RouteTable,
+    SessionLimit,
     SessionTaken,
 )
 from tunnel2.tokens import Identity, TokenError, TokenTable
@@ -163,6 +164,47 @@ async def test_store_keeps_owners_in_a_file(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read session owners"):
         MemorySessionStore(grace_period=1, owners_file=path)
+
+
+async def test_store_forgets_sessions_whose_lease_ran_out_unasked() -> None:
+    # A token holder re-dialling without its resume key makes a new random session each
+    # time; ones nobody asks for again must not pile up (nor count against it).
+    store = MemorySessionStore(grace_period=5)
+    for n in range(50):
+        lease = await store.claim(f"r{n}", "bob", now=n, exclusive=True, keep_owner=False)
+        await store.release(lease, now=n)
+    assert len(store) <= 6
+    assert store.sessions_of("bob") == len(store)
+    await store.get("other", now=1000)
+    assert len(store) == 0
+    assert store.sessions_of("bob") == 0
+    # A stale deadline (the session was claimed again) forgets nothing.
+    lease = await store.claim("s", "bob", now=0, exclusive=True, keep_owner=False)
+    await store.release(lease, now=0)
+    again = await store.claim("s", "bob", now=1, exclusive=False, keep_owner=False)
+    assert await store.get("s", now=100) is not None
+    await store.release(again, now=100)
+    assert await store.get("s", now=104) is not None
+    assert await store.get("s", now=106) is None
+
+
+async def test_store_caps_the_sessions_of_one_owner() -> None:
+    store = MemorySessionStore(grace_period=5)
+    web = await store.claim("web", "bob", now=0, exclusive=False, keep_owner=True, max_per_owner=2)
+    tmp = await store.claim("tmp", "bob", now=0, exclusive=True, keep_owner=False, max_per_owner=2)
+    with pytest.raises(SessionLimit, match="has 2 sessions, the most it may have") as caught:
+        await store.claim(
+            "one-more", "bob", now=0, exclusive=True, keep_owner=False, max_per_owner=2
+        )
+    assert isinstance(caught.value, SessionTaken)
+    # Joining a session it has is never refused; another owner has its own count.
+    await store.claim("web", "bob", now=0, exclusive=False, keep_owner=True, max_per_owner=2)
+    await store.claim("a", "alice", now=0, exclusive=True, keep_owner=False, max_per_owner=2)
+    # A fixed id it owns counts after its lease; a random one is forgotten, freeing a seat.
+    await store.release(web, now=1)
+    await store.release(tmp, now=1)
+    await store.claim("new", "bob", now=10, exclusive=True, keep_owner=False, max_per_owner=2)
+    assert store.sessions_of("bob") == 2  # web (owned for good) and new
 
 
 # --- the route table -------------------------------------------------------------------------
@@ -424,3 +466,28 @@ async def test_restarted_relay_answers_503_for_unknown_sessions_then_404(
     assert (await get()).startswith(b"HTTP/1.1 404 ")
     fresh = TunnelServer(ServerConfig(), base_url="http://x")  # no state: not a restart
     assert fresh.restart_grace_left(trio.current_time()) == 0
+
+
+async def test_one_identity_cannot_hold_more_sessions_than_its_cap(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with relay(tmp_path, grace_period=5, max_sessions_per_identity=2) as r:
+        async with r.agent(token=BOB) as first, r.agent(token=BOB) as second:
+            welcome(first)
+            welcome(second)
+            async with r.agent(token=BOB) as third:
+                assert isinstance(third, frames.Refuse), third
+                assert third.code == ErrorCode.OVERLOADED
+                assert "has 2 sessions, the most it may have" in third.reason
+            async with r.agent(token=MALLORY) as other:
+                welcome(other)  # another identity is not held back by bob's
+            # bob's own agent coming back with its resume key is a join, not one more.
+            async with r.agent(
+                token=BOB,
+                session_id=welcome(first).session_id,
+                resume_key=welcome(first).resume_key,
+            ) as back:
+                welcome(back)
+        await trio.sleep(10)  # both sessions' grace periods ran out: bob's seats are free
+        async with r.agent(token=BOB) as later:
+            welcome(later)

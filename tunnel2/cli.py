@@ -331,7 +331,8 @@ def _http(args: argparse.Namespace) -> int:
         return 1
 
 
-def _per_ip_cap(text: str) -> int | None:
+def _cap(text: str) -> int | None:
+    """A positive count, or ``0`` for no cap (``None``)."""
     return None if text.strip() == "0" else positive_int(text)
 
 
@@ -342,7 +343,7 @@ _FAIR_USE_OPTIONS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
     ("max_agent_connections", positive_int, "N", "agent connections at once, then 503"),
     (
         "max_connections_per_ip",
-        _per_ip_cap,
+        _cap,
         "N",
         "connections from one address that are not agents, then 429; 0: no cap, behind a "
         "reverse proxy",
@@ -355,6 +356,12 @@ _FAIR_USE_OPTIONS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
     ),
     ("write_timeout", positive_float, "SECONDS", "for a write to a visitor that reads nothing"),
     ("idle_timeout", positive_float, "SECONDS", "for a keep-alive connection's next request"),
+    (
+        "max_sessions_per_identity",
+        _cap,
+        "N",
+        "sessions one token identity may have at once (an open relay counts as one); 0: no cap",
+    ),
 )
 
 

@@ -44,6 +44,7 @@ from tunnel2.sessions import (
     Route,
     Routed,
     RouteTable,
+    SessionLimit,
     SessionStore,
     SessionTaken,
 )
@@ -127,6 +128,10 @@ class ServerConfig:
             (PROTOCOL.md §6.2).
         drain_hold: seconds a request waits for an agent when the session's agents are
             draining (a rolling restart) before it gets 502; 0 answers at once.
+        max_sessions_per_identity: sessions one identity may have at once (held, in their
+            grace period, or fixed ids it owns); a HELLO for one more is refused with
+            ``OVERLOADED``. On an open relay every agent is the same identity. ``None``: no
+            cap.
     """
 
     host: str = "127.0.0.1"
@@ -169,6 +174,10 @@ class ServerConfig:
         default=None, validator=attrs.validators.optional(attrs.validators.gt(0))
     )
     drain_hold: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    max_sessions_per_identity: int | None = attrs.field(
+        default=1000,
+        validator=attrs.validators.optional(attrs.validators.ge(1)),  # type: ignore[arg-type]
+    )
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -464,14 +473,19 @@ class TunnelServer:
         now = trio.current_time()
         requested = hello.session_id
         store = self.store
+        cap = self.config.max_sessions_per_identity
         if requested is None:
             session_id = secrets.token_hex(_RANDOM_ID_BYTES)
-            lease = await store.claim(session_id, owner, now=now, exclusive=True, keep_owner=False)
+            lease = await store.claim(
+                session_id, owner, now=now, exclusive=True, keep_owner=False, max_per_owner=cap
+            )
             return lease, self._resume_key("random", owner, session_id)
         random_key = self._resume_key("random", owner, requested)
         if hello.resume_key is not None and hmac.compare_digest(hello.resume_key, random_key):
             # Its own agent, back (after a drop, a lease that ran out, or a relay restart).
-            lease = await store.claim(requested, owner, now=now, exclusive=False, keep_owner=False)
+            lease = await store.claim(
+                requested, owner, now=now, exclusive=False, keep_owner=False, max_per_owner=cap
+            )
             return lease, random_key
         if _RANDOM_ID_RE.fullmatch(requested):
             raise _Refusal(
@@ -487,7 +501,9 @@ class TunnelServer:
                     f"the token of {identity.name} may not hold session {requested}",
                 )
             # Same identity joins; the owner is kept for good (PROTOCOL.md §3.4).
-            lease = await store.claim(requested, owner, now=now, exclusive=False, keep_owner=True)
+            lease = await store.claim(
+                requested, owner, now=now, exclusive=False, keep_owner=True, max_per_owner=cap
+            )
         else:
             # An open relay knows no identities: a held fixed id is rejoined only with the
             # resume key of its current holder, and never shared with anyone else.
@@ -499,7 +515,13 @@ class TunnelServer:
                 ):
                     nonce = current.nonce
             lease = await store.claim(
-                requested, "", now=now, exclusive=True, keep_owner=False, nonce=nonce
+                requested,
+                "",
+                now=now,
+                exclusive=True,
+                keep_owner=False,
+                nonce=nonce,
+                max_per_owner=cap,
             )
         return lease, self._resume_key("fixed", owner, requested, lease.nonce)
 
@@ -527,6 +549,8 @@ class TunnelServer:
             access = _access_policy(hello)
             try:
                 lease, resume_key = await self._claim(hello, identity)
+            except SessionLimit as exc:
+                raise _Refusal(ErrorCode.OVERLOADED, exc.reason) from None
             except SessionTaken as exc:
                 raise _Refusal(ErrorCode.UNAUTHORIZED, exc.reason) from None
         except _Refusal as refusal:

@@ -19,6 +19,8 @@ Two halves, split on purpose (STYLE.md §10):
 
 from __future__ import annotations
 
+import collections
+import heapq
 import json
 import logging
 import math
@@ -43,6 +45,7 @@ __all__ = [
     "Route",
     "RouteTable",
     "Routed",
+    "SessionLimit",
     "SessionStore",
     "SessionTaken",
     "Unknown",
@@ -80,6 +83,10 @@ class SessionTaken(Exception):
         self.reason = reason
 
 
+class SessionLimit(SessionTaken):
+    """The claim would give its owner more sessions than ``max_per_owner``."""
+
+
 class SessionStore(Protocol):
     """Where claims on sessions are decided; may be shared by several relay nodes."""
 
@@ -92,6 +99,7 @@ class SessionStore(Protocol):
         exclusive: bool,
         keep_owner: bool,
         nonce: str | None = None,
+        max_per_owner: int | None = None,
     ) -> Lease:
         """Take or join ``session_id`` for ``owner``, atomically.
 
@@ -105,8 +113,12 @@ class SessionStore(Protocol):
                 id, which nobody else may take later).
             nonce: the claimant proved it knows the record's nonce (a resume key): the
                 record must still have it; ``exclusive`` is then waived.
+            max_per_owner: a claim that would make a new session record refuses if
+                ``owner`` already has this many (held, leased, or fixed ids it owns for
+                good); joining one it has is never refused for this.
 
         Raises:
+            SessionLimit: ``owner`` has ``max_per_owner`` sessions already.
             SessionTaken: another owner holds it, or it is held and ``exclusive``, or the
                 ``nonce`` is stale.
         """
@@ -143,21 +155,32 @@ class MemorySessionStore:
         grace_period: seconds a session stays held after its last claim is released.
         owners_file: if set, the owners of fixed ids are kept in this JSON file (written
             atomically on each change, read at start), so they survive a restart.
+
+    Records whose lease ran out are forgotten as the clock passes their deadline (a heap of
+    deadlines, swept on each call: the cost is in proportion to what expires), so sessions
+    that are never asked for again do not pile up.
     """
 
     def __init__(self, *, grace_period: float, owners_file: str | Path | None = None) -> None:
         self.grace_period = grace_period
         self._records: dict[str, _Record] = {}
+        self._per_owner: collections.Counter[str] = collections.Counter()
+        self._expiry: list[tuple[float, str]] = []  # (deadline, session id), a heap
         self._owners_file = Path(owners_file) if owners_file is not None else None
         if self._owners_file is not None and self._owners_file.exists():
             for session_id, owner in _read_owners(self._owners_file).items():
                 self._records[session_id] = _Record(owner, secrets.token_hex(8), True)
+                self._per_owner[owner] += 1
 
     def __repr__(self) -> str:
         return f"<MemorySessionStore records={len(self._records)}>"
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def sessions_of(self, owner: str) -> int:
+        """How many session records ``owner`` has (held, leased, or fixed ids it owns)."""
+        return self._per_owner[owner]
 
     def owner_of(self, session_id: str) -> str | None:
         """Who holds ``session_id`` or owns it for good, if anyone (for tests, status)."""
@@ -173,8 +196,10 @@ class MemorySessionStore:
         exclusive: bool,
         keep_owner: bool,
         nonce: str | None = None,
+        max_per_owner: int | None = None,
     ) -> Lease:
         await trio.lowlevel.checkpoint()
+        self._sweep(now)
         record = self._current(session_id, now)
         if record is not None and record.owner != owner:
             raise SessionTaken(f"session {session_id} belongs to another identity")
@@ -184,8 +209,15 @@ class MemorySessionStore:
         elif exclusive and record is not None and record.held(now):
             raise SessionTaken(f"session {session_id} is held by another agent")
         if record is None:
+            if max_per_owner is not None and self._per_owner[owner] >= max_per_owner:
+                raise SessionLimit(
+                    f"{'this identity has' if owner else 'this open relay has'} "
+                    f"{self._per_owner[owner]} sessions, the most it may have; sessions "
+                    "no agent holds any more are forgotten after their grace period"
+                )
             record = _Record(owner, secrets.token_hex(8), keep_owner)
             self._records[session_id] = record
+            self._per_owner[owner] += 1
             if keep_owner:
                 self._save()
         elif keep_owner and not record.keep_owner:
@@ -204,9 +236,12 @@ class MemorySessionStore:
         record.claims.discard(lease.epoch)
         if not record.claims:
             record.deadline = now + self.grace_period
+            heapq.heappush(self._expiry, (record.deadline, lease.session_id))
+        self._sweep(now)
 
     async def get(self, session_id: str, *, now: float) -> Lease | None:
         await trio.lowlevel.checkpoint()
+        self._sweep(now)
         record = self._current(session_id, now)
         if record is None:
             return None
@@ -223,7 +258,18 @@ class MemorySessionStore:
             self._records[session_id] = fresh
             return fresh
         del self._records[session_id]
+        self._per_owner[record.owner] -= 1
+        if not self._per_owner[record.owner]:
+            del self._per_owner[record.owner]
         return None
+
+    def _sweep(self, now: float) -> None:
+        """Forget the records whose lease ran out by ``now`` (a deadline in the heap may be
+        stale: the session was claimed again, or leased again later; _current decides)."""
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, session_id = heapq.heappop(expiry)
+            self._current(session_id, now)
 
     def _save(self) -> None:
         if self._owners_file is None:
