@@ -37,7 +37,7 @@ def parse(
 
 def keys(command: str) -> dict[str, argparse.Action]:
     parser = _config._subcommands(cli.build_parser())[command]
-    return _config.config_keys(parser, command)
+    return {key: option.action for key, option in _config._options(parser, command, {}).items()}
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -380,6 +380,15 @@ def test_the_example_files_show_every_option_and_only_real_ones(
         alone = write(tmp_path / f"{key}.toml", line + "\n")
         parse([command, "--config", str(alone)])
         assert key in tomllib.loads(line)
+
+
+def test_the_readme_example_loads(tmp_path: Path) -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    section = readme.split("### Configuration files and environment", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    args, _ = parse(["server", "--config", str(write(tmp_path / "relay.toml", block))])
+    assert (args.port, args.trusted_proxy) == (443, ["10.0.0.0/8"])
+    assert args.token_file == str(tmp_path / "tokens.txt")
 
 
 # --- systemd ---

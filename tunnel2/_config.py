@@ -43,7 +43,7 @@ from typing import Final, final
 
 import attrs
 
-__all__ = ["ConfigError", "EnvName", "add_config_option", "config_keys", "parse_args"]
+__all__ = ["ConfigError", "EnvName", "add_config_option", "parse_args"]
 
 _PATH_METAVARS: Final = frozenset({"FILE", "DIR"})
 _SECRET_RE: Final = re.compile(r"TOKEN|PASS")
@@ -139,11 +139,6 @@ def _options(
     return options
 
 
-def config_keys(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse.Action]:
-    """The keys a config file of ``command`` may hold, with their parser actions."""
-    return {key: option.action for key, option in _options(parser, command, {}).items()}
-
-
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -179,7 +174,7 @@ def parse_args(
         ConfigError: the file cannot be read or parsed, or a key, a value or a variable is
             wrong.
     """
-    given = parser.parse_args(argv)  # --help (with the real defaults) and CLI mistakes
+    parser.parse_args(argv)  # --help (showing the real defaults) and CLI mistakes exit here
     configurable = [p for p in _subcommands(parser).values() if _has_config(p)]
     # Parsed again with no defaults: what is left unset was not on the command line.
     saved = {id(a): a.default for p in configurable for a in p._actions}
@@ -241,12 +236,12 @@ def _file_layer(options: Mapping[str, _Option], path: Path, warnings: list[str])
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     try:
-        table = tomllib.loads(data.decode())
+        text = data.decode()
+        table = tomllib.loads(text)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    text = data.decode()
     base = path.absolute().parent
     layer: _Layer = {}
     for key, raw in table.items():

@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a port on 127.0.0.1, or an http(s)://host:port URL",
     )
     http.add_argument(
-        "--server", default="http://127.0.0.1:8000", help="the relay (default %(default)s)"
+        "--server",
+        default="http://127.0.0.1:8000",
+        help="the relay (default $TUNNEL2_SERVER, else %(default)s)",
     )
     http.add_argument("--session", help="ask for this fixed session id")
     agent_token = http.add_mutually_exclusive_group()
