@@ -117,6 +117,29 @@ def test_agent_token_and_token_file_exclude_each_other_across_sources(tmp_path: 
     ), message
 
 
+def test_options_added_later_are_covered_by_the_same_rules(tmp_path: Path) -> None:
+    """Keys, variables, types and flags come from the parser: a subcommand with options of
+    every supported kind, as other topics add them (``--inspect`` / ``--no-inspect``...)."""
+    parser = argparse.ArgumentParser(prog="tunnel2")
+    sub = parser.add_subparsers(dest="command", required=True).add_parser("demo")
+    sub.add_argument("--inspect", action=argparse.BooleanOptionalAction, default=True)
+    sub.add_argument("--ring", type=int, default=100, metavar="N")
+    sub.add_argument("--header", action="append", metavar="NAME")
+    sub.add_argument("--cert", metavar="FILE")
+    _config.add_config_option(sub, "demo")
+    config = write(tmp_path / "demo.toml", 'inspect = false\nheader = ["a", "b"]\ncert = "c.pem"\n')
+    args, _ = _config.parse_args(parser, ["demo", "--config", str(config)], {}, {})
+    assert (args.inspect, args.header, args.cert) == (False, ["a", "b"], str(tmp_path / "c.pem"))
+    args, _ = _config.parse_args(parser, ["demo", "--config", str(config), "--inspect"], {}, {})
+    assert args.inspect is True
+    env = {"TUNNEL2_DEMO_INSPECT": "off", "TUNNEL2_DEMO_RING": "7"}
+    args, _ = _config.parse_args(parser, ["demo"], env, {})
+    assert (args.inspect, args.ring, args.header) == (False, 7, None)
+    bad = write(tmp_path / "bad.toml", "no-inspect = true\n")
+    with pytest.raises(_config.ConfigError, match="no-inspect: unknown key"):
+        _config.parse_args(parser, ["demo", "--config", str(bad)], {}, {})
+
+
 # --- the environment ---
 
 

@@ -9,7 +9,8 @@ to the parser is a config key and an environment variable with no change here:
 - **key**: the long option name without its dashes (``--drain-timeout`` → ``drain-timeout``;
   a positional argument by its name, ``target``). Values are TOML strings or numbers that go
   through the option's own ``type=`` (so ports, durations and CIDRs are checked exactly as on
-  the command line), booleans for flags (``store_true``/``store_const``), a whole number for
+  the command line), booleans for flags (``store_true``/``store_const``, and
+  ``BooleanOptionalAction`` under its positive name: ``inspect = false``), a whole number for
   ``-v`` (``verbose = 2``), arrays for repeatable options.
 - **environment**: ``TUNNEL2_<COMMAND>_<KEY>`` with the key upper-cased and dashes as
   underscores (``TUNNEL2_SERVER_DRAIN_TIMEOUT``), plus the short names the command line passes
@@ -131,7 +132,7 @@ def _options(
         longs = [s for s in action.option_strings if s.startswith("--")]
         key = longs[0][2:] if longs else action.dest
         single = isinstance(action, argparse._StoreAction | argparse._AppendAction)
-        flag = isinstance(action, argparse._StoreConstAction | argparse._CountAction)
+        flag = _is_flag(action) or isinstance(action, argparse._CountAction)
         if not (flag or (single and action.nargs in (None, "?"))):
             raise TypeError(f"{command} {key}: this kind of option cannot come from a file")
         env = (EnvName(prefix + key.upper().replace("-", "_")), *aliases.get(key, ()))
@@ -334,10 +335,12 @@ def _kind(raw: object) -> str:
 
 
 def _is_flag(action: argparse.Action) -> bool:
-    return isinstance(action, argparse._StoreConstAction)
+    return isinstance(action, argparse._StoreConstAction | argparse.BooleanOptionalAction)
 
 
 def _flag(action: argparse.Action, on: bool) -> object:
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+        return on
     if on:
         return action.const
     if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
