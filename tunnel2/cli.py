@@ -13,11 +13,12 @@ import signal
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 import trio
 
-from tunnel2 import __version__
+from tunnel2 import __version__, _config
 from tunnel2._tls import server_context
 from tunnel2._util import (
     domain_name,
@@ -171,34 +172,24 @@ async def _reload_tokens_on_sighup(server: TunnelServer) -> None:
                 logger.error("SIGHUP: tokens not reloaded, the old ones stay in force: %s", exc)
 
 
-def _token_options(args: argparse.Namespace) -> tuple[frozenset[str] | None, str | None]:
-    """Tokens from ``--token`` and ``TUNNEL2_TOKENS``, and the token file (flag or env)."""
-    tokens = list(args.token or ())
-    tokens += os.environ.get("TUNNEL2_TOKENS", "").replace(",", " ").split()
-    token_file = args.token_file or os.environ.get("TUNNEL2_TOKEN_FILE") or None
-    return (frozenset(tokens) if tokens else None), token_file
-
-
 def _state_dir(args: argparse.Namespace) -> str | None:
     if args.no_state:
         return None
     if args.state_dir:
         return str(args.state_dir)
-    default = os.environ.get("TUNNEL2_STATE_DIR") or os.path.join(
+    return os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "tunnel2"
     )
-    return default
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    tokens, token_file = _token_options(args)
     return ServerConfig(
         host=args.host,
         port=args.port,
         domain=args.domain,
         public_url=args.public_url,
-        tokens=tokens,
-        token_file=token_file,
+        tokens=frozenset(args.token) if args.token else None,
+        token_file=args.token_file,
         state_dir=_state_dir(args),
         request_timeout=args.request_timeout,
         max_body_size=args.max_body_size,
@@ -282,12 +273,9 @@ def _target_url(text: str) -> str:
 
 
 def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
-    """The visitor policy of ``tunnel2 http``; secrets may come from the environment so
-    they need not show in ``ps``. Raises ValueError for a bad value."""
-    basic = args.basic_auth
-    if basic is None:
-        basic = [line for line in os.environ.get("TUNNEL2_BASIC_AUTH", "").splitlines() if line]
-    bearer = args.bearer_token or os.environ.get("TUNNEL2_BEARER_TOKEN") or None
+    """The visitor policy of ``tunnel2 http`` (its secrets may come from the environment or
+    the config file, so they need not show in ``ps``). Raises ValueError for a bad value."""
+    basic, bearer = args.basic_auth or (), args.bearer_token
     if not (basic or bearer or args.allow_cidr or args.deny_cidr):
         return None
     return AccessPolicy.from_options(
@@ -298,8 +286,30 @@ def _access_policy(args: argparse.Namespace) -> AccessPolicy | None:
     )
 
 
+def _agent_token(token_file: str) -> str:
+    """The token in ``token_file``; raises ValueError saying what is wrong."""
+    try:
+        token = Path(token_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read the token file {token_file}: {reason}") from None
+    if not token or len(token.split()) != 1:
+        raise ValueError(f"the token file {token_file} must hold one token, and nothing else")
+    return token
+
+
 def _http(args: argparse.Namespace) -> int:
     _configure_logging(args.verbose, args.log_format)
+    # --- config files and environment ---
+    if args.target is None:
+        print("tunnel2 http: no PORT_OR_URL (an argument, or target in --config)", file=sys.stderr)
+        return 2
+    if args.token_file is not None:
+        try:
+            args.token = _agent_token(args.token_file)
+        except ValueError as exc:
+            print(f"tunnel2 http: {exc}", file=sys.stderr)
+            return 2
     target = _target_url(args.target)
     # --- tls ---
     try:  # what open_tunnel would refuse (clear text, CA files), said before anything runs
@@ -396,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="[NAME=]TOKEN",
         help="accept agents with this token, each its own identity (repeatable; also "
-        "TUNNEL2_TOKENS, comma-separated; prefer --token-file: a command line shows in ps)",
+        "TUNNEL2_TOKENS, comma-separated; a command line shows in ps: prefer --token-file, "
+        "the environment or the config file)",
     )
     server.add_argument(
         "--token-file",
@@ -408,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         metavar="DIR",
         help="where the relay keeps its secret and session owners across restarts "
-        "(default $TUNNEL2_STATE_DIR or ~/.local/state/tunnel2)",
+        "(default $TUNNEL2_STATE_DIR, else $XDG_STATE_HOME/tunnel2 or ~/.local/state/tunnel2)",
     )
     server.add_argument(
         "--no-state", action="store_true", help="keep nothing across restarts (a fresh secret)"
@@ -472,18 +483,29 @@ def build_parser() -> argparse.ArgumentParser:
     # --- observe: --admin, --log-format ---
     _add_observe_options(server)
     _add_verbosity(server)
+    # --- config files and environment ---
+    _config.add_config_option(server, "server")
     server.set_defaults(func=_server)
 
     http = subparsers.add_parser("http", help="expose a local port or URL through a relay")
-    http.add_argument("target", help="a port on 127.0.0.1, or an http(s)://host:port URL")
     http.add_argument(
-        "--server", default="http://127.0.0.1:8000", help="the relay (default %(default)s)"
+        "target",
+        nargs="?",  # or `target` in the config file
+        metavar="PORT_OR_URL",
+        help="a port on 127.0.0.1, or an http(s)://host:port URL",
+    )
+    http.add_argument(
+        "--server",
+        default="http://127.0.0.1:8000",
+        help="the relay (default $TUNNEL2_SERVER, else %(default)s)",
     )
     http.add_argument("--session", help="ask for this fixed session id")
-    http.add_argument(
+    agent_token = http.add_mutually_exclusive_group()
+    agent_token.add_argument(
         "--token",
-        default=os.environ.get("TUNNEL2_TOKEN"),
-        help="the relay's agent token (default $TUNNEL2_TOKEN)",
+        metavar="TOKEN",
+        help="the relay's agent token (default $TUNNEL2_TOKEN; a command line shows in ps: "
+        "prefer the environment, --token-file or the config file)",
     )
     http.add_argument(
         "--max-concurrent",
@@ -550,15 +572,46 @@ def build_parser() -> argparse.ArgumentParser:
     # --- observe: --admin, --log-format ---
     _add_observe_options(http)
     _add_verbosity(http)
+    # --- config files and environment ---
+    agent_token.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the agent token from this file (all of it, surrounding white space "
+        "ignored; e.g. a systemd or Docker credential)",
+    )
+    _config.add_config_option(http, "http")
     http.set_defaults(func=_http)
 
     loadtest_cli.add_parsers(subparsers)
     return parser
 
 
+# Older and shorter names for some options' TUNNEL2_<COMMAND>_<OPTION> variables (README,
+# "Configuration files and environment").
+_ENV_ALIASES: Final[dict[str, dict[str, tuple[_config.EnvName, ...]]]] = {
+    "server": {
+        "token": (_config.EnvName("TUNNEL2_TOKENS", separator=r"[\s,]+"),),
+        "token-file": (_config.EnvName("TUNNEL2_TOKEN_FILE"),),
+        "state-dir": (_config.EnvName("TUNNEL2_STATE_DIR"),),
+    },
+    "http": {
+        "server": (_config.EnvName("TUNNEL2_SERVER"),),
+        "token": (_config.EnvName("TUNNEL2_TOKEN"),),
+        "basic-auth": (_config.EnvName("TUNNEL2_BASIC_AUTH"),),
+        "bearer-token": (_config.EnvName("TUNNEL2_BEARER_TOKEN"),),
+    },
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args, warnings = _config.parse_args(build_parser(), argv, os.environ, _ENV_ALIASES)
+    except _config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     status: int = args.func(args)
     return status
 
