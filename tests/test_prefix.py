@@ -178,8 +178,8 @@ def test_set_cookie_values(rewrite: UrlRewrite, given: bytes, expected: bytes) -
         (request_head(prefix=None), "the Host form with the public Host: nothing to do"),
         (request_head(prefix=b"/session/abc/"), "a prefix with a trailing slash is no prefix"),
         (request_head(prefix=b"session"), "a prefix must be a path"),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Prefix: /s/a\r\n", "an incomplete head"),
-        (b"nonsense\r\n\r\n", "a head that does not parse"),
+        (request_head(prefix=b"/a b"), "a prefix must be a plain path"),
+        (b"nonsense\r\n\r\n", "a head with no fields"),
     ],
 )
 def test_no_rewriting_without_a_prefix_or_another_host(head: bytes, why: str) -> None:

@@ -32,13 +32,19 @@ from typing import Final, final
 
 import attrs
 
-from tunnel2 import _http11 as http
-from tunnel2.errors import ProtocolError
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from tunnel2 import _http11 as http
 
 __all__ = ["UrlRewrite", "has_url_fields", "url_rewrite_for"]
 
-# The response fields that carry URLs (``set-cookie``: its Path and Domain attributes).
-_URL_FIELDS: Final = (b"location", b"content-location", b"refresh", b"set-cookie")
+# The response fields that carry URLs (``set-cookie``: its Path and Domain attributes):
+# the cheap check on the lower-cased field block, and the lines the rewriting visits (the
+# others are skipped in C).
+_URL_FIELDS_RE: Final = re.compile(rb"\n(?:location|content-location|refresh|set-cookie):")
+_URL_LINE_RE: Final = re.compile(
+    rb"(?im)^(location|content-location|refresh|set-cookie):[ \t]*([^\r\n]*?)[ \t]*\r\n"
+)
 # A URL we touch: visible ASCII only (RFC 3986 has no spaces or controls); others pass.
 _URL_RE: Final = re.compile(rb"[\x21-\x7e]+")
 # A Refresh value (HTML "shared declarative refresh steps"): the delay, a separator, an
@@ -52,8 +58,7 @@ _DEFAULT_PORTS: Final = (b":80", b":443", b":")
 def has_url_fields(response: http.ResponseHead) -> bool:
     """Whether ``response`` has a field :class:`UrlRewrite` may change (the cheap check
     made before anything else: most responses have none)."""
-    get = response.get
-    return any(get(name) is not None for name in _URL_FIELDS)
+    return response.has_field_matching(_URL_FIELDS_RE)
 
 
 def _host_key(authority: bytes) -> bytes:
@@ -83,20 +88,31 @@ def _valid_prefix(prefix: bytes) -> bool:
     )
 
 
+def _field(head: bytes, lower: bytes, name: bytes) -> bytes:
+    """The first value of field ``name`` (lower case) in a request head, or ``b""``."""
+    index = lower.find(b"\r\n" + name + b":")
+    if index < 0:
+        return b""
+    start = index + len(name) + 3
+    end = head.find(b"\r\n", start)
+    return head[start:end].strip(b" \t")
+
+
 def url_rewrite_for(request_head: bytes) -> UrlRewrite | None:
     """The rewriting for the answer to ``request_head`` (as the backend got it), or
     ``None`` when there is nothing to rewrite: no path prefix, and the backend was given
-    the public Host. A head that does not parse, or a prefix that is not a plain path,
-    rewrites nothing."""
-    try:
-        request = http.parse_request_head(request_head)
-    except ProtocolError:
-        return None
-    prefix = request.get(b"x-forwarded-prefix") or b""
+    the public Host.
+
+    The relay wrote the head (PROTOCOL.md §4.2), so its fields are looked up without a
+    full parse; whatever they hold is only compared, never copied into the answer, except
+    a prefix that is a plain path (anything else rewrites nothing).
+    """
+    lower = request_head.lower()
+    prefix = _field(request_head, lower, b"x-forwarded-prefix")
     if not _valid_prefix(prefix):
         prefix = b""
-    host = request.get(b"host") or b""
-    public = request.get(b"x-forwarded-host") or host
+    host = _field(request_head, lower, b"host")
+    public = _field(request_head, lower, b"x-forwarded-host") or host
     other_host = _host_key(host) != _host_key(public)
     if not prefix and not other_host:
         return None
@@ -128,24 +144,18 @@ class UrlRewrite:
 
     def fields(self, fields: bytes) -> bytes:
         """``fields`` (validated field lines, each ending in CRLF) with URLs rewritten."""
-        lines = fields.split(b"\r\n")
-        changed = False
-        for index, line in enumerate(lines):
-            colon = line.find(b":")
-            name = line[:colon].lower()
-            if colon <= 0 or name not in _URL_FIELDS:
-                continue
-            value = line[colon + 1 :].strip(b" \t")
-            if name == b"set-cookie":
-                new = self.cookie(value)
-            elif name == b"refresh":
-                new = self.refresh(value)
-            else:
-                new = self.url(value)
-            if new != value:
-                lines[index] = line[:colon] + b": " + new
-                changed = True
-        return b"\r\n".join(lines) if changed else fields
+        return _URL_LINE_RE.sub(self._line, fields)
+
+    def _line(self, match: re.Match[bytes]) -> bytes:
+        name, value = match.groups()
+        kind = name.lower()
+        if kind == b"set-cookie":
+            new = self.cookie(value)
+        elif kind == b"refresh":
+            new = self.refresh(value)
+        else:
+            new = self.url(value)
+        return match.group() if new == value else name + b": " + new + b"\r\n"
 
     def url(self, url: bytes) -> bytes:
         """A ``Location``/``Content-Location`` value, rewritten if it names the backend."""
