@@ -284,11 +284,33 @@ async def test_flask_redirect_and_cookie_path_survive_the_prefix() -> None:
             form = await browser.get(base)
             assert form.status_code == 200, form.text
             assert paths(form) == [prefix + "/", prefix + "/login"]
+            assert 'action="/login"' in form.text  # the body is not rewritten
             welcome = await browser.post(base + "login", data={"user": "alice"})
             assert (welcome.status_code, welcome.text) == (200, "welcome alice")
             assert paths(welcome) == [prefix + "/login", prefix + "/home"]
             cookie = welcome.history[0].headers["set-cookie"]
             assert f"Path={prefix}/home" in cookie, cookie
+
+
+async def test_flask_under_proxyfix_writes_prefixed_links_and_is_not_prefixed_twice() -> None:
+    """The README's advice for links in bodies: ProxyFix(x_prefix=1) makes the prefix the
+    app's SCRIPT_NAME; its redirects are then already prefixed and kept as they are."""
+    from apps.prefix_flask import app
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    with trio.fail_after(30), wsgi_server(ProxyFix(app.wsgi_app, x_prefix=1)) as port:
+        async with (
+            tunnel2.open_tunnel_server(ServerConfig(port=0)) as relay,
+            tunnel2.open_tunnel(relay.base_url, port) as agent,
+            client() as browser,
+        ):
+            prefix = f"/session/{agent.session_id}"
+            form = await browser.get(agent.public_url)
+            assert form.status_code == 200, form.text
+            assert form.history[0].headers["location"] == prefix + "/login"
+            assert f'action="{prefix}/login"' in form.text
+            welcome = await browser.post(agent.public_url + "login", data={"user": "bob"})
+            assert (welcome.status_code, welcome.text) == (200, "welcome bob")
 
 
 async def test_host_header_rewrite_backend_urls_are_its_own() -> None:
@@ -609,3 +631,12 @@ async def test_domain_localhost_gives_id_localhost_urls_on_real_sockets() -> Non
             # to loopback itself).
             answer = await browser.get(relay.base_url + "/z", headers={"Host": public})
     assert (answer.status_code, answer.text) == (200, "hello /z")
+
+
+def test_long_runs_of_spaces_in_a_value_cost_linear_time() -> None:
+    """A pattern that backtracks over a value's spaces would take quadratic time on this
+    head (a backend can send 64 KiB of them); it passes through unchanged here."""
+    value = b"/a" + b" " * 60000 + b"b"
+    block = b"Location: %s\r\n" % value
+    assert PATH_FORM.fields(block) == block
+    assert PATH_FORM.fields(b"Location: /x   \r\n") == b"Location: /session/abc/x\r\n"

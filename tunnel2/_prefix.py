@@ -43,7 +43,7 @@ __all__ = ["UrlRewrite", "has_url_fields", "url_rewrite_for"]
 # others are skipped in C).
 _URL_FIELDS_RE: Final = re.compile(rb"\n(?:location|content-location|refresh|set-cookie):")
 _URL_LINE_RE: Final = re.compile(
-    rb"(?im)^(location|content-location|refresh|set-cookie):[ \t]*([^\r\n]*?)[ \t]*\r\n"
+    rb"(?im)^(location|content-location|refresh|set-cookie):[ \t]*+([^\r\n]*+)\r\n"
 )
 # A URL we touch: visible ASCII only (RFC 3986 has no spaces or controls); others pass.
 _URL_RE: Final = re.compile(rb"[\x21-\x7e]+")
@@ -148,6 +148,7 @@ class UrlRewrite:
 
     def _line(self, match: re.Match[bytes]) -> bytes:
         name, value = match.groups()
+        value = value.rstrip(b" \t")  # here, not in the pattern: no backtracking
         kind = name.lower()
         if kind == b"set-cookie":
             new = self.cookie(value)

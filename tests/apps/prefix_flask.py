@@ -19,7 +19,7 @@ def index() -> Response:
 
 @app.get("/login")
 def login_form() -> str:
-    return "<form method=post><input name=user></form>"
+    return f'<form method="post" action="{url_for("login")}"><input name="user"></form>'
 
 
 @app.post("/login")
