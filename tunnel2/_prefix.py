@@ -53,6 +53,9 @@ _REFRESH_RE: Final = re.compile(
     rb"([0-9][0-9.]*[ \t]*[;,]?[ \t]*(?:[Uu][Rr][Ll][ \t]*=[ \t]*)?)(['\"]?)(.*)", re.DOTALL
 )
 _DEFAULT_PORTS: Final = (b":80", b":443", b":")
+# A prefix we put in front of URLs: a plain path of visible ASCII, no query, no fragment,
+# no trailing slash (the relay writes ``/session/{id}``).
+_PREFIX_RE: Final = re.compile(rb"(?:/[\x21\x22\x24-\x2e\x30-\x3e\x40-\x7e]++)++")
 
 
 def has_url_fields(response: http.ResponseHead) -> bool:
@@ -78,16 +81,6 @@ def _hostname(authority: bytes) -> bytes:
     return key.partition(b":")[0]
 
 
-def _valid_prefix(prefix: bytes) -> bool:
-    return (
-        prefix.startswith(b"/")
-        and not prefix.endswith(b"/")
-        and _URL_RE.fullmatch(prefix) is not None
-        and b"?" not in prefix
-        and b"#" not in prefix
-    )
-
-
 def _field(head: bytes, lower: bytes, name: bytes) -> bytes:
     """The first value of field ``name`` (lower case) in a request head, or ``b""``."""
     index = lower.find(b"\r\n" + name + b":")
@@ -109,7 +102,7 @@ def url_rewrite_for(request_head: bytes) -> UrlRewrite | None:
     """
     lower = request_head.lower()
     prefix = _field(request_head, lower, b"x-forwarded-prefix")
-    if not _valid_prefix(prefix):
+    if _PREFIX_RE.fullmatch(prefix) is None:
         prefix = b""
     host = _field(request_head, lower, b"host")
     public = _field(request_head, lower, b"x-forwarded-host") or host
