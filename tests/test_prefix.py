@@ -640,3 +640,23 @@ def test_long_runs_of_spaces_in_a_value_cost_linear_time() -> None:
     block = b"Location: %s\r\n" % value
     assert PATH_FORM.fields(block) == block
     assert PATH_FORM.fields(b"Location: /x   \r\n") == b"Location: /session/abc/x\r\n"
+
+
+async def _redirecting_app(scope: Any, receive: Any, send: Any) -> None:
+    headers = [(b"location", b"/login"), (b"set-cookie", b"a=1; Path=/")]
+    await send({"type": "http.response.start", "status": 302, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_an_in_process_asgi_apps_head_is_rewritten_on_the_path_form_only() -> None:
+    config = ServerConfig(domain="tunnels.test")
+    with trio.fail_after(10):
+        async with open_memory_tunnel(_redirecting_app, config=config) as tunnel:
+            session = tunnel.agent.session_id
+            by_path = await tunnel.request("GET", "/")
+            by_host = await tunnel.request(
+                "GET", "/", headers=[("Host", f"{session}.tunnels.test")], raw_path=True
+            )
+    assert by_path.header("location") == f"/session/{session}/login"
+    assert by_path.header("set-cookie") == f"a=1; Path=/session/{session}"
+    assert (by_host.header("location"), by_host.header("set-cookie")) == ("/login", "a=1; Path=/")
