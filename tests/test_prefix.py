@@ -8,6 +8,7 @@ under uvicorn in a subprocess, each followed through redirects by httpx to a 200
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -520,6 +521,20 @@ def test_host_header_through_the_sync_api() -> None:
     ):
         answer = httpx.get(tunnel.public_url, timeout=STEP_TIMEOUT)
     assert answer.json() == {"host": f"127.0.0.1:{port}", "public": f"127.0.0.1:{relay.port}"}
+
+
+def test_host_header_through_the_asyncio_api() -> None:
+    async def main(port: int) -> httpx.Response:
+        async with (
+            tunnel2.aio.open_tunnel_server(ServerConfig(port=0)) as relay,
+            tunnel2.aio.open_tunnel(relay.base_url, port, host_header="app.test") as tunnel,
+            httpx.AsyncClient(timeout=STEP_TIMEOUT) as browser,
+        ):
+            return await browser.get(tunnel.public_url)
+
+    with wsgi_server(_host_app) as port:
+        answer = asyncio.run(asyncio.wait_for(main(port), STEP_TIMEOUT))
+    assert answer.json()["host"] == "app.test"
 
 
 def _host_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
