@@ -13,8 +13,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
+from wsgiref import simple_server
 
 from werkzeug.serving import make_server
 
@@ -62,9 +64,14 @@ def silent_listener() -> Iterator[int]:
 
 
 @contextmanager
-def wsgi_server(app: Any) -> Iterator[int]:
-    """Serve a WSGI app with werkzeug's real server in a thread; yields its port."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+def wsgi_server(app: Any, *, wsgiref: bool = False) -> Iterator[int]:
+    """Serve a WSGI app in a thread with werkzeug's real server, or (``wsgiref``) the
+    standard library's (HTTP/1.0, one request at a time); yields its port."""
+    server: HTTPServer
+    if wsgiref:
+        server = simple_server.make_server("127.0.0.1", 0, app, handler_class=_QuietHandler)
+    else:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -73,6 +80,11 @@ def wsgi_server(app: Any) -> Iterator[int]:
         server.shutdown()
         thread.join(STEP_TIMEOUT)
         server.server_close()
+
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def tunnel_threads(*, join: bool = False) -> list[str]:

@@ -478,7 +478,12 @@ async def test_repeated_response_headers(relay: TunnelServer, backend: Backend) 
         async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:
             response = await fetch(agent.public_url + "cookies")
             assert response.status == 200
-            assert response.get_all(b"set-cookie") == [b"a=1; Path=/", b"b=2; Path=/"]
+            # In order, each kept (their Paths under the session's prefix, PROTOCOL.md §4.6).
+            prefix = f"/session/{agent.session_id}".encode()
+            assert response.get_all(b"set-cookie") == [
+                b"a=1; Path=%s" % prefix,
+                b"b=2; Path=%s" % prefix,
+            ]
             assert response.body == b"cookies"
 
 

@@ -213,6 +213,15 @@ class _Head:
             index = lower.find(key, index + len(key))
         return values
 
+    def has_field_matching(self, names: re.Pattern[bytes]) -> bool:
+        """Whether a field's lower-cased name matches ``names``: a constant pattern of the
+        form ``\\n(?:a|b):``, searched in the lower-cased field block in one C call (its
+        lines start with ``\\n``)."""
+        lower = self._lower
+        if lower is None:
+            return any(names.match(b"\n" + n.lower() + b":") for n, _ in self.headers)
+        return names.search(lower) is not None
+
     def _value_at(self, start: int) -> bytes:
         raw = self._raw
         assert raw is not None

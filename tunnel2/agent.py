@@ -99,6 +99,10 @@ class AgentConfig:
         heartbeat_timeout: seconds of silence from the relay after which the uplink is
             dead and re-dialled; ``None``: twice the relay's ``ping_interval``.
         drain_timeout: seconds :meth:`Agent.drain` gives requests in flight.
+        host_header: the Host a port or URL target is sent (``"preserve"``, ``"rewrite"``
+            or a literal ``host[:port]``; ``None``: preserve for http, rewrite for https);
+            :func:`tunnel2.open_tunnel` gives it to the target's
+            :class:`~tunnel2.backend.BackendForwarder`.
 
 
     ``connect_timeout``, ``ca_file`` and ``insecure_transport`` also configure the connector
@@ -120,6 +124,7 @@ class AgentConfig:
     backoff_early_period: float = 60.0
     heartbeat_timeout: float | None = None
     drain_timeout: float = 10.0
+    host_header: str | None = None
 
 
 def agent_url(server_url: str) -> str:

@@ -20,7 +20,7 @@ from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_co
 from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import Agent, AgentConfig, StreamHandler, websocket_connector
 from tunnel2.asgi import AsgiApp, AsgiHandler
-from tunnel2.backend import BackendForwarder
+from tunnel2.backend import BackendForwarder, check_host_header
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
 
@@ -182,6 +182,7 @@ def handler_for(
     backend_ca_file: str | None = None,
     backend_insecure: bool = False,
     backend_ssl_context: ssl.SSLContext | None = None,
+    host_header: str | None = None,
 ) -> StreamHandler:
     """The stream handler for a tunnel target.
 
@@ -191,16 +192,22 @@ def handler_for(
             file (default: the system's store).
         backend_insecure: for an ``https`` target, accept any certificate.
         backend_ssl_context: for an ``https`` target, these TLS settings instead.
+        host_header: the Host a port or URL target is sent: ``"preserve"`` (the public
+            one), ``"rewrite"`` (the target's ``host:port``) or a literal ``host[:port]``;
+            ``None``: ``preserve`` for http, ``rewrite`` for https (see
+            :class:`~tunnel2.backend.BackendForwarder`).
 
     Raises:
-        ValueError: a URL that is not ``http(s)://host[:port]``, or a ``backend_ca_file``
-            that cannot be loaded.
+        ValueError: a URL that is not ``http(s)://host[:port]``, a ``backend_ca_file``
+            that cannot be loaded, or a bad ``host_header`` (or one given with an ASGI app).
     """
+    if host_header is not None:
+        check_host_header(host_header)
     if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
         port = int(target)
         if not 1 <= port <= 65535:
             raise ValueError(f"target port {port} is out of range 1-65535")
-        return BackendForwarder("127.0.0.1", port)
+        return BackendForwarder("127.0.0.1", port, host_header=host_header)
     if isinstance(target, str):
         parts = urllib.parse.urlsplit(target if "://" in target else f"http://{target}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -210,11 +217,17 @@ def handler_for(
         except ValueError:
             raise ValueError(f"target {target!r}: the port is out of range 1-65535") from None
         if parts.scheme == "http":
-            return BackendForwarder(parts.hostname, parts.port or 80)
+            return BackendForwarder(parts.hostname, parts.port or 80, host_header=host_header)
         context = backend_ssl_context or client_context(
             backend_ca_file, verify=not backend_insecure
         )
-        return BackendForwarder(parts.hostname, parts.port or 443, ssl_context=context)
+        return BackendForwarder(
+            parts.hostname, parts.port or 443, ssl_context=context, host_header=host_header
+        )
+    if host_header not in (None, "preserve"):
+        raise ValueError(
+            f"host_header={host_header!r} applies to a port or URL target, not an ASGI app"
+        )
     return AsgiHandler(target)
 
 
@@ -237,6 +250,7 @@ async def open_tunnel(
     drain_timeout: float = 10.0,
     observers: Iterable[Observer] = (),
     admin: tuple[str, int] | None = None,
+    host_header: str | None = None,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -271,6 +285,11 @@ async def open_tunnel(
         observers: told of every request and reconnection (:mod:`tunnel2.observe`).
         admin: ``(host, port)`` to serve the agent's admin endpoint on (see
             :func:`serve_tunnel_server`); its URL is in ``agent.admin_url``.
+        host_header: the Host the target is sent (as ngrok's ``--host-header``):
+            ``"preserve"`` the public one (the default for http targets), ``"rewrite"`` the
+            target's own ``host:port`` (for dev servers that check Host: Vite, Django's
+            ``ALLOWED_HOSTS``, webpack; the default for https targets), or a literal
+            ``host[:port]``. The public Host stays in X-Forwarded-Host.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
@@ -290,6 +309,7 @@ async def open_tunnel(
         ca_file=ca_file,
         insecure_transport=insecure_transport,
         drain_timeout=drain_timeout,
+        host_header=host_header,
     )
     connector = websocket_connector(
         server_url,
@@ -299,7 +319,10 @@ async def open_tunnel(
         ssl_context=ssl_context,
     )
     handler = handler_for(
-        target, backend_ca_file=backend_ca_file, backend_insecure=backend_insecure
+        target,
+        backend_ca_file=backend_ca_file,
+        backend_insecure=backend_insecure,
+        host_header=config.host_header,
     )
     metrics = _metrics_observer() if admin is not None else None
     agent = Agent(

@@ -180,7 +180,7 @@ class _AsgiExchange:
             response = http.parse_response_head(head)
             stream = self.stream
             try:
-                stream.send_head(_response_head_for_tunnel(response, head, framing)[0])
+                stream.send_head(_response_head_for_tunnel(response, head, framing, stream.head)[0])
             except LocalProtocolError as exc:  # it does not fit one OPEN frame
                 kind = "the application's response head is too large for the tunnel"
                 logger.warning("stream %d: %s (%s)", stream.id, kind, exc)

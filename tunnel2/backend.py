@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import ssl
 from typing import Final, final
 
 import trio
 
 from tunnel2 import _http11 as http
+from tunnel2._prefix import has_url_fields, url_rewrite_for
 from tunnel2._sockets import connect_tcp
 from tunnel2._tls import SocketOrTls, wrap_client
 from tunnel2.errors import (
@@ -33,7 +35,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from tunnel2.uplink import TunnelStream
 
-__all__ = ["BackendForwarder"]
+__all__ = ["BackendForwarder", "check_host_header"]
 
 logger = logging.getLogger("tunnel2.agent")
 
@@ -57,18 +59,27 @@ def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
 
 
 def _response_head_for_tunnel(
-    response: http.ResponseHead, head: bytes, framing: http.Framing
+    response: http.ResponseHead,
+    head: bytes,
+    framing: http.Framing,
+    request: bytes | None = None,
 ) -> tuple[bytes, bool]:
     """The head carried through the tunnel, and whether the backend keeps the connection.
 
     Works on the bytes (DESIGN.md: change heads at the byte level): hop-by-hop field lines
     are cut out with one regex pass (a 101 keeps Connection and Upgrade), and the framing is
-    normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3).
+    normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3). With ``request``,
+    URLs that name the backend (Location, Content-Location, Refresh, Set-Cookie Path and
+    Domain) are made to lead back through the tunnel (:mod:`tunnel2._prefix`, PROTOCOL.md
+    §4.6); only a response that has such a field pays for more than one lookup per name.
 
     Args:
         response: ``head`` parsed (so every field line in it is valid).
         head: the backend's response head, ending in CRLF CRLF.
         framing: the body framing of the response.
+        request: the request head as the backend got it, when its answer's URLs may need
+            rewriting (a path-form request, or a Host other than the public one); ``None``:
+            no rewriting.
     """
     status = response.status
     fields = head[head.find(b"\r\n") + 2 : -2]
@@ -77,6 +88,10 @@ def _response_head_for_tunnel(
     named = tokens - http.CONNECTION_OPTIONS
     if named:  # rare: fields the Connection header marks hop-by-hop
         fields = http.drop_fields(fields, named)
+    if request is not None and has_url_fields(response):
+        rewrite = url_rewrite_for(request)
+        if rewrite is not None:
+            fields = rewrite.fields(fields)
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
     if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
         parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -116,6 +131,27 @@ _EXCHANGE_ERRORS: Final = (
 
 
 _HOST_FIELD_RE: Final = http.field_lines_re({b"host"})
+# The relay writes it in this form, on path-form requests only (PROTOCOL.md §4.2).
+_PREFIX_FIELD: Final = b"\r\nX-Forwarded-Prefix: "
+# A literal Host value: a DNS name or IPv4 address, or [IPv6], with an optional port.
+_HOST_VALUE_RE: Final = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?"
+)
+
+
+def check_host_header(value: str) -> str:
+    """``value`` if it is a valid ``host_header`` option: ``preserve``, ``rewrite`` or a
+    literal ``host[:port]``.
+
+    Raises:
+        ValueError: anything else, saying what is accepted.
+    """
+    if value in ("preserve", "rewrite") or _HOST_VALUE_RE.fullmatch(value):
+        return value
+    raise ValueError(
+        f"host header {value!r} must be 'preserve', 'rewrite' or a host[:port] such as "
+        "'myapp.test:8080'"
+    )
 
 
 @final
@@ -127,9 +163,20 @@ class BackendForwarder:
     it was consumed yet (no body).
 
     With ``ssl_context`` the backend speaks https: the TLS handshake is part of opening a
-    pooled connection, the certificate is checked for ``host`` (also sent as SNI), and the
-    request's Host names the backend (as its certificate does); the client's Host stays in
-    X-Forwarded-Host.
+    pooled connection, and the certificate is checked for ``host`` (also sent as SNI).
+
+    ``host_header`` decides the request's Host (as ngrok's ``--host-header``): ``"preserve"``
+    keeps the public one, ``"rewrite"`` names the backend (``host[:port]``, for dev servers
+    that check Host), anything else is sent as it is; ``None`` (the default) is
+    ``"preserve"`` for http and ``"rewrite"`` for https (the name its certificate is checked
+    for). The public Host stays in X-Forwarded-Host either way.
+
+    On a path-form request (X-Forwarded-Prefix), or when the backend got a Host other than
+    the public one, URLs in its response head that name it are rewritten to lead back
+    through the tunnel (:mod:`tunnel2._prefix`, PROTOCOL.md §4.6).
+
+    Raises:
+        ValueError: ``host_header`` is not ``preserve``, ``rewrite`` or a ``host[:port]``.
     """
 
     def __init__(
@@ -139,17 +186,25 @@ class BackendForwarder:
         *,
         max_idle: int = 128,
         ssl_context: ssl.SSLContext | None = None,
+        host_header: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
         self.ssl_context = ssl_context
         self._idle: collections.deque[SocketOrTls] = collections.deque()
+        if host_header is None:
+            host_header = "preserve" if ssl_context is None else "rewrite"
+        mode = check_host_header(host_header)
+        self.host_header = mode
         self._host_line: bytes | None = None
-        if ssl_context is not None:
+        if mode == "rewrite":
             name = f"[{host}]" if ":" in host else host
-            authority = name if port == 443 else f"{name}:{port}"
+            default = 80 if ssl_context is None else 443
+            authority = name if port == default else f"{name}:{port}"
             self._host_line = b"Host: %s\r\n" % authority.encode("idna")
+        elif mode != "preserve":
+            self._host_line = b"Host: %s\r\n" % mode.encode("ascii")
 
     def __repr__(self) -> str:
         return f"<BackendForwarder {self.target} idle={len(self._idle)}>"
@@ -176,6 +231,8 @@ class BackendForwarder:
             )
         method, framing, length = _relay_head_framing(head)
         has_body = length > 0 or framing is http.Framing.CHUNKED
+        # Whose answer's URLs may need rewriting (checked once per request: one search).
+        urls = head if self._host_line is not None or _PREFIX_FIELD in head else None
         for attempt in (0, 1):
             conn = self._checkout(check=has_body) if attempt == 0 else None
             reused = conn is not None
@@ -191,7 +248,7 @@ class BackendForwarder:
             keep = False
             try:
                 status, keep = await self._exchange(
-                    conn, stream, head, method, has_body, framing, reused
+                    conn, stream, head, method, has_body, framing, reused, urls
                 )
                 break
             except _BackendGone:
@@ -256,6 +313,7 @@ class BackendForwarder:
         has_body: bool,
         framing: http.Framing,
         reused: bool,
+        urls: bytes | None,
     ) -> tuple[int, bool]:
         """Send the request and relay the response; return (status, reusable)."""
         buf = bytearray()
@@ -266,7 +324,7 @@ class BackendForwarder:
                 if reused:
                     raise _BackendGone() from None
                 raise
-            return await self._relay_response(conn, stream, buf, method, reused)
+            return await self._relay_response(conn, stream, buf, method, reused, urls)
         # The body streams to the backend while its answer may already come back. Errors
         # are kept and raised after the nursery (which would wrap them in a group).
         errors: list[BaseException] = []
@@ -283,7 +341,7 @@ class BackendForwarder:
 
             nursery.start_soon(pump)
             try:
-                result = await self._relay_response(conn, stream, buf, method, reused)
+                result = await self._relay_response(conn, stream, buf, method, reused, urls)
             except (_BackendGone, *_EXCHANGE_ERRORS) as exc:
                 errors.append(exc)
             nursery.cancel_scope.cancel()  # an early answer: the rest of the body is unwanted
@@ -319,6 +377,7 @@ class BackendForwarder:
         buf: bytearray,
         method: bytes,
         reused: bool,
+        urls: bytes | None,
     ) -> tuple[int, bool]:
         # The head, skipping interim 1xx answers (the entry already said 100 Continue).
         while True:
@@ -340,7 +399,7 @@ class BackendForwarder:
             if response.status >= 200 or response.status == 101:
                 break
         framing, length = http.response_framing(response, method)
-        tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing)
+        tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing, urls)
         stream.send_head(tunnel_head)
         if response.status == 101:
             await _splice(conn, stream, buf)

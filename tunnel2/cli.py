@@ -30,6 +30,7 @@ from tunnel2._util import (
 from tunnel2.access import AccessPolicy
 from tunnel2.agent import AgentConfig, websocket_connector
 from tunnel2.api import handler_for, open_tunnel, serve_tunnel_server
+from tunnel2.backend import check_host_header
 from tunnel2.errors import HandshakeError
 from tunnel2.loadtest import cli as loadtest_cli
 from tunnel2.observe import AccessLogObserver, JsonFormatter, Observer, request_logger
@@ -250,6 +251,7 @@ async def _run_http(
         drain_timeout=args.drain_timeout,
         observers=_observers(),
         admin=args.admin,
+        host_header=args.host_header,  # --- host header ---
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
@@ -381,6 +383,14 @@ def _cidr(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _host_header(text: str) -> str:
+    """``--host-header``: ``preserve``, ``rewrite`` or a ``host[:port]``."""
+    try:
+        return check_host_header(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,6 +579,16 @@ def build_parser() -> argparse.ArgumentParser:
         "at once",
     )
     # --- end drain ---
+    # --- host header ---
+    http.add_argument(
+        "--host-header",
+        type=_host_header,
+        metavar="preserve|rewrite|HOST[:PORT]",
+        help="the Host the target gets: the public one (preserve, default for http), the "
+        "target's own host:port (rewrite, for dev servers that check Host; default for "
+        "https), or this value; the public Host stays in X-Forwarded-Host",
+    )
+    # --- end host header ---
     # --- observe: --admin, --log-format ---
     _add_observe_options(http)
     _add_verbosity(http)

@@ -577,11 +577,16 @@ class ProxyEntry:
         """Return (session id, target for the backend, public path prefix) or raise _Answer
         404. The prefix is ``/session/{id}`` on the path form, empty on the Host form."""
         if self._domain_suffix is not None:
+            # Host names are case-insensitive (browsers send them lower-cased): the label is
+            # matched lower-cased, so a session id with capitals has no Host form (the relay
+            # does not list one for it, PROTOCOL.md §4.6).
             host = (request.get(b"host") or b"").rpartition(b":")[0] or request.get(b"host")
-            if host and host.lower().endswith(self._domain_suffix):
-                label = host[: -len(self._domain_suffix)]
-                if label and b"." not in label:
-                    return label.decode("ascii", "replace"), request.target, b""
+            if host:
+                host = host.lower()
+                if host.endswith(self._domain_suffix):
+                    label = host[: -len(self._domain_suffix)]
+                    if label and b"." not in label:
+                        return label.decode("ascii", "replace"), request.target, b""
         target = request.target
         if target.startswith(_SESSION_PREFIX):
             rest = target[len(_SESSION_PREFIX) :]

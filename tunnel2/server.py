@@ -332,9 +332,13 @@ class TunnelServer:
         return self._tokens is None
 
     def public_urls(self, session_id: str) -> tuple[str, ...]:
-        """The URLs at which a session is reachable, preferred first."""
+        """The URLs at which a session is reachable, preferred first.
+
+        The Host form ``{id}.{domain}`` only for an id without capitals: host names are
+        matched lower-cased (browsers send them so), so ``MyApp.{domain}`` would reach
+        session ``myapp``."""
         urls = [f"{self.base_url}/session/{session_id}/"]
-        if self.config.domain:
+        if self.config.domain and session_id == session_id.lower():
             scheme, _, rest = self.base_url.partition("://")
             port = rest.rpartition(":")[2] if ":" in rest else ""
             host = f"{session_id}.{self.config.domain}" + (f":{port}" if port else "")

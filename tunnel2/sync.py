@@ -333,6 +333,7 @@ class TunnelOptions(TypedDict, total=False):
     max_concurrent: int
     max_queued: int
     connect_timeout: float
+    host_header: str | None
 
 
 def connect(
