@@ -5,12 +5,13 @@ Layer: top of the library (below cli and testing). Thin wiring of server, entry 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 import trio
@@ -19,7 +20,7 @@ from tunnel2._sockets import FastSocketStream
 from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_context
 from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import Agent, AgentConfig, StreamHandler, websocket_connector
-from tunnel2.asgi import AsgiApp, AsgiHandler
+from tunnel2.asgi import AsgiApp, AsgiHandler, AsgiLoop
 from tunnel2.backend import BackendForwarder
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
@@ -169,6 +170,12 @@ async def open_tunnel_server(
             nursery.cancel_scope.cancel()
 
 
+def _serving(handler: StreamHandler) -> AbstractAsyncContextManager[object]:
+    """What keeps ``handler`` ready to serve: an ASGI app's lifespan (and loop), entered
+    before the agent connects and left after it is gone; nothing for a backend."""
+    return handler if isinstance(handler, AsgiHandler) else contextlib.nullcontext()
+
+
 def _metrics_observer() -> PrometheusObserver:
     # Imported on use: prometheus-client and hypercorn stay out of `import tunnel2`.
     from tunnel2.admin import PrometheusObserver
@@ -177,11 +184,12 @@ def _metrics_observer() -> PrometheusObserver:
 
 
 def handler_for(
-    target: int | str | AsgiApp,
+    target: int | str | AsgiApp | AsgiHandler,
     *,
     backend_ca_file: str | None = None,
     backend_insecure: bool = False,
     backend_ssl_context: ssl.SSLContext | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> StreamHandler:
     """The stream handler for a tunnel target.
 
@@ -191,6 +199,8 @@ def handler_for(
             file (default: the system's store).
         backend_insecure: for an ``https`` target, accept any certificate.
         backend_ssl_context: for an ``https`` target, these TLS settings instead.
+        asgi_loop: for an ASGI app, where its code runs (:class:`~tunnel2.asgi.AsgiHandler`);
+            an :class:`~tunnel2.asgi.AsgiHandler` given as ``target`` is used as it is.
 
     Raises:
         ValueError: a URL that is not ``http(s)://host[:port]``, or a ``backend_ca_file``
@@ -215,7 +225,9 @@ def handler_for(
             backend_ca_file, verify=not backend_insecure
         )
         return BackendForwarder(parts.hostname, parts.port or 443, ssl_context=context)
-    return AsgiHandler(target)
+    if isinstance(target, AsgiHandler):
+        return target
+    return AsgiHandler(target, loop=asgi_loop)
 
 
 @asynccontextmanager
@@ -237,6 +249,7 @@ async def open_tunnel(
     drain_timeout: float = 10.0,
     observers: Iterable[Observer] = (),
     admin: tuple[str, int] | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -271,12 +284,18 @@ async def open_tunnel(
         observers: told of every request and reconnection (:mod:`tunnel2.observe`).
         admin: ``(host, port)`` to serve the agent's admin endpoint on (see
             :func:`serve_tunnel_server`); its URL is in ``agent.admin_url``.
+        asgi_loop: for an ASGI app, where its code runs: ``"asyncio"`` (a loop in a thread
+            the tunnel owns; the default, for FastAPI/Starlette/Django apps that use
+            asyncio), ``"trio"`` (the tunnel's own tasks), or a running asyncio loop of
+            another thread (see :class:`~tunnel2.asgi.AsgiHandler`). The app's lifespan
+            startup runs before this block is entered, its shutdown after it is left.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
             on loopback without ``insecure_transport`` (raised before anything is dialled).
         HandshakeRefused: the relay refused the agent (bad token, session held).
         HandshakeError: the relay could not be reached, or its certificate was not trusted.
+        AppStartupError: the ASGI app's lifespan startup failed.
         RuntimeError: called from asyncio (use :func:`tunnel2.aio.open_tunnel`).
     """
     require_async_library("trio", "tunnel2.open_tunnel", "tunnel2.aio.open_tunnel")
@@ -299,7 +318,10 @@ async def open_tunnel(
         ssl_context=ssl_context,
     )
     handler = handler_for(
-        target, backend_ca_file=backend_ca_file, backend_insecure=backend_insecure
+        target,
+        backend_ca_file=backend_ca_file,
+        backend_insecure=backend_insecure,
+        asgi_loop=asgi_loop,
     )
     metrics = _metrics_observer() if admin is not None else None
     agent = Agent(
@@ -311,7 +333,7 @@ async def open_tunnel(
     try:
         # trio wraps what the agent's task raised; a lone error comes out as itself.
         with unwrap_lone_error():
-            async with trio.open_nursery() as nursery:
+            async with _serving(handler), trio.open_nursery() as nursery:
                 if admin is not None and metrics is not None:
                     from tunnel2.admin import agent_admin, serve_admin
 
