@@ -629,3 +629,68 @@ async def test_access_log_covers_asgi_http_and_websocket_requests(
         "GET /nowhere",
     ]
     assert [int(line.split(" -> ")[1].split()[0]) for line in agent_lines] == [200, 404, 101, 403]
+
+
+# --- more of the protocol on asyncio -------------------------------------------------------
+
+
+async def test_request_bodies_and_errors_cross_to_an_asyncio_app() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if body == b"fail":
+            raise ValueError("the app failed")
+        await asyncio.sleep(0)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": body[::-1], "more_body": True})
+        await send({"type": "http.response.body", "body": b"!"})
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with open_memory_tunnel(app) as tunnel:
+            large = bytes(range(256)) * 1024
+            echoed = await tunnel.request("POST", "/", body=large)
+            failed = await tunnel.request("POST", "/", body=b"fail")
+    assert (echoed.status, echoed.body) == (201, large[::-1] + b"!")
+    assert failed.status == 500
+    assert "the application raised an exception" in failed.text
+
+
+async def test_pings_are_answered_and_oversized_messages_close_1009(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tunnel2.asgi, "MAX_WEBSOCKET_MESSAGE", 1000)
+    heard: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        heard.append(await receive())
+        heard.append(await receive())
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with open_memory_tunnel(app) as tunnel:
+            client = WsClient(tunnel.open_client_stream())
+            accept = await client.handshake(f"{tunnel.path_prefix}/ws")
+            assert isinstance(accept, ws_events.AcceptConnection)
+            await client.send(ws_events.Ping(payload=b"are you there"))
+            pong = await client.next_event()
+            assert isinstance(pong, ws_events.Pong)
+            assert pong.payload == b"are you there"
+            await client.send(ws_events.TextMessage(data="small"))
+            await client.send(ws_events.BytesMessage(data=b"x" * 600, message_finished=False))
+            await client.send(ws_events.BytesMessage(data=b"x" * 600))
+            close = await client.receive_message()
+            assert isinstance(close, ws_events.CloseConnection)
+            assert close.code == 1009
+    assert heard == [
+        {"type": "websocket.receive", "text": "small"},
+        {"type": "websocket.disconnect", "code": 1009, "reason": ""},
+    ]
