@@ -182,19 +182,24 @@ async def test_fastapi_app_through_the_memory_tunnel() -> None:
     assert tunnel_threads(join=True) == []
 
 
-async def test_visitor_closes_with_a_code_and_the_app_hears_it() -> None:
-    heard: list[Message] = []
+def accept_and_record(heard: list[Message], count: int) -> Any:
+    """A WebSocket app that accepts, then records the next ``count`` messages it receives."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket":
             return
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
-        heard.append(await receive())
-        heard.append(await receive())
+        for _ in range(count):
+            heard.append(await receive())
 
+    return app
+
+
+async def test_visitor_closes_with_a_code_and_the_app_hears_it() -> None:
+    heard: list[Message] = []
     with trio.fail_after(STEP_TIMEOUT):
-        async with open_memory_tunnel(app) as tunnel:
+        async with open_memory_tunnel(accept_and_record(heard, 2)) as tunnel:
             client = WsClient(tunnel.open_client_stream())
             assert isinstance(
                 await client.handshake(f"{tunnel.path_prefix}/ws"), ws_events.AcceptConnection
@@ -666,17 +671,8 @@ async def test_pings_are_answered_and_oversized_messages_close_1009(
 ) -> None:
     monkeypatch.setattr(tunnel2.asgi, "MAX_WEBSOCKET_MESSAGE", 1000)
     heard: list[Message] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket":
-            return
-        await receive()
-        await send({"type": "websocket.accept"})
-        heard.append(await receive())
-        heard.append(await receive())
-
     with trio.fail_after(STEP_TIMEOUT):
-        async with open_memory_tunnel(app) as tunnel:
+        async with open_memory_tunnel(accept_and_record(heard, 2)) as tunnel:
             client = WsClient(tunnel.open_client_stream())
             accept = await client.handshake(f"{tunnel.path_prefix}/ws")
             assert isinstance(accept, ws_events.AcceptConnection)

@@ -633,6 +633,9 @@ class _Lifespan:
 # Messages the trio side only records until the next one (so they need no crossing alone).
 _RECORDED_ONLY: Final = frozenset({"http.response.start", "websocket.http.response.start"})
 
+# The body messages whose last one (no ``more_body``) is sent without waiting for it.
+_BODIES: Final = frozenset({"http.response.body", "websocket.http.response.body"})
+
 _Call = tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
@@ -664,21 +667,29 @@ class _AsyncioBridge:
         """``await app(scope, receive, send)`` with the app on the loop; what it raised is
         raised here.
 
-        Two crossings are saved per request (they are most of the bridge's cost): ``first``,
-        if given, is what the app's first ``receive()`` returns (taken already), and a
-        ``*.response.start``, which the trio side only records, is held on the asyncio side
-        and sent together with the next message.
+        Crossings are saved where the protocol allows (they are most of the bridge's cost):
+        ``first``, if given, is what the app's first ``receive()`` returns (taken already);
+        a ``*.response.start``, which the trio side only records, is held on the asyncio
+        side and sent with the next message; and the last body message of a response is
+        not waited for (as an ASGI server's buffered write: the app returns at once, and
+        ``run()`` waits for that send and raises what it raised).
         """
         loop = self.loop
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
-        nursery: trio.Nursery | None = None
+        nursery: trio.Nursery | None = None  # the app's calls; cancelled once it returned
+        sending: trio.Nursery | None = None  # final sends, which run() waits for
+        errors: list[Exception] = []
 
         def post(call: _Call) -> None:  # on trio's thread
             if nursery is None:  # run() is over: the app is being cancelled
                 _call_soon(loop, _cancel, call[2])
             else:
                 nursery.start_soon(self._serve_call, call)
+
+        def post_final(messages: list[AsgiMessage]) -> None:  # on trio's thread
+            if sending is not None:
+                sending.start_soon(send_final, messages)
 
         async def call(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:  # on asyncio
             future = loop.create_future()
@@ -699,15 +710,24 @@ class _AsyncioBridge:
             for message in messages:
                 await send(message)
 
+        async def send_final(messages: list[AsgiMessage]) -> None:  # on trio
+            try:
+                await send_in_order(messages)
+            except Exception as exc:
+                errors.append(exc)
+
         async def asyncio_send(message: AsgiMessage) -> None:
-            if message["type"] in _RECORDED_ONLY and not held:
+            kind = message["type"]
+            if kind in _RECORDED_ONLY and not held:
                 held.append(message)
                 await asyncio.sleep(0)
-            elif held:
-                messages = [held.pop(), message]
-                await call(send_in_order, messages)
+                return
+            messages = [held.pop(), message] if held else [message]
+            if kind in _BODIES and not message.get("more_body", False):
+                token.run_sync_soon(post_final, messages)
+                await asyncio.sleep(0)
             else:
-                await call(send, message)
+                await call(send_in_order, messages)
 
         async def main() -> None:
             await app(scope, asyncio_receive, asyncio_send)
@@ -715,7 +735,7 @@ class _AsyncioBridge:
         future = asyncio.run_coroutine_threadsafe(main(), loop)
         future.add_done_callback(lambda _: _run_sync_soon(token, finished.set))
         try:
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as sending, trio.open_nursery() as nursery:
                 try:
                     await finished.wait()
                 except trio.Cancelled:
@@ -730,9 +750,11 @@ class _AsyncioBridge:
                     raise
                 nursery.cancel_scope.cancel()  # calls the app left behind
         finally:
-            nursery = None
+            nursery = sending = None
         if not future.cancelled():
             future.result()
+        if errors:
+            raise errors[0]
 
     async def _serve_call(self, call: _Call) -> None:
         fn, args, future = call
