@@ -690,3 +690,20 @@ async def test_pings_are_answered_and_oversized_messages_close_1009(
         {"type": "websocket.receive", "text": "small"},
         {"type": "websocket.disconnect", "code": 1009, "reason": ""},
     ]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+async def test_an_invalid_response_head_is_a_500(loop: AsgiLoop) -> None:
+    # On asyncio the last body crosses without a wait; what it raised is still the app's.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"bad name", b"value")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"never"})
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with open_memory_tunnel(app, asgi_loop=loop) as tunnel:
+            response = await tunnel.request("GET", "/")
+    assert response.status == 500
+    assert "the application raised an exception" in response.text

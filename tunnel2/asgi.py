@@ -358,7 +358,9 @@ class _AsgiExchange:
         self._start: AsgiMessage | None = None
 
     async def answer_plain(self, status: int, what: str) -> int:
-        """Answer ``status`` with a plain-text body saying ``what`` went wrong."""
+        """Answer ``status`` with a plain-text body saying ``what`` went wrong (before any
+        head was sent: a start the app recorded is dropped)."""
+        self._start = None
         body = f"{status} {HTTPStatus(status).phrase}: {what}\n".encode()
         start = {
             "type": "http.response.start",
