@@ -211,8 +211,11 @@ class AsgiHandler:
         """Run the lifespan shutdown (also when cancelled: shielded, within
         ``shutdown_timeout``), then stop the loop the handler owns."""
         stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.__aexit__(exc_type, exc, tb)
+        try:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._bridge = None  # its loop is gone
 
     async def _shut_down(self, lifespan: _Lifespan) -> None:
         with trio.CancelScope(shield=True):
@@ -256,7 +259,7 @@ class AsgiHandler:
         scheme = ("wss" if secure else "ws") if websocket else ("https" if secure else "http")
         scope: AsgiScope = {
             "type": "websocket" if websocket else "http",
-            "asgi": _ASGI,
+            "asgi": dict(_ASGI),
             "http_version": request.http_version.decode(),
             "scheme": scheme,
             "path": urllib.parse.unquote(path.decode("latin-1")),
@@ -568,7 +571,7 @@ class _Lifespan:
     """The ``lifespan`` scope's messages (ASGI lifespan spec 2.0) and what they decided."""
 
     def __init__(self, state: dict[str, Any]) -> None:
-        self.scope: AsgiScope = {"type": "lifespan", "asgi": _ASGI, "state": state}
+        self.scope: AsgiScope = {"type": "lifespan", "asgi": dict(_ASGI), "state": state}
         self.started = trio.Event()  # startup is over (complete, failed, or unsupported)
         self.error: str | None = None  # startup failed with this message
         self.exception: BaseException | None = None
