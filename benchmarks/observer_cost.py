@@ -1,7 +1,7 @@
 """What observing costs: req/s and CPU us/request with metrics on and off, interleaved.
 
 One process runs a relay (``serve_tunnel_server``) and an agent (``open_tunnel``) on
-127.0.0.1 with an in-process ASGI app, and C keep-alive clients sending N requests each.
+127.0.0.1 with an in-process ASGI app (on trio), and C keep-alive clients sending N requests each.
 Each round toggles the observers in place (the same relay, agent and sockets): ``off`` has
 no observer (no event is built), ``metrics`` a PrometheusObserver on both sides, ``metrics+log``
 also the access log (to a NullHandler-ed logger, so formatting is measured but no I/O).
@@ -28,6 +28,8 @@ from tunnel2.server import ServerConfig
 
 
 async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
     await receive()
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
@@ -59,7 +61,7 @@ async def main(requests: int, rounds: int, clients: int) -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(tunnel2.serve_tunnel_server, ServerConfig(port=0))
         port = int(server.base_url.rpartition(":")[2])
-        async with tunnel2.open_tunnel(server.base_url, app) as agent:
+        async with tunnel2.open_tunnel(server.base_url, app, asgi_loop="trio") as agent:
             session = agent.session_id
             assert session is not None
             modes: dict[str, tuple[list[Observer], list[Observer]]] = {
@@ -76,23 +78,34 @@ async def main(requests: int, rounds: int, clients: int) -> None:
                 for mode, (relay_obs, agent_obs) in modes.items():
                     server.observers[:] = relay_obs
                     agent.observers[:] = agent_obs
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    async with trio.open_nursery() as batch:
-                        for _ in range(clients):
-                            batch.start_soon(client, port, session, requests)
-                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                    total = requests * clients
-                    results.setdefault(mode, []).append((total / wall, cpu / total * 1e6))
+                    run = await measure(port, session, requests, clients)
+                    results.setdefault(mode, []).append(run)
         nursery.cancel_scope.cancel()
-    base_rps = statistics.median(r for r, _ in results["off"])
-    base_cpu = statistics.median(c for _, c in results["off"])
-    print(f"{requests} requests x {clients} clients, {rounds} interleaved rounds (medians)")
+    report(results, "off", f"{requests} requests x {clients} clients, {rounds} interleaved rounds")
+
+
+async def measure(port: int, session: str, requests: int, clients: int) -> tuple[float, float]:
+    """One batch: ``clients`` clients sending ``requests`` each; req/s and CPU us/request."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    async with trio.open_nursery() as batch:
+        for _ in range(clients):
+            batch.start_soon(client, port, session, requests)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    total = requests * clients
+    return total / wall, cpu / total * 1e6
+
+
+def report(results: dict[str, list[tuple[float, float]]], base: str, title: str) -> None:
+    """Print each mode's medians and their ratios (and CPU difference) to mode ``base``."""
+    base_rps = statistics.median(r for r, _ in results[base])
+    base_cpu = statistics.median(c for _, c in results[base])
+    print(f"{title} (medians)")
     for mode, runs in results.items():
         rps = statistics.median(r for r, _ in runs)
         cpu = statistics.median(c for _, c in runs)
         print(
             f"{mode:12} {rps:8.0f} req/s ({rps / base_rps:5.3f}x)   "
-            f"{cpu:6.1f} CPU us/request ({cpu / base_cpu:5.3f}x)"
+            f"{cpu:6.1f} CPU us/request ({cpu / base_cpu:5.3f}x, {cpu - base_cpu:+6.1f} us)"
         )
 
 

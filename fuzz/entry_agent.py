@@ -330,7 +330,7 @@ def check_agent(case: AgentCase, *, tolerate_f5: bool = False) -> None:
 
     async def one_case() -> None:
         async with (
-            open_memory_tunnel(_relay.app, config=_relay.CONFIG) as tunnel,
+            open_memory_tunnel(_relay.app, config=_relay.CONFIG, asgi_loop="trio") as tunnel,
             open_fake_agent(tunnel, case.script) as sid,
         ):
             received, gave_up = await visit(tunnel, sid, data)

@@ -226,7 +226,7 @@ def check_visitor(case: VisitorCase) -> None:
     """See the module docstring."""
 
     async def one_case() -> None:
-        async with open_memory_tunnel(_relay.app, config=_relay.CONFIG) as tunnel:
+        async with open_memory_tunnel(_relay.app, config=_relay.CONFIG, asgi_loop="trio") as tunnel:
             assert tunnel.agent.session_id is not None
             sid = tunnel.agent.session_id.encode()
             client = tunnel.open_client_stream()

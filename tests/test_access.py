@@ -393,7 +393,7 @@ class CountingApp:
 
 
 def memory(app: CountingApp, pol: AccessPolicy | None) -> Any:
-    return open_memory_tunnel(app, agent_config=AgentConfig(access=pol))
+    return open_memory_tunnel(app, agent_config=AgentConfig(access=pol), asgi_loop="trio")
 
 
 async def test_basic_auth_over_memory() -> None:
@@ -492,7 +492,7 @@ async def test_the_policy_goes_with_the_last_agent_and_the_newest_one_wins() -> 
                 second_policy = policy(bearer_token="two")
                 agent = tunnel2.Agent(
                     memory_connector(server, nursery),
-                    tunnel2.api.handler_for(app),
+                    tunnel2.api.handler_for(app, asgi_loop="trio"),
                     AgentConfig(session_id=fixed, access=second_policy, token="team-token"),
                 )
                 scope = trio.CancelScope()
@@ -525,7 +525,7 @@ async def socket_tunnel(app: CountingApp, pol: AccessPolicy | None) -> AsyncIter
     the public URL."""
     async with (
         tunnel2.open_tunnel_server(ServerConfig(port=0)) as server,
-        tunnel2.open_tunnel(server.base_url, app, access=pol) as agent,
+        tunnel2.open_tunnel(server.base_url, app, access=pol, asgi_loop="trio") as agent,
     ):
         yield agent.public_url
 

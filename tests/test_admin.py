@@ -143,7 +143,9 @@ async def test_admin_over_real_sockets() -> None:
             assert server.admin_url is not None
             assert server.admin_url.startswith("http://127.0.0.1:")
             assert (await get(server.admin_url, "/readyz"))[0] == 200
-            async with tunnel2.open_tunnel(server.base_url, app, admin=admin) as agent:
+            async with tunnel2.open_tunnel(
+                server.base_url, app, admin=admin, asgi_loop="trio"
+            ) as agent:
                 assert agent.admin_url is not None
                 for path in ("/", "/", "/", "/missing"):
                     status, _ = await get(server.base_url, f"/session/{agent.session_id}{path}")

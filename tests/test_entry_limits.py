@@ -133,7 +133,7 @@ def test_config_refuses_caps_and_timeouts_below_one_or_zero(field: str) -> None:
 
 @asynccontextmanager
 async def ok_tunnel(config: ServerConfig) -> AsyncIterator[MemoryTunnel]:
-    async with open_memory_tunnel(ok_app, config=config) as tunnel:
+    async with open_memory_tunnel(ok_app, config=config, asgi_loop="trio") as tunnel:
         yield tunnel
 
 
@@ -238,7 +238,7 @@ async def lockstep_download(app: AsgiApp) -> AsyncIterator[tuple[MemoryTunnel, t
     blocks until the visitor reads, as over TCP once the socket buffers are full."""
     config = ServerConfig(write_timeout=WRITE_TIMEOUT, idle_timeout=1000, request_timeout=1000)
     async with (
-        open_memory_tunnel(app, config=config) as tunnel,
+        open_memory_tunnel(app, config=config, asgi_loop="trio") as tunnel,
         trio.open_nursery() as nursery,
     ):
         client, relay_side = trio.testing.lockstep_stream_pair()
@@ -414,18 +414,18 @@ async def test_full_visitor_side_still_lets_agents_in(nursery: trio.Nursery) -> 
     with trio.fail_after(20):
         # Agents take no visitor slot: three visitors are served beside the agent.
         async with (
-            tunnel2.open_tunnel(relay.base_url, ok_app) as first,
+            tunnel2.open_tunnel(relay.base_url, ok_app, asgi_loop="trio") as first,
             open_visitors(relay, 3, first.public_url) as visitors,
         ):
             status, body = await fetch(relay, first.public_url)
             assert status == 503
             assert b"maximum of 3 visitor connections" in body
             # The visitor side is full, yet an agent connects and its session serves.
-            async with tunnel2.open_tunnel(relay.base_url, ok_app) as second:
+            async with tunnel2.open_tunnel(relay.base_url, ok_app, asgi_loop="trio") as second:
                 await visitors[0].aclose()
                 assert await fetch_until_ok(relay, second.public_url) == (200, b"ok")
                 with pytest.raises(HandshakeError, match="503"):
-                    async with tunnel2.open_tunnel(relay.base_url, ok_app):
+                    async with tunnel2.open_tunnel(relay.base_url, ok_app, asgi_loop="trio"):
                         pass  # a third agent: past max_agent_connections
 
 
@@ -436,7 +436,7 @@ async def test_one_address_may_hold_max_connections_per_ip_visitors(
     with trio.fail_after(20):
         # The agent also comes from 127.0.0.1, and is not counted once identified.
         async with (
-            tunnel2.open_tunnel(relay.base_url, ok_app) as agent,
+            tunnel2.open_tunnel(relay.base_url, ok_app, asgi_loop="trio") as agent,
             open_visitors(relay, 2, agent.public_url) as visitors,
         ):
             # Answered at once; sending nothing, we are sure to read it before the close.

@@ -68,7 +68,7 @@ async def test_f1_error_response_to_head_has_no_body(
     head: bytes, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(60):
-        async with open_memory_tunnel(_relay.app, config=CONFIG) as tunnel:
+        async with open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel:
             data = await _exchange(tunnel, head)
     responses, rest = _responses(data, b"HEAD")
     assert [r.status_code for r in responses] in ([400], [404])
@@ -86,7 +86,7 @@ async def test_f2_malformed_request_body_logs_no_error(
         b"\r\n5\r\nhelloXX0\r\n\r\n"
     )
     with trio.fail_after(60):
-        async with open_memory_tunnel(_relay.app, config=CONFIG) as tunnel:
+        async with open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel:
             data = await _exchange(tunnel, request)
             await trio.sleep(_relay.SETTLE)
     assert _responses(data, b"POST")[0][0].status_code == 400
@@ -108,7 +108,9 @@ async def test_f3_head_to_app_sending_a_body_gets_a_response(
 ) -> None:
     request = b"HEAD /session/@SID@/ HTTP/1.1\r\nHost: relay.test\r\n\r\n"
     with trio.fail_after(60):
-        async with open_memory_tunnel(_head_with_body_app, config=CONFIG) as tunnel:
+        async with open_memory_tunnel(
+            _head_with_body_app, config=CONFIG, asgi_loop="trio"
+        ) as tunnel:
             data = await _exchange(tunnel, request)
     responses, rest = _responses(data, b"HEAD")
     assert [r.status_code for r in responses] == [200], data
@@ -137,7 +139,7 @@ async def test_f4_expect_continue_and_early_close_leaves_no_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with trio.fail_after(120):
-        async with open_memory_tunnel(_relay.app, config=CONFIG) as tunnel:
+        async with open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel:
             await _leak(tunnel, 3)
             assert [u.open_streams for u in tunnel.server.uplinks] == [0]
 
@@ -148,7 +150,7 @@ async def test_f4_leaked_streams_do_not_use_up_the_agent(
     # The relay never ends a leaked stream's request body, so the agent's app waits for it
     # for ever: past AgentConfig.max_concurrent (64) leaks, no worker is left for anyone.
     with trio.fail_after(600):
-        async with open_memory_tunnel(_relay.app, config=CONFIG) as tunnel:
+        async with open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel:
             await _leak(tunnel, 70)
             response = await tunnel.request("GET", "/")
             assert response.status == 200, (response.status, response.body)
@@ -171,7 +173,7 @@ async def test_f5_malformed_response_head_answers_502(
     script = (Action("head", head), Action("data", b"hello"), Action("end"))
     with trio.fail_after(60):
         async with (
-            open_memory_tunnel(_relay.app, config=CONFIG) as tunnel,
+            open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel,
             open_fake_agent(tunnel, script) as sid,
         ):
             data, _ = await visit(tunnel, sid, b"GET /session/@SID@/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -188,7 +190,7 @@ async def test_f6_stalled_response_body_releases_the_connection(
     script = (Action("head", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),)
     with trio.fail_after(3600):
         async with (
-            open_memory_tunnel(_relay.app, config=CONFIG) as tunnel,
+            open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel,
             open_fake_agent(tunnel, script) as sid,
         ):
             await visit(tunnel, sid, b"GET /session/@SID@/ HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -214,7 +216,7 @@ async def test_f7_informational_head_as_final_answers_502(
     script = (Action("head", head), Action("end"))
     with trio.fail_after(600):
         async with (
-            open_memory_tunnel(_relay.app, config=CONFIG) as tunnel,
+            open_memory_tunnel(_relay.app, config=CONFIG, asgi_loop="trio") as tunnel,
             open_fake_agent(tunnel, script) as sid,
         ):
             data, _ = await visit(tunnel, sid, b"GET /session/@SID@/ HTTP/1.1\r\nHost: x\r\n\r\n")

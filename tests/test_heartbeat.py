@@ -70,7 +70,7 @@ def app_named(name: str, gate: trio.Event | None = None) -> AsgiHandler:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": name.encode()})
 
-    return AsgiHandler(app)
+    return AsgiHandler(app, loop="trio")
 
 
 async def connected(agent: Agent, times: int) -> None:

@@ -81,7 +81,7 @@ async def observed_tunnel(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(entry.run_timeouts)
         connector = memory_connector(server, nursery)
-        tunnel_agent = Agent(connector, handler or AsgiHandler(app), observers=agent)
+        tunnel_agent = Agent(connector, handler or AsgiHandler(app, loop="trio"), observers=agent)
         await nursery.start(tunnel_agent.serve)
         yield MemoryTunnel(server, entry, tunnel_agent, nursery)
         nursery.cancel_scope.cancel()
@@ -158,7 +158,9 @@ async def test_agent_left_reconnected_drain_and_refused() -> None:
             await tunnel.server.drain()
             # A new agent during the drain is refused, and the refusal is an event.
             async with trio.open_nursery() as nursery:
-                late = Agent(memory_connector(tunnel.server, nursery), AsgiHandler(app))
+                late = Agent(
+                    memory_connector(tunnel.server, nursery), AsgiHandler(app, loop="trio")
+                )
                 with pytest.raises(Exception, match="shutting down"):
                     await late.serve()
     reconnected = agent.of(Reconnected)[0]
@@ -181,7 +183,7 @@ async def test_refused_for_a_bad_token() -> None:
     server = TunnelServer(config, base_url=MEMORY_BASE_URL, observers=[relay])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            agent = Agent(memory_connector(server, nursery), AsgiHandler(app))
+            agent = Agent(memory_connector(server, nursery), AsgiHandler(app, loop="trio"))
             with pytest.raises(Exception, match="invalid or missing token"):
                 await agent.serve()
     assert [(r.code, r.reason_code) for r in relay.of(Refused)] == [(10, "UNAUTHORIZED")]
@@ -290,7 +292,7 @@ async def test_cli_relay_logs_json_request_lines_and_serves_admin(tmp_path: Path
     with trio.fail_after(30):
         async with run(*CLI, *args, stderr=tmp_path / "relay.err") as relay:
             relay_url = (await relay.readline()).split()[3]
-            async with tunnel2.open_tunnel(relay_url, app) as agent:
+            async with tunnel2.open_tunnel(relay_url, app, asgi_loop="trio") as agent:
                 status, _ = await get(relay_url, f"/session/{agent.session_id}/x?token=secret")
                 assert status == 200
                 admin_lines = [

@@ -83,7 +83,9 @@ async def tunnel_for(
     agent_config: AgentConfig | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     with trio.fail_after(10):
-        async with open_memory_tunnel(app, config=config, agent_config=agent_config) as tunnel:
+        async with open_memory_tunnel(
+            app, config=config, agent_config=agent_config, asgi_loop="trio"
+        ) as tunnel:
             yield tunnel
 
 
@@ -342,6 +344,8 @@ async def test_oversize_body_is_413() -> None:
     seen: list[bytes] = []
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # the lifespan scope
+            return
         seen.append(await read_body(receive))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -372,6 +376,8 @@ async def test_no_response_in_time_is_504_and_cancels_the_app(
     cancelled = trio.Event()
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # the lifespan scope
+            return
         try:
             await trio.sleep_forever()
         finally:
@@ -393,6 +399,8 @@ async def test_saturated_agent_answers_503() -> None:
     started = 0
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # the lifespan scope
+            return
         nonlocal started
         started += 1
         await release.wait()
@@ -504,6 +512,8 @@ async def test_connection_and_stream_limits_answer_503() -> None:
     release = trio.Event()
 
     async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # the lifespan scope
+            return
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})

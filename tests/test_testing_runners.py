@@ -75,9 +75,9 @@ async def hang_app(
     receive: Callable[[], Awaitable[Message]],
     send: Callable[[Message], Awaitable[None]],
 ) -> None:
-    """Answers ``/slow`` never (it runs on the tunnel's trio thread), the rest at once."""
+    """Answers ``/slow`` never (its code runs on asyncio), the rest at once."""
     if scope["path"] == "/slow":
-        await trio.sleep(3600)
+        await asyncio.sleep(3600)
     await hello_app(scope, receive, send)
 
 

@@ -14,6 +14,7 @@ from tunnel2.agent import Agent, AgentConfig
 from tunnel2.api import open_tunnel, open_tunnel_server, serve_tunnel_server
 from tunnel2.entry import ProxyEntry
 from tunnel2.errors import (
+    AppStartupError,
     ErrorCode,
     HandshakeError,
     HandshakeRefused,
@@ -34,6 +35,7 @@ __all__ = [
     "AccessPolicy",
     "Agent",
     "AgentConfig",
+    "AppStartupError",
     "ErrorCode",
     "HandshakeError",
     "HandshakeRefused",

@@ -107,9 +107,9 @@ async def open_tunnel(
     (:class:`~tunnel2.sync.TunnelOptions`) and errors. Does not block the loop: the
     handshake and all traffic run on trio in a thread the block owns. Cancelling the task
     (or leaving the block) closes the tunnel; the block is left once the agent is gone
-    from the relay. An ASGI app given as ``target`` runs on the tunnel's trio thread (fine
-    for Starlette/FastAPI, which run on anyio; not for an app that needs the asyncio loop
-    itself).
+    from the relay. The code of an ASGI app given as ``target`` runs on the caller's own
+    loop (``asgi_loop`` unset or ``"asyncio"``; ``"trio"`` keeps it on the tunnel's trio
+    thread); its lifespan startup runs before the block is entered.
 
     Raises:
         HandshakeRefused: the relay refused the agent.
@@ -117,6 +117,8 @@ async def open_tunnel(
         RuntimeError: not called from asyncio (from trio use :func:`tunnel2.open_tunnel`).
     """
     require_async_library("asyncio", "tunnel2.aio.open_tunnel", "tunnel2.open_tunnel")
+    if options.get("asgi_loop", "asyncio") == "asyncio":
+        options["asgi_loop"] = asyncio.get_running_loop()
     async with run_in_trio_thread(
         lambda: api.open_tunnel(server_url, target, **options), "tunnel2-aio-tunnel"
     ) as run:

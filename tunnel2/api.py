@@ -5,12 +5,13 @@ Layer: top of the library (below cli and testing). Thin wiring of server, entry 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 import trio
@@ -19,7 +20,7 @@ from tunnel2._sockets import FastSocketStream
 from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_context
 from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import Agent, AgentConfig, StreamHandler, websocket_connector
-from tunnel2.asgi import AsgiApp, AsgiHandler
+from tunnel2.asgi import AsgiApp, AsgiHandler, AsgiLoop
 from tunnel2.backend import BackendForwarder, check_host_header
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
@@ -169,6 +170,12 @@ async def open_tunnel_server(
             nursery.cancel_scope.cancel()
 
 
+def _serving(handler: StreamHandler) -> AbstractAsyncContextManager[object]:
+    """What keeps ``handler`` ready to serve: an ASGI app's lifespan (and loop), entered
+    before the agent connects and left after it is gone; nothing for a backend."""
+    return handler if isinstance(handler, AsgiHandler) else contextlib.nullcontext()
+
+
 def _metrics_observer() -> PrometheusObserver:
     # Imported on use: prometheus-client and hypercorn stay out of `import tunnel2`.
     from tunnel2.admin import PrometheusObserver
@@ -177,12 +184,13 @@ def _metrics_observer() -> PrometheusObserver:
 
 
 def handler_for(
-    target: int | str | AsgiApp,
+    target: int | str | AsgiApp | AsgiHandler,
     *,
     backend_ca_file: str | None = None,
     backend_insecure: bool = False,
     backend_ssl_context: ssl.SSLContext | None = None,
     host_header: str | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> StreamHandler:
     """The stream handler for a tunnel target.
 
@@ -196,6 +204,8 @@ def handler_for(
             one), ``"rewrite"`` (the target's ``host:port``) or a literal ``host[:port]``;
             ``None``: ``preserve`` for http, ``rewrite`` for https (see
             :class:`~tunnel2.backend.BackendForwarder`).
+        asgi_loop: for an ASGI app, where its code runs (:class:`~tunnel2.asgi.AsgiHandler`);
+            an :class:`~tunnel2.asgi.AsgiHandler` given as ``target`` is used as it is.
 
     Raises:
         ValueError: a URL that is not ``http(s)://host[:port]``, a ``backend_ca_file``
@@ -228,7 +238,9 @@ def handler_for(
         raise ValueError(
             f"host_header={host_header!r} applies to a port or URL target, not an ASGI app"
         )
-    return AsgiHandler(target)
+    if isinstance(target, AsgiHandler):
+        return target
+    return AsgiHandler(target, loop=asgi_loop)
 
 
 @asynccontextmanager
@@ -251,6 +263,7 @@ async def open_tunnel(
     observers: Iterable[Observer] = (),
     admin: tuple[str, int] | None = None,
     host_header: str | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -290,12 +303,18 @@ async def open_tunnel(
             target's own ``host:port`` (for dev servers that check Host: Vite, Django's
             ``ALLOWED_HOSTS``, webpack; the default for https targets), or a literal
             ``host[:port]``. The public Host stays in X-Forwarded-Host.
+        asgi_loop: for an ASGI app, where its code runs: ``"asyncio"`` (a loop in a thread
+            the tunnel owns; the default, for FastAPI/Starlette/Django apps that use
+            asyncio), ``"trio"`` (the tunnel's own tasks), or a running asyncio loop of
+            another thread (see :class:`~tunnel2.asgi.AsgiHandler`). The app's lifespan
+            startup runs before this block is entered, its shutdown after it is left.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
             on loopback without ``insecure_transport`` (raised before anything is dialled).
         HandshakeRefused: the relay refused the agent (bad token, session held).
         HandshakeError: the relay could not be reached, or its certificate was not trusted.
+        AppStartupError: the ASGI app's lifespan startup failed.
         RuntimeError: called from asyncio (use :func:`tunnel2.aio.open_tunnel`).
     """
     require_async_library("trio", "tunnel2.open_tunnel", "tunnel2.aio.open_tunnel")
@@ -323,6 +342,7 @@ async def open_tunnel(
         backend_ca_file=backend_ca_file,
         backend_insecure=backend_insecure,
         host_header=config.host_header,
+        asgi_loop=asgi_loop,
     )
     metrics = _metrics_observer() if admin is not None else None
     agent = Agent(
@@ -334,7 +354,7 @@ async def open_tunnel(
     try:
         # trio wraps what the agent's task raised; a lone error comes out as itself.
         with unwrap_lone_error():
-            async with trio.open_nursery() as nursery:
+            async with _serving(handler), trio.open_nursery() as nursery:
                 if admin is not None and metrics is not None:
                     from tunnel2.admin import agent_admin, serve_admin
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "AppStartupError",
     "ErrorCode",
     "HandshakeError",
     "HandshakeRefused",
@@ -147,3 +148,19 @@ class StreamReset(StreamError):
         super().__init__(text, stream_id=stream_id)
         self.code = code
         self.reason = reason
+
+
+class AppStartupError(TunnelError):
+    """An in-process ASGI app's lifespan startup failed (it sent
+    ``lifespan.startup.failed``, as Starlette and FastAPI do when startup raises); the
+    tunnel was not opened.
+
+    Attributes:
+        message: the app's own message (for Starlette/FastAPI, the traceback text).
+    """
+
+    def __init__(self, message: str) -> None:
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else "no message"
+        super().__init__(f"the ASGI app's lifespan startup failed: {last}")
+        self.message = message

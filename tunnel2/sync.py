@@ -36,7 +36,7 @@ from tunnel2.api import open_tunnel, open_tunnel_server
 from tunnel2.server import ServerConfig, TunnelServer
 
 if TYPE_CHECKING:
-    from tunnel2.asgi import AsgiApp
+    from tunnel2.asgi import AsgiApp, AsgiLoop
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,7 @@ class TunnelOptions(TypedDict, total=False):
     max_queued: int
     connect_timeout: float
     host_header: str | None
+    asgi_loop: AsgiLoop
 
 
 def connect(
@@ -344,14 +345,16 @@ def connect(
     Blocks until the relay has welcomed the agent, then returns; the tunnel serves (and
     re-dials) in its own thread until :meth:`Tunnel.close` or the end of a ``with`` block.
     Handles left open are closed at interpreter exit (at most ``EXIT_TIMEOUT`` seconds
-    each). The options (:class:`TunnelOptions`) are :func:`tunnel2.open_tunnel`'s. An ASGI
-    app given as ``target`` runs on the tunnel's trio thread, so it must not need asyncio
-    (use :func:`tunnel2.aio.open_tunnel` for an asyncio app).
+    each). The options (:class:`TunnelOptions`) are :func:`tunnel2.open_tunnel`'s: the
+    code of an ASGI app given as ``target`` runs on an asyncio loop in a thread of its own
+    (``asgi_loop="trio"``: on the tunnel's trio thread), and its lifespan startup has run
+    when this returns.
 
     Raises:
         HandshakeRefused: the relay refused the agent (``.reason`` says why).
         HandshakeError: the relay could not be reached.
         HandshakeTimeout: no answer within ``connect_timeout``.
+        AppStartupError: the ASGI app's lifespan startup failed.
     """
     timeout = options.get("connect_timeout", 10.0) + EXIT_TIMEOUT
     return Tunnel(lambda: open_tunnel(server, target, **options), "tunnel2-tunnel", timeout)

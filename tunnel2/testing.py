@@ -35,7 +35,7 @@ import trio.testing
 
 from tunnel2 import aio
 from tunnel2.agent import Agent, AgentConfig, Connector
-from tunnel2.api import handler_for
+from tunnel2.api import _serving, handler_for
 from tunnel2.backend import BackendForwarder
 from tunnel2.entry import ProxyEntry
 from tunnel2.server import ServerConfig, TunnelServer
@@ -43,7 +43,7 @@ from tunnel2.sync import EXIT_TIMEOUT, ThreadHandle, TrioThread
 from tunnel2.transports import FrameTransport, memory_transport_pair
 
 if TYPE_CHECKING:
-    from tunnel2.asgi import AsgiApp
+    from tunnel2.asgi import AsgiApp, AsgiLoop
 
 __all__ = [
     "AioMemoryTunnel",
@@ -189,6 +189,7 @@ async def open_memory_tunnel(
     *,
     config: ServerConfig | None = None,
     agent_config: AgentConfig | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> AsyncIterator[MemoryTunnel]:
     """Run a relay, entry and agent over in-memory transports for the block.
 
@@ -197,11 +198,16 @@ async def open_memory_tunnel(
             URL of a real backend.
         config: the relay's settings.
         agent_config: the agent's settings.
+        asgi_loop: where an ASGI app's code runs (as :func:`tunnel2.open_tunnel`'s); its
+            lifespan startup runs before the block is entered.
+
+    Raises:
+        AppStartupError: the ASGI app's lifespan startup failed.
     """
     server = TunnelServer(config or ServerConfig(), base_url=MEMORY_BASE_URL)
     entry = ProxyEntry(server)
-    handler = handler_for(target)
-    async with trio.open_nursery() as nursery:
+    handler = handler_for(target, asgi_loop=asgi_loop)
+    async with _serving(handler), trio.open_nursery() as nursery:
         nursery.start_soon(entry.run_timeouts)
         agent = Agent(memory_connector(server, nursery), handler, agent_config)
         await nursery.start(agent.serve)
@@ -336,14 +342,18 @@ def sync_memory_tunnel(
     *,
     config: ServerConfig | None = None,
     agent_config: AgentConfig | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> SyncMemoryTunnel:
     """:func:`open_memory_tunnel` for synchronous code: ``with sync_memory_tunnel(app) as t``.
 
-    ``target`` is an ASGI app (called on the tunnel's trio thread) or a port / URL of a
-    real backend (a Flask or Django dev server in a thread, for instance).
+    ``target`` is an ASGI app (its code on ``asgi_loop``, as :func:`open_memory_tunnel`'s)
+    or a port / URL of a real backend (a Flask or Django dev server in a thread, for
+    instance).
     """
     return SyncMemoryTunnel(
-        lambda: open_memory_tunnel(target, config=config, agent_config=agent_config),
+        lambda: open_memory_tunnel(
+            target, config=config, agent_config=agent_config, asgi_loop=asgi_loop
+        ),
         "tunnel2-memory",
         EXIT_TIMEOUT,
     )
@@ -355,11 +365,13 @@ async def open_memory_tunnel_here(
     *,
     config: ServerConfig | None = None,
     agent_config: AgentConfig | None = None,
+    asgi_loop: AsgiLoop = "asyncio",
 ) -> AsyncIterator[TunnelClient]:
     """:func:`open_memory_tunnel` on whatever async library runs the caller.
 
     Under trio it is :func:`open_memory_tunnel`; under asyncio the tunnel runs on trio in
-    a thread the block owns and yields an :class:`AioMemoryTunnel`. What the
+    a thread the block owns and yields an :class:`AioMemoryTunnel`, and an ASGI app's
+    code runs on the caller's own loop (unless ``asgi_loop`` says otherwise). What the
     ``memory_tunnel`` fixture returns.
 
     Raises:
@@ -367,11 +379,16 @@ async def open_memory_tunnel_here(
     """
     library = sniffio.current_async_library()
     if library == "trio":
-        async with open_memory_tunnel(target, config=config, agent_config=agent_config) as t:
+        async with open_memory_tunnel(
+            target, config=config, agent_config=agent_config, asgi_loop=asgi_loop
+        ) as t:
             yield t
     elif library == "asyncio":
+        loop = asyncio.get_running_loop() if asgi_loop == "asyncio" else asgi_loop
         async with aio.run_in_trio_thread(
-            lambda: open_memory_tunnel(target, config=config, agent_config=agent_config),
+            lambda: open_memory_tunnel(
+                target, config=config, agent_config=agent_config, asgi_loop=loop
+            ),
             "tunnel2-memory",
         ) as run:
             yield AioMemoryTunnel(run)
