@@ -237,6 +237,10 @@ async def open_tunnel(
     drain_timeout: float = 10.0,
     observers: Iterable[Observer] = (),
     admin: tuple[str, int] | None = None,
+    # --- inspect ---
+    inspect: bool = False,
+    inspect_capacity: int = 100,
+    inspect_body_bytes: int = 16 * 1024,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -271,6 +275,10 @@ async def open_tunnel(
         observers: told of every request and reconnection (:mod:`tunnel2.observe`).
         admin: ``(host, port)`` to serve the agent's admin endpoint on (see
             :func:`serve_tunnel_server`); its URL is in ``agent.admin_url``.
+        inspect: keep recent exchanges for ``agent.requests()``, ``agent.replay(id)`` and
+            the inspector page at the admin URL (:mod:`tunnel2.inspect`).
+        inspect_capacity: exchanges kept (the oldest goes first).
+        inspect_body_bytes: bytes of each request and response body kept.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
@@ -290,6 +298,9 @@ async def open_tunnel(
         ca_file=ca_file,
         insecure_transport=insecure_transport,
         drain_timeout=drain_timeout,
+        inspect=inspect,
+        inspect_capacity=inspect_capacity,
+        inspect_body_bytes=inspect_body_bytes,
     )
     connector = websocket_connector(
         server_url,
