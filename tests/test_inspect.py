@@ -11,10 +11,12 @@ import asyncio
 import functools
 import json
 import socket
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -73,6 +75,19 @@ async def call(
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[int, Any]:
     """One request to the inspector's ASGI app, in-process; JSON bodies decoded."""
+    status, headers_sent, body = await call_raw(asgi, path, method, headers)
+    return status, json.loads(body) if headers_sent.get(
+        b"content-type"
+    ) == b"application/json" else body
+
+
+async def call_raw(
+    asgi: InspectorApp,
+    path: str,
+    method: str = "GET",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request to the inspector's ASGI app, in-process: status, head fields, body."""
     sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -88,8 +103,7 @@ async def call(
     scope = {"type": "http", "method": method, "path": path, "headers": headers}
     await asgi(scope, receive, send)
     body = b"".join(m.get("body", b"") for m in sent[1:])
-    kind = dict(sent[0]["headers"]).get(b"content-type", b"")
-    return sent[0]["status"], json.loads(body) if kind == b"application/json" else body
+    return sent[0]["status"], dict(sent[0]["headers"]), body
 
 
 def inspector_of(agent: Agent) -> Inspector:
@@ -453,12 +467,15 @@ async def test_page_and_script_are_served() -> None:
         async with open_memory_tunnel(app, agent_config=INSPECT) as tunnel:
             asgi = InspectorApp(inspector_of(tunnel.agent))
             page = await call(asgi, "/")
+            _, page_headers, _ = await call_raw(asgi, "/")
             script = await call(asgi, "/inspector.js")
             missing = await call(asgi, "/api/nothing")
             posted = await call(asgi, "/api/requests", "POST")
     assert page[0] == script[0] == 200
     assert b"<title>tunnel2 inspector</title>" in page[1]
     assert b'src="/inspector.js"' in page[1]
+    assert page_headers[b"content-security-policy"].startswith(b"default-src 'self'")
+    assert page_headers[b"x-frame-options"] == b"DENY"
     assert b"EventSource" in script[1]
     assert b"innerHTML" not in script[1]  # visitors' bytes go in as text only
     assert missing[0] == 404
@@ -506,35 +523,53 @@ async def test_events_stream_new_and_finished_exchanges() -> None:
 # --- the front doors -------------------------------------------------------------------
 
 
+@attrs.frozen
+class RealTunnel:
+    base_url: str  # the relay's
+    session_id: str
+    admin_url: str  # the agent's
+    agent: Agent
+
+
+@asynccontextmanager
+async def real_tunnel(port: int) -> AsyncIterator[RealTunnel]:
+    """A relay and an inspecting agent with its admin endpoint, on 127.0.0.1 port 0,
+    forwarding to the backend on ``port``."""
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(tunnel2.serve_tunnel_server, ServerConfig(port=0))
+        )
+        async with tunnel2.open_tunnel(
+            server.base_url, port, admin=("127.0.0.1", 0), inspect=True
+        ) as agent:
+            assert agent.admin_url is not None
+            assert agent.session_id is not None
+            yield RealTunnel(server.base_url, agent.session_id, agent.admin_url, agent)
+        nursery.cancel_scope.cancel()
+
+
 async def test_over_real_sockets_with_the_admin_endpoint() -> None:
-    admin = ("127.0.0.1", 0)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             backend: Backend = await nursery.start(serve_backend, "echo")
-            server = await nursery.start(
-                functools.partial(tunnel2.serve_tunnel_server, ServerConfig(port=0))
-            )
-            async with tunnel2.open_tunnel(
-                server.base_url, backend.port, admin=admin, inspect=True
-            ) as agent:
-                assert agent.admin_url is not None
-                url = f"{server.base_url}/session/{agent.session_id}/webhook"
+            async with real_tunnel(backend.port) as tunnel:
+                url = f"{tunnel.base_url}/session/{tunnel.session_id}/webhook"
                 status, _ = await fetch(url, "POST", b"payload")
                 assert status == 200
-                status, listing = await fetch(agent.admin_url + "/api/requests")
+                status, listing = await fetch(tunnel.admin_url + "/api/requests")
                 assert status == 200
                 (summary,) = json.loads(listing)["requests"]
                 assert (summary["method"], summary["target"]) == ("POST", "/webhook")
-                replay_url = f"{agent.admin_url}/api/requests/{summary['id']}/replay"
+                replay_url = f"{tunnel.admin_url}/api/requests/{summary['id']}/replay"
                 status, _ = await fetch(replay_url, "POST", b"{}", "text/plain")
                 assert status == 403
                 status, answer = await fetch(replay_url, "POST", b"{}", "application/json")
                 assert status == 200
                 assert json.loads(answer)["exchange"]["replay_of"] == summary["id"]
-                status, page = await fetch(agent.admin_url + "/")
+                status, page = await fetch(tunnel.admin_url + "/")
                 assert status == 200
                 assert b"tunnel2 inspector" in page
-                status, _ = await fetch(agent.admin_url + "/metrics")
+                status, _ = await fetch(tunnel.admin_url + "/metrics")
                 assert status == 200  # the admin routes are still there
             nursery.cancel_scope.cancel()
     assert [r.body for r in backend.requests] == [b"payload", b"payload"]

@@ -585,6 +585,7 @@ _KEEPALIVE: Final = 15.0  # seconds between SSE comments on a quiet list
 _PUSH_INTERVAL: Final = 0.1  # least seconds between two SSE pushes (coalesces bursts)
 _TEXT: Final = b"text/plain; charset=utf-8"
 _JSON: Final = b"application/json"
+_CSP: Final = b"default-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
 def _header(scope: AsgiScope, name: bytes) -> bytes | None:
@@ -753,6 +754,8 @@ async def _answer(send: AsgiSend, status: int, kind: bytes, body: bytes) -> None
         (b"cache-control", b"no-store"),
         (b"x-content-type-options", b"nosniff"),
         (b"x-frame-options", b"DENY"),
+        # Visitors' bytes are shown on the page: nothing but its own script may run.
+        (b"content-security-policy", _CSP),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
