@@ -13,6 +13,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +23,7 @@ import trio
 import trio.testing
 from httpbackend import Backend, serve_backend
 from test_admin import get
+from test_cli import CLI, run
 from test_upgrade import upgrading_backend
 
 import tunnel2
@@ -124,7 +126,7 @@ async def test_no_wrapper_when_inspection_is_off() -> None:
     assert plain._handler is handler
     with pytest.raises(RuntimeError, match="inspection is off"):
         plain.requests()
-    with pytest.raises(RuntimeError, match="inspection is off"):
+    with pytest.raises(RuntimeError, match="inspection is off"), trio.testing.assert_checkpoints():
         await plain.replay(1)
     inspecting = Agent(connector, handler, INSPECT)
     assert inspecting.inspector is not None
@@ -380,7 +382,7 @@ async def test_replay_when_the_backend_is_down() -> None:
 async def test_replay_of_an_unknown_exchange() -> None:
     with trio.fail_after(TIMEOUT):
         async with open_memory_tunnel(app, agent_config=INSPECT) as tunnel:
-            with pytest.raises(KeyError):
+            with pytest.raises(KeyError), trio.testing.assert_checkpoints():
                 await tunnel.agent.replay(7)
             asgi = InspectorApp(inspector_of(tunnel.agent))
             assert (await call(asgi, "/api/requests/7/replay", "POST"))[0] == 404
@@ -652,6 +654,36 @@ def test_cli_inspects_by_default_with_admin(argv: list[str], expected: bool) -> 
     assert cli._inspecting(args) is expected
     assert args.inspect_requests == 100
     assert args.inspect_body_bytes == 16384
+
+
+@pytest.mark.parametrize("inspect", [True, False])
+async def test_cli_http_serves_the_inspector_with_admin(tmp_path: Path, inspect: bool) -> None:
+    extra = () if inspect else ("--no-inspect",)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            backend: Backend = await nursery.start(serve_backend, "echo")
+            server = await nursery.start(
+                functools.partial(tunnel2.serve_tunnel_server, ServerConfig(port=0))
+            )
+            argv = [*CLI, "http", str(backend.port), "--server", server.base_url]
+            async with run(
+                *argv, "--admin", "127.0.0.1:0", *extra, stderr=tmp_path / "agent.err"
+            ) as agent:
+                public_url = (await agent.readline()).split()[1]
+                assert (await fetch(public_url + "cli"))[0] == 200
+                lines = agent.stderr().splitlines()
+                admin_url = next(x for x in lines if "admin endpoint" in x).rsplit(" ", 1)[1]
+                inspector_lines = [x for x in lines if "inspector" in x]
+                status, listing = await fetch(admin_url + "/api/requests")
+                assert await agent.interrupt() == 0
+            nursery.cancel_scope.cancel()
+    if inspect:
+        assert inspector_lines[0].endswith(f"inspector (your traffic, replay) on {admin_url}/")
+        assert status == 200
+        assert [e["target"] for e in json.loads(listing)["requests"]] == ["/cli"]
+    else:
+        assert inspector_lines == []
+        assert status == 404
 
 
 def test_cli_inspect_sizes() -> None:

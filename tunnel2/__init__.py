@@ -26,6 +26,7 @@ from tunnel2.errors import (
     TunnelError,
     UplinkClosed,
 )
+from tunnel2.inspect import Exchange
 from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.sync import connect, start_relay
 from tunnel2.uplink import TunnelStream, TunnelUplink, UplinkLimits
@@ -35,6 +36,7 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "ErrorCode",
+    "Exchange",
     "HandshakeError",
     "HandshakeRefused",
     "HandshakeTimeout",

@@ -429,6 +429,7 @@ class Agent:
             KeyError: no such exchange is kept.
             ValueError: it cannot be replayed (an upgrade, or a body longer than was kept).
         """
+        await trio.lowlevel.checkpoint()
         return await self._inspecting().replay(exchange_id)
 
     def _inspecting(self) -> Inspector:

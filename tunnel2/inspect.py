@@ -481,6 +481,7 @@ class Inspector:
             KeyError: no such exchange is kept.
             ValueError: it cannot be replayed (:meth:`why_not_replayable` says why).
         """
+        await trio.lowlevel.checkpoint()
         why = self.why_not_replayable(exchange_id)
         if why is not None:
             raise ValueError(f"exchange {exchange_id}: {why}")
