@@ -427,9 +427,15 @@ class Inspector:
             raise KeyError(f"no exchange {exchange_id} is kept (the last {self.capacity} are)")
         return ring[index]
 
-    def changed_since(self, version: int) -> tuple[int, list[Exchange]]:
-        """The current change count and the exchanges changed after ``version``."""
-        return self._version, [_exchange(r) for r in self._ring if r.version > version]
+    def summaries(self) -> list[dict[str, object]]:
+        """:meth:`Exchange.summary` of every exchange kept, oldest first (no body copied)."""
+        return [_exchange(record, bodies=False).summary() for record in self._ring]
+
+    def changed_since(self, version: int) -> tuple[int, list[dict[str, object]]]:
+        """The current change count and the summaries of the exchanges changed after
+        ``version``."""
+        changed = [_exchange(r, bodies=False).summary() for r in self._ring if r.version > version]
+        return self._version, changed
 
     @property
     def oldest_id(self) -> int:
@@ -539,7 +545,8 @@ async def _visit(stream: TunnelStream, body: bytes) -> None:
     stream.close()
 
 
-def _exchange(record: _Record) -> Exchange:
+def _exchange(record: _Record, *, bodies: bool = True) -> Exchange:
+    """The public snapshot of ``record`` (with empty bodies unless ``bodies``: summaries)."""
     try:
         request = http.parse_request_head(record.request_head)
         method, target, version = request.method, request.target, request.http_version
@@ -561,12 +568,12 @@ def _exchange(record: _Record) -> Exchange:
         target=target.decode("ascii", "replace"),
         http_version=version.decode("ascii"),
         request_headers=request_headers,
-        request_body=bytes(record.request_body),
+        request_body=bytes(record.request_body) if bodies else b"",
         request_size=record.request_size,
         status=status,
         reason=reason,
         response_headers=response_headers,
-        response_body=bytes(record.response_body),
+        response_body=bytes(record.response_body) if bodies else b"",
         response_size=record.response_size,
         response_after=record.response_after,
         duration=record.duration,
@@ -676,7 +683,7 @@ class InspectorApp:
             page = importlib.resources.files("tunnel2").joinpath(name).read_bytes()
             await _answer(send, 200, kind, page)
         elif path == "/api/requests":
-            listing = [e.summary() for e in self.inspector.requests()]
+            listing = self.inspector.summaries()
             await _json(send, 200, {"capacity": self.inspector.capacity, "requests": listing})
         elif path == "/api/events":
             await self._events(receive, send)
@@ -730,7 +737,7 @@ class InspectorApp:
             version = -1
             while True:
                 version, changed = inspector.changed_since(version)
-                data = {"oldest": inspector.oldest_id, "requests": [e.summary() for e in changed]}
+                data = {"oldest": inspector.oldest_id, "requests": changed}
                 message = b"data: %s\n\n" % json.dumps(data).encode()
                 await send({"type": "http.response.body", "body": message, "more_body": True})
                 await trio.sleep(_PUSH_INTERVAL)
