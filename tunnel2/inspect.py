@@ -1,8 +1,8 @@
 """The inspector: a bounded ring of the agent's recent exchanges, replay, and its web page.
 
-Layer: beside the agent, above uplink. May import trio, attrs, frames, transports, uplink,
-errors, access and the internal HTTP/1.1 parser; nothing on the data path imports it unless
-inspection is on (``AgentConfig.inspect``).
+Layer: beside the agent (which imports it), above uplink. May import trio, attrs, frames,
+transports, uplink, errors, access, backend's head helper and the internal HTTP/1.1 parser.
+None of its code runs on the data path unless inspection is on (``AgentConfig.inspect``).
 
 :class:`Inspector` wraps the agent's stream handler: each stream the handler gets is a
 :class:`_RecordingStream` around the real :class:`~tunnel2.uplink.TunnelStream`, which
