@@ -686,6 +686,17 @@ async def test_cli_http_serves_the_inspector_with_admin(tmp_path: Path, inspect:
         assert status == 404
 
 
+async def test_cli_inspect_without_admin_is_a_usage_error() -> None:
+    with trio.fail_after(15):
+        result = await trio.run_process(
+            [*CLI, "http", "8080", "--inspect"], capture_stderr=True, check=False
+        )
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "tunnel2 http: --inspect needs --admin HOST:PORT (its page is there)\n"
+    )
+
+
 def test_cli_inspect_sizes() -> None:
     args = cli.build_parser().parse_args(
         ["http", "8080", "--inspect-requests", "5", "--inspect-body-bytes", "0"]

@@ -329,6 +329,10 @@ def _http(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tunnel2 http: {exc}", file=sys.stderr)
         return 2
+    if args.inspect and args.admin is None:  # --- inspect ---
+        message = "--inspect needs --admin HOST:PORT (its page is there)"
+        print(f"tunnel2 http: {message}", file=sys.stderr)
+        return 2
     try:
         return trio.run(_until_terminated, _run_http, args, target, access)
     except KeyboardInterrupt:  # before the signal handlers are in place
