@@ -9,14 +9,20 @@ kept under the test's tmp dir (``inspector.png``, ``inspector-replayed.png``).
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from cdp import Page, decode_png, open_chromium
 from httpbackend import Backend, serve_backend
 from test_admin import get
 from test_inspect import real_tunnel
+
+if TYPE_CHECKING:
+    import pytest
 
 WIDTH, HEIGHT = 1280, 800
 ROWS = "[...document.querySelectorAll('#rows tr')].map(r => r.innerText)"
@@ -146,3 +152,77 @@ async def test_replay_error_shows_in_the_page(tmp_path: Path) -> None:
     assert "Replay of #1 failed" in banner
     assert "the backend refused the connection" in banner
     assert "error" in rows[0]
+
+
+EVIL_PAGE = """<!doctype html>
+<html><body>
+<form id="form" method="POST" action="{replay}" enctype="text/plain" target="sink">
+  <input name='{{"a": "' value='"}}'>
+</form>
+<iframe name="sink"></iframe>
+<script>
+window.results = [];
+fetch("{replay}", {{method: "POST", mode: "no-cors", body: "{{}}"}})
+  .then(() => results.push("no-cors sent"), () => results.push("no-cors failed"));
+fetch("{replay}", {{method: "POST", headers: {{"Content-Type": "application/json"}}, body: "{{}}"}})
+  .then((r) => results.push("cors " + r.status), () => results.push("cors blocked"));
+fetch("{listing}").then((r) => r.text()).then(
+  (t) => results.push("read " + t.length), () => results.push("read blocked"));
+document.getElementById("form").submit();
+</script>
+</body></html>
+"""
+
+
+async def test_a_web_page_on_another_origin_cannot_replay_or_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CSRF, as a browser does it: a page from another origin (another port) posts a form,
+    a no-cors fetch and a JSON fetch at the replay URL, and tries to read the list."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            backend: Backend = await nursery.start(serve_backend, "echo")
+            async with real_tunnel(backend.port) as tunnel:
+                status, _ = await get(
+                    tunnel.base_url, f"/session/{tunnel.session_id}/transfer", "POST", b"1000"
+                )
+                assert status == 200
+                page = EVIL_PAGE.format(
+                    replay=f"{tunnel.admin_url}/api/requests/1/replay",
+                    listing=f"{tunnel.admin_url}/api/requests",
+                ).encode()
+
+                async def evil(stream: trio.SocketStream) -> None:
+                    head = b""
+                    while b"\r\n\r\n" not in head and (data := await stream.receive_some(4096)):
+                        head += data
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(page), page)
+                    )
+                    await stream.aclose()
+
+                listeners = await nursery.start(
+                    functools.partial(trio.serve_tcp, evil, 0, host="127.0.0.1")
+                )
+                evil_url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+                async with open_chromium(tmp_path) as browser:
+                    attacker = await browser.open_page(evil_url, WIDTH, HEIGHT)
+                    results = await attacker.wait_for(
+                        "window.results && window.results.length === 3 && window.results"
+                    )
+                    with trio.fail_after(15):  # the form and the no-cors fetch were refused
+                        while len(refusals(caplog)) < 2:  # noqa: ASYNC110 - a log, not an event
+                            await trio.sleep(0.05)
+                    listing = json.loads((await get(tunnel.admin_url, "/api/requests"))[1])
+            nursery.cancel_scope.cancel()
+    assert sorted(results) == ["cors blocked", "no-cors sent", "read blocked"]
+    # Another port on the same host is "same-site" but not same-origin: refused.
+    whys = [r.getMessage().rpartition(": ")[2] for r in refusals(caplog)]
+    assert whys == ["Sec-Fetch-Site is same-site"] * 2
+    assert [e["id"] for e in listing["requests"]] == [1]
+    assert [r.body for r in backend.requests] == [b"1000"]
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("inspector refused")]

@@ -703,6 +703,8 @@ class InspectorApp:
     ) -> None:
         why = _cross_site(scope)
         if why is not None:
+            # A web page the developer has open tried it (or a tool without the JSON type).
+            logger.warning("inspector refused a replay of exchange %d: %s", exchange_id, why)
             await _json(send, 403, {"error": f"replay refused: {why} (cross-site request?)"})
             return
         inspector = self.inspector
