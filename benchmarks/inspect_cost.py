@@ -11,6 +11,9 @@ CPU time is the whole process's (relay + agents + clients), so compare the ratio
 Usage: .venv/bin/python benchmarks/inspect_cost.py [--requests 2000] [--rounds 4]
 [--clients 4] [--body 0]
 
+``--micro`` times the recording wrapper alone (a trivial handler on a stream that does
+nothing, called directly and through ``Inspector.handle``; ``--requests`` x 50 calls a round).
+
 For a figure that does not swing with the machine, ``--memory off|inspect`` instead sends
 ``--requests`` requests one at a time through an in-memory tunnel (no sockets, no output), to
 be counted with callgrind; instructions per request = the difference of two runs' totals over
@@ -28,13 +31,16 @@ import argparse
 import statistics
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from observer_cost import client
 
 import tunnel2
 from tunnel2.server import ServerConfig
+
+if TYPE_CHECKING:
+    from tunnel2.uplink import TunnelStream
 
 
 async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
@@ -91,6 +97,49 @@ async def main(requests: int, rounds: int, clients: int, body_size: int) -> None
         )
 
 
+class _NullStream:
+    """Just what the handler below calls, doing nothing (``--micro``)."""
+
+    id = 1
+    head = b"GET / HTTP/1.1\r\nHost: bench\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+    local_ended = False
+
+    async def receive_data(self) -> bytes:
+        return b""
+
+    def send_head(self, head: bytes) -> None:
+        pass
+
+    def send_data_nowait(self, data: bytes, *, end: bool = False) -> None:
+        pass
+
+
+async def micro(requests: int, rounds: int) -> None:
+    """The recording wrapper alone: a trivial handler on a stream that does nothing, called
+    directly and through :meth:`Inspector.handle`, interleaved."""
+    from tunnel2.inspect import Inspector
+
+    async def handler(stream: TunnelStream) -> int | None:
+        await stream.receive_data()
+        stream.send_head(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n")
+        stream.send_data_nowait(b'{"status":"ok"}', end=True)
+        return 200
+
+    stream = cast("TunnelStream", _NullStream())  # only what the handler calls
+    inspector = Inspector(handler)
+    overheads = []
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(requests):
+            await handler(stream)
+        plain = time.process_time() - start
+        start = time.process_time()
+        for _ in range(requests):
+            await inspector.handle(stream)
+        overheads.append((time.process_time() - start - plain) / requests * 1e6)
+    print(f"recording costs {statistics.median(overheads):.2f} CPU us per request (median)")
+
+
 async def in_memory(mode: str, requests: int, body_size: int) -> None:
     from tunnel2.agent import AgentConfig
     from tunnel2.testing import open_memory_tunnel
@@ -111,8 +160,11 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--body", type=int, default=0, help="POST this many bytes (0: GET)")
     parser.add_argument("--memory", choices=("off", "inspect"), help="in memory, for callgrind")
+    parser.add_argument("--micro", action="store_true", help="the recording wrapper alone")
     args = parser.parse_args()
-    if args.memory:
+    if args.micro:
+        trio.run(micro, args.requests * 50, args.rounds)
+    elif args.memory:
         trio.run(in_memory, args.memory, args.requests, args.body)
     else:
         trio.run(main, args.requests, args.rounds, args.clients, args.body)
