@@ -35,9 +35,16 @@ async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
 
 
-async def client(port: int, session: str, n: int) -> None:
+async def client(port: int, session: str, n: int, body: bytes = b"") -> None:
+    """``n`` requests on one keep-alive connection: a GET, or a POST of ``body``."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    request = f"GET /session/{session}/ HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    if body:
+        request = (
+            f"POST /session/{session}/ HTTP/1.1\r\nHost: bench\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+    else:
+        request = f"GET /session/{session}/ HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     async with stream:
         buf = b""
         for _ in range(n):

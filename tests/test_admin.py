@@ -110,15 +110,21 @@ async def test_health_ready_status_and_drain_in_memory() -> None:
 # --- real sockets: hypercorn serves the admin app beside the relay and the agent -----------
 
 
-async def get(url: str, path: str) -> tuple[int, bytes]:
-    """GET ``url + path`` with h11 on a real socket."""
+async def get(
+    url: str, path: str, method: str = "GET", body: bytes = b"", content_type: str | None = None
+) -> tuple[int, bytes]:
+    """GET (or ``method``) ``url + path`` with h11 on a real socket."""
     host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    headers = [("Host", host), ("Content-Length", str(len(body)))]
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
     stream = await trio.open_tcp_stream(host, int(port))
     conn = h11.Connection(h11.CLIENT)
     async with stream:
-        request = h11.Request(method="GET", target=path, headers=[("Host", host)])
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status, body = 0, b""
+        request = h11.Request(method=method, target=path, headers=headers)
+        out = conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        status, received = 0, b""
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -126,9 +132,9 @@ async def get(url: str, path: str) -> tuple[int, bytes]:
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
-                body += event.data
+                received += event.data
             elif isinstance(event, h11.EndOfMessage):
-                return status, body
+                return status, received
 
 
 async def test_admin_over_real_sockets() -> None:

@@ -27,6 +27,7 @@ from tunnel2.errors import (
     TunnelError,
     UplinkClosed,
 )
+from tunnel2.inspect import Exchange
 from tunnel2.server import ServerConfig, TunnelServer
 from tunnel2.sync import connect, start_relay
 from tunnel2.uplink import TunnelStream, TunnelUplink, UplinkLimits
@@ -37,6 +38,7 @@ __all__ = [
     "AgentConfig",
     "AppStartupError",
     "ErrorCode",
+    "Exchange",
     "HandshakeError",
     "HandshakeRefused",
     "HandshakeTimeout",

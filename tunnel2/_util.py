@@ -83,15 +83,20 @@ def domain_name(text: str) -> str:
     return name
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type=``: a whole number of at least 1."""
+def positive_int(text: str, least: int = 1) -> int:
+    """An argparse ``type=``: a whole number of at least 1 (or ``least``)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least {least}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type=``: a whole number of at least 0."""
+    return positive_int(text, 0)
 
 
 def require_async_library(expected: str, name: str, instead: str) -> None:

@@ -6,8 +6,10 @@ hypercorn belongs on the control plane, never in the request path).
 
 The admin app answers ``/metrics`` (Prometheus text format), ``/healthz`` (200 while the
 process runs), ``/readyz`` (200 when it can serve: a relay listening and not draining, an
-agent connected; else 503) and ``/status`` (JSON). It names sessions and identities, so it
-binds loopback by default and must never be reachable from the public side.
+agent connected; else 503) and ``/status`` (JSON); an agent that inspects also serves the
+inspector's page at ``/`` and its API under ``/api/`` (:mod:`tunnel2.inspect`). It names
+sessions and identities (and shows traffic), so it binds loopback by default and must never
+be reachable from the public side.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from tunnel2._util import unwrap_lone_error
+from tunnel2.inspect import InspectorApp
 from tunnel2.observe import (
     AgentJoined,
     AgentLeft,
@@ -154,6 +157,8 @@ class AdminApp:
         registry: what ``/metrics`` exposes.
         ready: whether ``/readyz`` answers 200.
         status: the ``/status`` document.
+        inspector: the inspector's page and API (:mod:`tunnel2.inspect`), served at ``/``
+            and under ``/api/``.
     """
 
     def __init__(
@@ -161,10 +166,13 @@ class AdminApp:
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         status: Callable[[], dict[str, object]],
+        *,
+        inspector: InspectorApp | None = None,  # --- inspect ---
     ) -> None:
         self.registry = registry
         self._ready = ready
         self._status = status
+        self._inspector = inspector
 
     async def __call__(self, scope: AsgiScope, receive: AsgiReceive, send: AsgiSend) -> None:
         if scope["type"] == "lifespan":
@@ -175,6 +183,9 @@ class AdminApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
+        if self._inspector is not None and self._inspector.handles(path):  # --- inspect ---
+            await self._inspector(scope, receive, send)
+            return
         text = "text/plain; charset=utf-8"
         if scope["method"] not in ("GET", "HEAD"):
             status, kind, body = 405, text, b"405 Method Not Allowed: the admin API is read-only\n"
@@ -268,7 +279,9 @@ def agent_admin(agent: Agent, metrics: PrometheusObserver) -> AdminApp:
             "open_streams": uplink.open_streams if uplink is not None else 0,
         }
 
-    return AdminApp(metrics.registry, connected, status)
+    # --- inspect ---
+    inspector = InspectorApp(agent.inspector) if agent.inspector is not None else None
+    return AdminApp(metrics.registry, connected, status, inspector=inspector)
 
 
 async def serve_admin(

@@ -40,6 +40,7 @@ from tunnel2.errors import (
     StreamReset,
     UplinkClosed,
 )
+from tunnel2.inspect import Exchange, Inspector
 from tunnel2.observe import Observer, Reconnected, RequestFinished, RequestStarted, emit
 from tunnel2.transports import FrameTransport, connect_websocket
 from tunnel2.uplink import (
@@ -103,6 +104,10 @@ class AgentConfig:
             or a literal ``host[:port]``; ``None``: preserve for http, rewrite for https);
             :func:`tunnel2.open_tunnel` gives it to the target's
             :class:`~tunnel2.backend.BackendForwarder`.
+        inspect: keep the last ``inspect_capacity`` exchanges for :meth:`Agent.requests`,
+            :meth:`Agent.replay` and the admin page (:mod:`tunnel2.inspect`); off: no cost.
+        inspect_capacity: exchanges the inspector keeps.
+        inspect_body_bytes: bytes of each request and response body it keeps.
 
 
     ``connect_timeout``, ``ca_file`` and ``insecure_transport`` also configure the connector
@@ -125,6 +130,10 @@ class AgentConfig:
     heartbeat_timeout: float | None = None
     drain_timeout: float = 10.0
     host_header: str | None = None
+    # --- inspect ---
+    inspect: bool = False
+    inspect_capacity: int = 100
+    inspect_body_bytes: int = 16 * 1024
 
 
 def agent_url(server_url: str) -> str:
@@ -288,6 +297,16 @@ class Agent:
         self.observers: list[Observer] = list(observers)  # --- observe ---
         self.admin_url: str | None = None  # the admin endpoint, if one is served
         self._connect = connect
+        # --- inspect: the recording wrapper exists only when inspection is on ---
+        self.inspector: Inspector | None = None
+        if self.config.inspect:
+            self.inspector = Inspector(
+                handler,
+                capacity=self.config.inspect_capacity,
+                body_bytes=self.config.inspect_body_bytes,
+                max_frame_size=self.config.max_frame_size,
+            )
+            handler = self.inspector.handle
         self._handler = handler
         self._welcome: frames.Welcome | None = None
         self._uplink: TunnelUplink | None = None
@@ -396,6 +415,35 @@ class Agent:
         self._uplink = None
         await trio.sleep_forever()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- inspect ---
+
+    def requests(self) -> list[Exchange]:
+        """The recent exchanges, oldest first (see :meth:`tunnel2.inspect.Inspector.requests`).
+
+        Raises:
+            RuntimeError: inspection is off (``AgentConfig.inspect``).
+        """
+        return self._inspecting().requests()
+
+    async def replay(self, exchange_id: int) -> Exchange:
+        """Send a recorded request to the backend again, not through the relay; return the
+        new exchange (see :meth:`tunnel2.inspect.Inspector.replay`).
+
+        Raises:
+            RuntimeError: inspection is off.
+            KeyError: no such exchange is kept.
+            ValueError: it cannot be replayed (an upgrade, or a body longer than was kept).
+        """
+        await trio.lowlevel.checkpoint()
+        return await self._inspecting().replay(exchange_id)
+
+    def _inspecting(self) -> Inspector:
+        if self.inspector is None:
+            raise RuntimeError(
+                "inspection is off: open the tunnel with inspect=True (tunnel2 http --inspect)"
+            )
+        return self.inspector
 
     def draining(self) -> bool:
         """True once :meth:`drain` was called."""

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, TypeVar, Unpack, final
 
 from tunnel2 import api
 from tunnel2._util import require_async_library
-from tunnel2.sync import AgentView, RelayView, TrioThread, TunnelOptions
+from tunnel2.sync import AgentView, RelayView, TrioThread, TunnelOptions, _snapshot
 
 if TYPE_CHECKING:
     from tunnel2.agent import Agent
     from tunnel2.asgi import AsgiApp
+    from tunnel2.inspect import Exchange
     from tunnel2.server import ServerConfig, TunnelServer
 
 __all__ = ["Relay", "Tunnel", "open_tunnel", "open_tunnel_server", "run_in_trio_thread"]
@@ -44,11 +45,40 @@ T = TypeVar("T")
 class Tunnel(AgentView):
     """The open tunnel an ``async with open_tunnel(...)`` block gets."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, run: TrioThread[Agent]) -> None:
         self._value = agent
+        self._run = run
 
     def __repr__(self) -> str:
         return f"<tunnel2.aio.Tunnel {self.public_url}>"
+
+    # --- inspect ---
+
+    async def requests(self) -> list[Exchange]:
+        """The recent exchanges, oldest first (:meth:`tunnel2.Agent.requests`), read on
+        the tunnel's thread.
+
+        Raises:
+            RuntimeError: inspection is off (``open_tunnel(..., inspect=True)``).
+        """
+        return await self._call(_snapshot, self._value)
+
+    async def replay(self, exchange_id: int) -> Exchange:
+        """Replay exchange ``exchange_id`` (:meth:`tunnel2.Agent.replay`); returns the new
+        exchange. Cancelling it cancels the replay.
+
+        Raises:
+            RuntimeError, KeyError, ValueError: as :meth:`tunnel2.Agent.replay`.
+        """
+        return await self._call(self._value.replay, exchange_id)
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        future, cancel = self._run.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel()
+            raise
 
 
 @final
@@ -122,7 +152,7 @@ async def open_tunnel(
     async with run_in_trio_thread(
         lambda: api.open_tunnel(server_url, target, **options), "tunnel2-aio-tunnel"
     ) as run:
-        yield Tunnel(run.ready.result())
+        yield Tunnel(run.ready.result(), run)
 
 
 @asynccontextmanager

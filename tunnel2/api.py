@@ -264,6 +264,10 @@ async def open_tunnel(
     admin: tuple[str, int] | None = None,
     host_header: str | None = None,
     asgi_loop: AsgiLoop = "asyncio",
+    # --- inspect ---
+    inspect: bool = False,
+    inspect_capacity: int = 100,
+    inspect_body_bytes: int = 16 * 1024,
 ) -> AsyncIterator[Agent]:
     """Expose ``target`` through the relay at ``server_url`` for the duration of the block.
 
@@ -308,6 +312,10 @@ async def open_tunnel(
             asyncio), ``"trio"`` (the tunnel's own tasks), or a running asyncio loop of
             another thread (see :class:`~tunnel2.asgi.AsgiHandler`). The app's lifespan
             startup runs before this block is entered, its shutdown after it is left.
+        inspect: keep recent exchanges for ``agent.requests()``, ``agent.replay(id)`` and
+            the inspector page at the admin URL (:mod:`tunnel2.inspect`).
+        inspect_capacity: exchanges kept (the oldest goes first).
+        inspect_body_bytes: bytes of each request and response body kept.
 
     Raises:
         ValueError: a bad relay URL, target or CA file, or a clear-text relay that is not
@@ -329,6 +337,9 @@ async def open_tunnel(
         insecure_transport=insecure_transport,
         drain_timeout=drain_timeout,
         host_header=host_header,
+        inspect=inspect,
+        inspect_capacity=inspect_capacity,
+        inspect_body_bytes=inspect_body_bytes,
     )
     connector = websocket_connector(
         server_url,

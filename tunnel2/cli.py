@@ -22,6 +22,7 @@ from tunnel2 import __version__, _config
 from tunnel2._tls import server_context
 from tunnel2._util import (
     domain_name,
+    non_negative_int,
     port_number,
     positive_float,
     positive_int,
@@ -62,6 +63,11 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:9100")
     return host, int(port)
+
+
+def _inspecting(args: argparse.Namespace) -> bool:
+    """``--inspect``/``--no-inspect``, on by default with ``--admin`` (as ngrok's :4040)."""
+    return args.admin is not None if args.inspect is None else bool(args.inspect)  # --- inspect ---
 
 
 def _is_admin_error(exc: OSError) -> bool:
@@ -252,6 +258,10 @@ async def _run_http(
         observers=_observers(),
         admin=args.admin,
         host_header=args.host_header,  # --- host header ---
+        # --- inspect ---
+        inspect=_inspecting(args),
+        inspect_capacity=args.inspect_requests,
+        inspect_body_bytes=args.inspect_body_bytes,
     ) as tunnel:
         if access is not None:  # on stderr: stdout stays the one Forwarding line
             logger.info("visitors need: %s", access.describe())
@@ -260,6 +270,8 @@ async def _run_http(
             logger.info(
                 "admin endpoint (/metrics /healthz /readyz /status) on %s", tunnel.admin_url
             )
+            if tunnel.inspector is not None:  # --- inspect ---
+                logger.info("inspector (your traffic, replay) on %s/", tunnel.admin_url)
         await stop.wait()
         # The relay sends new requests to the session's other agents (or holds them for a
         # replacement); the ones in flight finish here.
@@ -328,6 +340,10 @@ def _http(args: argparse.Namespace) -> int:
         access = _access_policy(args)
     except ValueError as exc:
         print(f"tunnel2 http: {exc}", file=sys.stderr)
+        return 2
+    if args.inspect and args.admin is None:  # --- inspect ---
+        message = "--inspect needs --admin HOST:PORT (its page is there)"
+        print(f"tunnel2 http: {message}", file=sys.stderr)
         return 2
     try:
         return trio.run(_until_terminated, _run_http, args, target, access)
@@ -591,6 +607,29 @@ def build_parser() -> argparse.ArgumentParser:
     # --- end host header ---
     # --- observe: --admin, --log-format ---
     _add_observe_options(http)
+    # --- inspect ---
+    http.add_argument(
+        "--inspect",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep recent requests for the inspector page and replay at the --admin address "
+        "(default: on when --admin is given)",
+    )
+    http.add_argument(
+        "--inspect-requests",
+        type=positive_int,
+        default=AgentConfig().inspect_capacity,
+        metavar="N",
+        help="requests the inspector keeps (default %(default)s)",
+    )
+    http.add_argument(
+        "--inspect-body-bytes",
+        type=non_negative_int,
+        default=AgentConfig().inspect_body_bytes,
+        metavar="N",
+        help="bytes of each body it keeps (default %(default)s)",
+    )
+    # --- end inspect ---
     _add_verbosity(http)
     # --- config files and environment ---
     agent_token.add_argument(

@@ -37,6 +37,7 @@ from tunnel2.server import ServerConfig, TunnelServer
 
 if TYPE_CHECKING:
     from tunnel2.asgi import AsgiApp, AsgiLoop
+    from tunnel2.inspect import Exchange
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,41 @@ class Tunnel(ThreadHandle[Agent], AgentView):
         state = "CLOSED" if self.closed else "OPEN"
         return f"<tunnel2.sync.Tunnel {self.public_url} {state}>"
 
+    # --- inspect ---
+
+    def requests(self, timeout: float | None = 5.0) -> list[Exchange]:
+        """The recent exchanges, oldest first (:meth:`tunnel2.Agent.requests`), read on
+        the tunnel's thread.
+
+        Raises:
+            RuntimeError: inspection is off (``connect(..., inspect=True)``).
+        """
+        return self._call(_snapshot, self._value, timeout=timeout)
+
+    def replay(self, exchange_id: int, timeout: float | None = 60.0) -> Exchange:
+        """Replay exchange ``exchange_id`` (:meth:`tunnel2.Agent.replay`), blocking this
+        thread for at most ``timeout`` seconds; returns the new exchange.
+
+        Raises:
+            TimeoutError: no answer within ``timeout`` (the replay is cancelled).
+            RuntimeError, KeyError, ValueError: as :meth:`tunnel2.Agent.replay`.
+        """
+        return self._call(self._value.replay, exchange_id, timeout=timeout)
+
+    def _call(self, fn: Callable[..., Awaitable[R]], *args: object, timeout: float | None) -> R:
+        future, cancel = self._run.submit(fn, *args)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            cancel()
+            raise
+
+
+async def _snapshot(agent: Agent) -> list[Exchange]:
+    """``agent.requests()`` as a call on the agent's own thread (the ring changes there)."""
+    await trio.lowlevel.checkpoint()
+    return agent.requests()
+
 
 @final
 class Relay(ThreadHandle[TunnelServer], RelayView):
@@ -335,6 +371,10 @@ class TunnelOptions(TypedDict, total=False):
     connect_timeout: float
     host_header: str | None
     asgi_loop: AsgiLoop
+    # --- inspect ---
+    inspect: bool
+    inspect_capacity: int
+    inspect_body_bytes: int
 
 
 def connect(
