@@ -174,12 +174,18 @@ async def test_fastapi_app_through_the_memory_tunnel() -> None:
             assert response.status == 200
             assert json.loads(response.body)["greeting"] == "hello"
             await echo_session(WsClient(tunnel.open_client_stream()), f"{tunnel.path_prefix}/echo")
-            await trio.testing.wait_all_tasks_blocked()
             uplink = tunnel.agent.uplink
             assert uplink is not None
-            assert uplink.statistics().open_streams == 0
+            await until(lambda: uplink.statistics().open_streams == 0)
         assert app.state.stopped
     assert tunnel_threads(join=True) == []
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Wait for what an app on the asyncio thread records (trio's wait_all_tasks_blocked
+    does not see that thread); bounded by the test's fail_after."""
+    while not done():  # noqa: ASYNC110 - set on another thread, no trio.Event
+        await trio.sleep(0.005)
 
 
 def accept_and_record(heard: list[Message], count: int) -> Any:
@@ -210,6 +216,7 @@ async def test_visitor_closes_with_a_code_and_the_app_hears_it() -> None:
             assert isinstance(answer, ws_events.CloseConnection)
             assert answer.code == 4321  # the close handshake is answered
             assert await client.stream.receive_some(65536) == b""
+            await until(lambda: len(heard) == 2)
     assert heard == [
         {"type": "websocket.receive", "text": "one"},
         {"type": "websocket.disconnect", "code": 4321, "reason": "leaving"},
@@ -241,7 +248,7 @@ async def test_visitor_vanishing_is_a_1006_disconnect_and_send_then_raises() -> 
             await stream.send_eof()
             while await stream.receive_some(65536):
                 pass
-            await trio.testing.wait_all_tasks_blocked()
+            await until(lambda: len(raised) == 1)
     assert heard == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
     assert len(raised) == 1
 
@@ -288,10 +295,9 @@ async def test_websocket_denial_and_close_before_accept_are_http_answers(
             assert await client.read_rejection() == body
             if path == "/deny":
                 assert (b"x-why", b"no-token") in reject.headers
-            await trio.testing.wait_all_tasks_blocked()
             uplink = tunnel.agent.uplink
             assert uplink is not None
-            assert uplink.statistics().open_streams == 0
+            await until(lambda: uplink.statistics().open_streams == 0)
 
 
 async def test_a_bad_websocket_handshake_is_400() -> None:
@@ -535,10 +541,9 @@ async def test_a_reset_cancels_the_app_on_asyncio() -> None:
             assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
             await stream.aclose()  # the visitor goes: the relay resets the stream
             assert await trio.to_thread.run_sync(cancelled.wait, STEP_TIMEOUT)
-            await trio.testing.wait_all_tasks_blocked()
             uplink = tunnel.agent.uplink
             assert uplink is not None
-            assert uplink.statistics().open_streams == 0
+            await until(lambda: uplink.statistics().open_streams == 0)
 
 
 async def test_an_unentered_handler_on_asyncio_says_so() -> None:
@@ -625,7 +630,15 @@ async def test_access_log_covers_asgi_http_and_websocket_requests(
             await echo_session(WsClient(tunnel.open_client_stream()), f"{tunnel.path_prefix}/echo")
             client = WsClient(tunnel.open_client_stream())
             await client.handshake(f"{tunnel.path_prefix}/nowhere")  # FastAPI: 403
-            await trio.testing.wait_all_tasks_blocked()
+            await until(
+                lambda: (
+                    sum(
+                        r.name == "tunnel2.requests" and r.getMessage().startswith("agent ")
+                        for r in caplog.records
+                    )
+                    == 4
+                )
+            )
     agent_lines = [line for line in lines if line.startswith("agent ")]
     assert [line.split(" -> ")[0].split(" ", 2)[2] for line in agent_lines] == [
         "GET /hello",
@@ -686,6 +699,7 @@ async def test_pings_are_answered_and_oversized_messages_close_1009(
             close = await client.receive_message()
             assert isinstance(close, ws_events.CloseConnection)
             assert close.code == 1009
+            await until(lambda: len(heard) == 2)
     assert heard == [
         {"type": "websocket.receive", "text": "small"},
         {"type": "websocket.disconnect", "code": 1009, "reason": ""},

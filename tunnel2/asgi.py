@@ -504,8 +504,9 @@ class _WebSocketExchange:
         if self.ws.state is ConnectionState.REMOTE_CLOSING:
             await self._write(event.response())  # the close handshake's answer
         self.closed_sent = True
-        if not self.stream.local_ended:
-            self.stream.send_end()
+        # The stream ends in finish(), once the app has returned: ending it now would let
+        # the relay close the visitor's connection and reset the stream, cancelling an app
+        # (on the asyncio thread, a crossing behind) before it heard websocket.disconnect.
 
     async def _write(self, event: ws_events.Event) -> None:
         async with self._write_lock:
