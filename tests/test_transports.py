@@ -500,3 +500,52 @@ async def test_wsproto_transport_reports_invalid_frames() -> None:
             with pytest.raises(trio.BrokenResourceError, match="invalid websocket data"):
                 await server.receive()
             assert await server.receive() == b""
+
+
+def peek_frames(transport: WsprotoTransport, *, masked: bool) -> list[frames.Frame]:
+    """The frames waiting unread on the socket behind ``transport`` (nothing is consumed),
+    and checks they came as one WebSocket message."""
+    stream = transport._stream
+    assert isinstance(stream, FastSocketStream)
+    wire = stream.socket.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    assert wire[0] == 0x82  # one final binary frame, small, and nothing after it
+    assert len(wire) == 2 + 4 * masked + (wire[1] & 0x7F)
+    reader = _WebSocketReader(masked=masked)
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(reader.receive_data(wire))
+    seen = []
+    while (frame := decoder.next_frame()) is not None:
+        seen.append(frame)
+    return seen
+
+
+async def test_uplink_writes_a_small_exchange_from_the_calling_task() -> None:
+    """With the writer idle, a bodiless request (OPEN + END) and a small complete response
+    (OPEN + DATA + END) each leave in one write made by the task that has them, before any
+    checkpoint: the writer task is not woken for them."""
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            wsproto_pair() as (client, server),
+            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            await trio.testing.wait_all_tasks_blocked()
+            stream = relay.open_stream(b"GET / HTTP/1.1\r\n\r\n", end=True)
+            assert relay.statistics().queued_bytes == 0
+            assert peek_frames(client, masked=False) == [
+                frames.Open(stream.id, b"GET / HTTP/1.1\r\n\r\n"),
+                frames.End(stream.id),
+            ]
+            incoming = await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"hi", end=True)
+            assert agent.statistics().queued_bytes == 0
+            assert peek_frames(server, masked=True) == [
+                frames.Open(stream.id, b"HTTP/1.1 200 OK\r\n\r\n"),
+                frames.Data(stream.id, b"hi"),
+                frames.End(stream.id),
+            ]
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            assert await stream.receive_data() == b"hi"
+            assert await stream.receive_data() == b""

@@ -1085,3 +1085,23 @@ async def test_fast_paths_checkpoint() -> None:
                 await pair.agent.drain(0)
             with trio.testing.assert_checkpoints():
                 await pair.agent.wait_closed()
+
+
+async def test_send_head_with_a_body_over_the_credit_sends_nothing() -> None:
+    """A response head with a body that does not fit the credit (or one frame) is refused
+    whole, and the stream is as before: the head can still go out alone, then the body."""
+    with trio.fail_after(TIMEOUT):
+        async with uplink_pair(welcome(max_frame_size=1024, initial_window=1024)) as pair:
+            stream = pair.relay.open_stream(b"GET / HTTP/1.1\r\n\r\n", end=True)
+            incoming = await pair.agent.accept_stream()
+            with pytest.raises(trio.WouldBlock):
+                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"x" * 1025, end=True)
+            assert pair.agent.statistics().queued_bytes == 0
+            assert not incoming.local_ended
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"y" * 10)
+            await incoming.send_data(b"x" * 1000, end=True)
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            body = b""
+            while data := await stream.receive_data():
+                body += data
+            assert body == b"y" * 10 + b"x" * 1000

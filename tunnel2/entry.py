@@ -689,8 +689,12 @@ class ProxyEntry:
         head = self._forward_head(
             request, head, target, prefix, framing, length, (conn.peer, conn.peer_port), upgrade
         )
+        bodiless = upgrade is None and (
+            framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length)
+        )
         try:
-            stream = route.open_stream(head)
+            # A request without a body: its END goes out with its OPEN, in one write.
+            stream = route.open_stream(head, end=bodiless)
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
         except LocalProtocolError:
@@ -714,8 +718,7 @@ class ProxyEntry:
                     return False
                 stream.send_end()
                 return await self._respond(conn, exchange, response_head, response)
-            if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
-                stream.send_end()
+            if bodiless:
                 response_head, response = await self._wait_response(conn, exchange)
                 return await self._respond(conn, exchange, response_head, response)
             return await self._exchange(conn, exchange, framing, length)

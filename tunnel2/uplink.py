@@ -9,7 +9,11 @@ Tasks (all in the nursery of :func:`open_uplink`):
   every frame synchronously: stream tables and credit change with no ``await`` in between.
 * ``_writer_task`` is the only caller of ``transport.send()``. Other code encodes frames into
   ``_out`` without awaiting and wakes it; it puts everything pending into one transport write,
-  so frames coalesce under load without timers (DESIGN.md, performance model).
+  so frames coalesce under load without timers (DESIGN.md, performance model). A task that
+  has finished a message (a bodiless request, a small complete response, an END) while the
+  writer is idle and nothing is queued writes it itself with ``transport.send_nowait()``
+  (``_send_now``): no task switch for the common small exchange; under load, when the
+  writer is busy, frames queue and coalesce as before.
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
@@ -276,18 +280,29 @@ class TunnelStream:
 
     # --- sending -----------------------------------------------------------------------
 
-    def send_head(self, head: bytes) -> None:
-        """Queue our OPEN (the agent's response head). Does not block.
+    def send_head(self, head: bytes, body: bytes = b"", *, end: bool = False) -> None:
+        """Send our OPEN (the agent's response head), and ``body`` and END with it if given,
+        in one transport write. Does not block.
 
         Raises:
             LocalProtocolError: ``head`` is not a complete HTTP head, or is larger than the
                 negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 502); the
                 stream is unchanged, so it can still be reset with a reason.
+            trio.WouldBlock: ``body`` does not fit the credit or one frame; nothing was sent.
             StreamReset, UplinkClosed: the stream is gone.
         """
         self._check_sendable()
-        self._uplink._check_head_size(head, 502)
-        self._uplink._queue(frames.encode(frames.Open(self.id, head)))
+        uplink = self._uplink
+        uplink._check_head_size(head, 502)
+        wire = frames.encode(frames.Open(self.id, head))
+        if body:
+            wire += self._data_frame_nowait(body)
+        if end:
+            self._local_ended = True
+            wire += frames.encode(frames.End(self.id))
+        uplink._send_now(wire)
+        if end:
+            self._maybe_finish()
 
     async def send_data(self, data: bytes, *, end: bool = False) -> None:
         """Send body bytes, waiting for stream and connection credit as needed.
@@ -335,22 +350,30 @@ class TunnelStream:
             StreamReset, UplinkClosed: as :meth:`send_data`.
         """
         self._check_sendable()
+        wire = self._data_frame_nowait(data) if data else b""
+        if end:
+            self._local_ended = True
+            wire += frames.encode(frames.End(self.id))
+        if wire:
+            self._uplink._send_now(wire)
+        if end:
+            self._maybe_finish()
+
+    def _data_frame_nowait(self, data: bytes) -> bytes:
+        # A DATA frame for all of ``data``, its credit taken; or WouldBlock, nothing taken.
         uplink = self._uplink
         size = len(data)
-        if size:
-            if (
-                size > self._send_window
-                or size > uplink._remote_window
-                or size > uplink._max_frame_size
-                or uplink._out_size > _MAX_BATCH
-            ):
-                raise trio.WouldBlock
-            self._send_window -= size
-            uplink._remote_window -= size
-            uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-            uplink._queue(frames.encode(frames.Data(self.id, data)))
-        if end:
-            self.send_end()
+        if (
+            size > self._send_window
+            or size > uplink._remote_window
+            or size > uplink._max_frame_size
+            or uplink._out_size > _MAX_BATCH
+        ):
+            raise trio.WouldBlock
+        self._send_window -= size
+        uplink._remote_window -= size
+        uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
+        return frames.encode(frames.Data(self.id, data))
 
     def send_end(self) -> None:
         """Queue END: we send nothing more. Does not block; idempotent."""
@@ -358,7 +381,7 @@ class TunnelStream:
             return
         self._check_sendable()
         self._local_ended = True
-        self._uplink._queue(frames.encode(frames.End(self.id)))
+        self._uplink._send_now(frames.encode(frames.End(self.id)))
         self._maybe_finish()
 
     def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -566,8 +589,10 @@ class TunnelUplink:
             incoming_queued=self._incoming_receive.statistics().current_buffer_used,
         )
 
-    def open_stream(self, head: bytes) -> TunnelStream:
+    def open_stream(self, head: bytes, *, end: bool = False) -> TunnelStream:
         """Open a stream carrying the request ``head`` (relay side). Does not block.
+
+        With ``end`` (a request without a body), END goes out with the OPEN, in one write.
 
         Raises:
             UplinkClosed: the uplink is closing or draining.
@@ -586,7 +611,11 @@ class TunnelUplink:
         self._streams[stream_id] = stream
         if self._idle_event.is_set():
             self._idle_event = trio.Event()
-        self._queue(frames.encode(frame))
+        if end:
+            stream._local_ended = True
+            self._send_now(frames.encode(frame) + frames.encode(frames.End(stream_id)))
+        else:
+            self._send_now(frames.encode(frame))
         return stream
 
     async def accept_stream(self) -> TunnelStream:
@@ -704,6 +733,26 @@ class TunnelUplink:
                 self._sent = self._taken
                 out.clear()
                 self._out_size = 0
+
+    def _send_now(self, data: bytes) -> None:
+        # What a task that holds frames does when it is done for now: if the writer is idle
+        # with nothing queued, write them from this task, without waking the writer (one
+        # task switch less per message); else queue them behind the rest.
+        if self._out or self._writer_sending or self._closing:
+            self._queue(data)
+            return
+        try:
+            sent = self.transport.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close(f"connection lost while sending: {exc}")
+            raise self._close_error or UplinkClosed("uplink closed") from None
+        if not sent:
+            self._queue(data)
+            return
+        self._taken += 1
+        self._sent = self._taken
+        if self.transport.pending:  # the socket took part of it: the writer flushes the rest
+            self._out_event.set()
 
     async def _wait_writable(self) -> None:
         # Backpressure on the writer's queue: a sender waits while more than one batch is
