@@ -294,12 +294,12 @@ class TunnelStream:
         self._check_sendable()
         uplink = self._uplink
         uplink._check_head_size(head, 502)
-        wire = frames.encode(frames.Open(self.id, head))
+        wire = frames.encode_open(self.id, head)
         if body:
             wire += self._data_frame_nowait(body)
         if end:
             self._local_ended = True
-            wire += frames.encode(frames.End(self.id))
+            wire += frames.encode_end(self.id)
         uplink._send_now(wire)
         if end:
             self._maybe_finish()
@@ -333,7 +333,7 @@ class TunnelStream:
             self._send_window -= size
             uplink._remote_window -= size
             uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-            uplink._queue(frames.encode(frames.Data(self.id, chunk)))
+            uplink._queue(frames.encode_data(self.id, chunk))
             sent += size
             if sent < len(data):
                 await trio.lowlevel.checkpoint()
@@ -353,7 +353,7 @@ class TunnelStream:
         wire = self._data_frame_nowait(data) if data else b""
         if end:
             self._local_ended = True
-            wire += frames.encode(frames.End(self.id))
+            wire += frames.encode_end(self.id)
         if wire:
             self._uplink._send_now(wire)
         if end:
@@ -373,7 +373,7 @@ class TunnelStream:
         self._send_window -= size
         uplink._remote_window -= size
         uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-        return frames.encode(frames.Data(self.id, data))
+        return frames.encode_data(self.id, data)
 
     def send_end(self) -> None:
         """Queue END: we send nothing more. Does not block; idempotent."""
@@ -381,7 +381,7 @@ class TunnelStream:
             return
         self._check_sendable()
         self._local_ended = True
-        self._uplink._send_now(frames.encode(frames.End(self.id)))
+        self._uplink._send_now(frames.encode_end(self.id))
         self._maybe_finish()
 
     def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -604,7 +604,7 @@ class TunnelUplink:
             raise self._close_error or UplinkClosed("uplink is draining")
         self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
-        frame = frames.Open(stream_id, head)
+        wire = frames.encode_open(stream_id, head)
         self._last_stream_id = stream_id
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, None)
@@ -613,9 +613,8 @@ class TunnelUplink:
             self._idle_event = trio.Event()
         if end:
             stream._local_ended = True
-            self._send_now(frames.encode(frame) + frames.encode(frames.End(stream_id)))
-        else:
-            self._send_now(frames.encode(frame))
+            wire += frames.encode_end(stream_id)
+        self._send_now(wire)
         return stream
 
     async def accept_stream(self) -> TunnelStream:
@@ -904,8 +903,17 @@ class TunnelUplink:
         try:
             while True:
                 # First round: frames the peer sent right behind its handshake frame.
-                while (frame := decoder.next_frame()) is not None:
-                    self._dispatch(frame)
+                while (item := decoder.next_item()) is not None:
+                    if isinstance(item, tuple):  # OPEN, DATA, END: no frame objects
+                        kind, stream_id, payload = item
+                        if kind == frames.TYPE_DATA:
+                            self._on_data(stream_id, payload)
+                        elif kind == frames.TYPE_END:
+                            self._on_end(stream_id)
+                        else:
+                            self._dispatch_open(stream_id, payload)
+                    else:
+                        self._dispatch(item)
                     if self._closing:
                         return
                     budget -= 1
@@ -929,43 +937,41 @@ class TunnelUplink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost: {exc}")
 
-    def _dispatch(self, frame: frames.Frame) -> None:
-        kind = type(frame)
-        if kind is frames.Data:
-            assert isinstance(frame, frames.Data)
-            size = len(frame.data)
-            self._local_window -= size
-            if self._local_window < 0:
-                raise RemoteProtocolError(
-                    f"peer overran the connection window by {-self._local_window} bytes",
-                    code=ErrorCode.FLOW_CONTROL_ERROR,
-                )
-            stream = self._streams.get(frame.stream_id)
-            if stream is None or stream._remote_ended:
-                self._consumed(None, size)  # a late frame for a finished stream
-                return
-            stream._recv_window -= size
-            if stream._recv_window < 0:
-                raise RemoteProtocolError(
-                    f"peer overran stream {frame.stream_id}'s window by "
-                    f"{-stream._recv_window} bytes",
-                    code=ErrorCode.FLOW_CONTROL_ERROR,
-                )
-            stream._buffer.append(frame.data)
-            stream._buffered += size
+    def _on_data(self, stream_id: int, data: bytes) -> None:
+        size = len(data)
+        self._local_window -= size
+        if self._local_window < 0:
+            raise RemoteProtocolError(
+                f"peer overran the connection window by {-self._local_window} bytes",
+                code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._remote_ended:
+            self._consumed(None, size)  # a late frame for a finished stream
+            return
+        stream._recv_window -= size
+        if stream._recv_window < 0:
+            raise RemoteProtocolError(
+                f"peer overran stream {stream_id}'s window by {-stream._recv_window} bytes",
+                code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        stream._buffer.append(data)
+        stream._buffered += size
+        stream._wake()
+
+    def _on_end(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._remote_ended:
+            self._charge_stray("END")
+        else:
+            stream._remote_ended = True
             stream._wake()
-        elif kind is frames.End:
-            stream = self._streams.get(frame.stream_id)
-            if stream is None or stream._remote_ended:
-                self._charge_stray("END")
-            else:
-                stream._remote_ended = True
-                stream._wake()
-                stream._maybe_finish()
-        elif kind is frames.Open:
-            assert isinstance(frame, frames.Open)
-            self._dispatch_open(frame)
-        elif kind is frames.Window:
+            stream._maybe_finish()
+
+    def _dispatch(self, frame: frames.Frame) -> None:
+        # The frames other than OPEN, DATA and END (the reader handles those itself).
+        kind = type(frame)
+        if kind is frames.Window:
             assert isinstance(frame, frames.Window)
             # Credit comes back for DATA we sent; a WINDOW beyond that returns nothing we
             # used (PROTOCOL.md §7.1).
@@ -1033,8 +1039,7 @@ class TunnelUplink:
         else:
             raise RemoteProtocolError(f"unexpected {kind.__name__} frame after the handshake")
 
-    def _dispatch_open(self, frame: frames.Open) -> None:
-        stream_id = frame.stream_id
+    def _dispatch_open(self, stream_id: int, head: bytes) -> None:
         if self.role == "relay":
             stream = self._streams.get(stream_id)
             if stream is None:
@@ -1046,7 +1051,7 @@ class TunnelUplink:
                 logger.warning("%s second OPEN on stream %d; stream reset", self, stream_id)
                 stream.reset(ErrorCode.PROTOCOL_ERROR, "the agent sent a second response head")
                 return
-            stream._head = frame.head
+            stream._head = head
             stream._wake()
             return
         if stream_id <= self._last_stream_id or stream_id % 2 == 0:
@@ -1056,7 +1061,7 @@ class TunnelUplink:
             )
         self._last_stream_id = stream_id
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
-        stream = TunnelStream(self, stream_id, frame.head)
+        stream = TunnelStream(self, stream_id, head)
         if self._draining:
             self._queue_reply(
                 frames.encode(frames.Reset(stream_id, ErrorCode.REFUSED_STREAM, "draining"))
