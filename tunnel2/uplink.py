@@ -167,7 +167,9 @@ class TunnelStream:
         self._head = head
         self._buffer: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._event: trio.Event | None = None  # made by _wait, only when someone waits
+        # The task waiting for the peer's next frame on this stream, if one is (one at a
+        # time: the stream's reader); woken directly, with no Event made per wait.
+        self._waiter: trio.lowlevel.Task | None = None
         self._remote_ended = False
         self._local_ended = False
         self._error: StreamReset | UplinkClosed | None = None
@@ -275,8 +277,13 @@ class TunnelStream:
         raise trio.WouldBlock
 
     async def _wait(self) -> None:
-        self._event = trio.Event()
-        await self._event.wait()
+        assert self._waiter is None, "two tasks wait on one stream"
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     # --- sending -----------------------------------------------------------------------
 
@@ -418,8 +425,10 @@ class TunnelStream:
     # --- driven by the uplink -------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
 
     def _maybe_finish(self) -> None:
         if self._local_ended and self._remote_ended and not self._buffer:
@@ -442,9 +451,21 @@ class TunnelStream:
             self._cancel_scope.cancel()
         uplink._wake_credit()
         if not uplink._streams:
-            uplink._idle_event.set()
+            if uplink._idle_event is not None:
+                uplink._idle_event.set()
             if uplink._peer_goaway is not None:
                 uplink.close(f"peer sent GOAWAY: {uplink._peer_goaway.reason}")
+
+
+@final
+class _Acceptor:
+    """A task waiting in :meth:`TunnelUplink.accept_stream`, and the stream handed to it."""
+
+    __slots__ = ("stream", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.stream: TunnelStream | None = None
 
 
 @final
@@ -493,8 +514,7 @@ class TunnelUplink:
         self._drained_waiters = 0
         self._credit_event = trio.Event()
         self._credit_waiters = 0
-        self._idle_event = trio.Event()
-        self._idle_event.set()
+        self._idle_event: trio.Event | None = None  # made by drain() only, set once idle
         self._closed_event = trio.Event()
         self._writer_done = trio.Event()
         self._writer_sending = False
@@ -505,9 +525,11 @@ class TunnelUplink:
         # An agent's drain waits for the PONG to the PING behind its GOAWAY (drain()).
         self._drain_pong: trio.Event | None = None
         self._drain_ping = b""
-        self._incoming_send, self._incoming_receive = trio.open_memory_channel[TunnelStream](
-            max_incoming
-        )
+        # Streams opened by the peer that wait for a handler, and the handlers that wait for
+        # a stream (agent side); a stream is handed straight to a waiting handler.
+        self._incoming: collections.deque[TunnelStream] = collections.deque()
+        self._max_incoming = max_incoming
+        self._acceptors: collections.deque[_Acceptor] = collections.deque()
         self._last_received = trio.current_time()
         interval = settings.ping_interval
         self.heartbeat_timeout = (
@@ -586,7 +608,7 @@ class TunnelUplink:
             local_window=self._local_window,
             remote_window=self._remote_window,
             queued_bytes=self._out_size,
-            incoming_queued=self._incoming_receive.statistics().current_buffer_used,
+            incoming_queued=len(self._incoming),
         )
 
     def open_stream(self, head: bytes, *, end: bool = False) -> TunnelStream:
@@ -609,8 +631,6 @@ class TunnelUplink:
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, None)
         self._streams[stream_id] = stream
-        if self._idle_event.is_set():
-            self._idle_event = trio.Event()
         if end:
             stream._local_ended = True
             wire += frames.encode_end(stream_id)
@@ -623,10 +643,27 @@ class TunnelUplink:
         Raises:
             UplinkClosed: the uplink closed; streams still queued were reset.
         """
-        try:
-            return await self._incoming_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._close_error or UplinkClosed("uplink closed") from None
+        # As trio's channels: a cancellation can only land before a stream is taken.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._incoming:
+            stream = self._incoming.popleft()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return stream
+        if self._closing:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            raise self._close_error or UplinkClosed("uplink closed")
+        acceptor = _Acceptor(trio.lowlevel.current_task())
+        acceptors = self._acceptors
+        acceptors.append(acceptor)
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            acceptors.remove(acceptor)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if acceptor.stream is None:  # woken by close()
+            raise self._close_error or UplinkClosed("uplink closed")
+        return acceptor.stream
 
     async def wait_closed(self) -> None:
         """Block until the uplink has closed."""
@@ -658,7 +695,9 @@ class TunnelUplink:
                         frames.encode(frames.GoAway(self._last_stream_id, reason="draining"))
                     )
                 self._draining = True
-            await self._idle_event.wait()
+            if self._streams:
+                self._idle_event = trio.Event()
+                await self._idle_event.wait()
             if self.role == "agent":
                 # The relay closes once its side of the last stream is done (it read our
                 # GOAWAY): closing first could reset the connection under the tail of a
@@ -688,12 +727,10 @@ class TunnelUplink:
             else:
                 stream._error = self._close_error
                 stream._finish()
-        self._incoming_send.close()
-        while True:
-            try:
-                self._incoming_receive.receive_nowait()._finish()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        while self._incoming:
+            self._incoming.popleft()._finish()
+        while self._acceptors:
+            trio.lowlevel.reschedule(self._acceptors.popleft().task)
         self._aux_scope.cancel()
         self._out_event.set()
         self._wake_credit()
@@ -1067,9 +1104,13 @@ class TunnelUplink:
                 frames.encode(frames.Reset(stream_id, ErrorCode.REFUSED_STREAM, "draining"))
             )
             return
-        try:
-            self._incoming_send.send_nowait(stream)
-        except trio.WouldBlock:
+        if self._acceptors:
+            acceptor = self._acceptors.popleft()
+            acceptor.stream = stream
+            trio.lowlevel.reschedule(acceptor.task)
+        elif len(self._incoming) < self._max_incoming:
+            self._incoming.append(stream)
+        else:
             self._queue_reply(
                 frames.encode(
                     frames.Reset(stream_id, ErrorCode.OVERLOADED, "agent request queue is full")
@@ -1077,8 +1118,6 @@ class TunnelUplink:
             )
             return
         self._streams[stream_id] = stream
-        if self._idle_event.is_set():
-            self._idle_event = trio.Event()
 
     async def _keepalive_task(self, interval: float) -> None:
         # Heartbeat (PROTOCOL.md §6.2): a PING once the peer was silent for an interval, and
