@@ -64,22 +64,6 @@ _DROP_RE: Final = http.field_lines_re(
 # reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
 _MAX_TRUSTED_HOPS: Final = 16
 _FORWARDED_HOST_RE: Final = re.compile(rb"[A-Za-z0-9.:\[\]_-]{1,255}")
-_REASONS: Final = {
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
 _RESET_STATUS: Final = {
     ErrorCode.BACKEND_UNAVAILABLE: 502,
     ErrorCode.TIMEOUT: 504,
@@ -105,10 +89,10 @@ def error_response(
     """A complete plain-text response whose body says what went wrong; ``headers`` are
     extra field lines, each ending in CRLF. For a HEAD request (``head``) the body is left
     out and Content-Length still says its size (RFC 9110 §9.3.2)."""
-    body = f"{status} {_REASONS.get(status, b'Error').decode()}: {message}\n".encode()
+    body = f"{status} {http.reason_phrase(status).decode()}: {message}\n".encode()
     return b"".join(
         [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"HTTP/1.1 %d %s\r\n" % (status, http.reason_phrase(status)),
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",
@@ -127,7 +111,7 @@ def _unparsed_head_answer(status: int, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\nX-Tunnel2-Error: %s\r\n\r\n"
         % (
             status,
-            _REASONS[status],
+            http.reason_phrase(status),
             message.encode(),
         )
     )
