@@ -8,9 +8,10 @@ that asserts nothing about time (STYLE.md §8). The bookkeeping class is tested 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 import pytest
@@ -20,7 +21,7 @@ import trio.testing
 import tunnel2
 from tunnel2 import HandshakeError, ServerConfig, TunnelServer
 from tunnel2.cli import _server_config, build_parser, main
-from tunnel2.entry import _AGENT, _SPARE, _UNCOUNTED, _VISITOR, _Connection, _Limits
+from tunnel2.entry import _AGENT, _SPARE, _UNCOUNTED, _VISITOR, ProxyEntry, _Connection, _Limits
 from tunnel2.testing import MemoryTunnel, open_memory_tunnel
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ async def ok_app(scope: Scope, receive: Any, send: Any) -> None:
 
 
 def connection(peer: bytes = b"unknown") -> _Connection:
-    conn = _Connection(trio.testing.memory_stream_pair()[1])
+    # (no ProxyEntry: the bookkeeping tested here does not send)
+    conn = _Connection(trio.testing.memory_stream_pair()[1], cast("ProxyEntry", None))
     conn.peer = peer
     return conn
 
@@ -503,3 +505,61 @@ def test_cli_refuses_bad_fair_use_values(
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("tunnel2 server: error: argument " + option), last_line
     assert message in last_line
+
+
+async def test_timeout_sweep_costs_what_is_due_not_what_is_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Idle keep-alive connections do not make the sweep tick: it sleeps till a deadline is
+    due (at most one look per deadline armed, not one per 0.5 s over every connection),
+    and still closes each connection on time."""
+    with trio.fail_after(500):
+        async with ok_tunnel(ServerConfig(head_timeout=5, idle_timeout=60)) as tunnel:
+            entry = tunnel.entry
+            clients = []
+            for _ in range(20):
+                clients.append((await served_client(tunnel))[0])
+                await trio.sleep(1)
+            sweeps = 0
+            sweep = entry._sweep
+
+            def counted(now: float, write_timeout: float) -> None:
+                nonlocal sweeps
+                sweeps += 1
+                sweep(now, write_timeout)
+
+            entry._sweep = counted  # type: ignore[method-assign]
+            await trio.testing.wait_all_tasks_blocked()
+            assert not entry._watched
+            assert entry._sweep_long
+            assert len(entry._timers) <= 2 * len(entry._connections)
+            started = trio.current_time()
+            for client in clients:
+                assert await read_to_eof(client) == b""  # each closed after its idle timeout
+            # 40 s of mock time: ticking every 0.5 s would have been 80 sweeps.
+            assert trio.current_time() - started >= 35
+            assert sweeps <= 2 * len(clients)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not entry._connections
+            assert entry._sweep_until == math.inf  # nothing left to look at
+
+
+async def test_a_request_wakes_the_sleeping_sweep_to_watch_for_its_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request that waits for its response while the sweep sleeps (nothing was watched)
+    is watched at once: its request timeout still answers 504."""
+
+    async def slow_app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":  # the lifespan scope returns: no lifespan
+            await trio.sleep_forever()
+
+    config = ServerConfig(head_timeout=5, idle_timeout=1000, request_timeout=30)
+    with trio.fail_after(500):
+        async with open_memory_tunnel(slow_app, config=config, asgi_loop="trio") as tunnel:
+            await trio.testing.wait_all_tasks_blocked()
+            assert tunnel.entry._sweep_long
+            client = tunnel.open_client_stream()
+            await client.send_all(f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            answer = await read_to_eof(client)
+    assert answer.startswith(b"HTTP/1.1 504 ")

@@ -1003,3 +1003,62 @@ def test_frames_all_names_exist() -> None:
     assert sorted(frames.__all__) == sorted(set(frames.__all__))
     for name in frames.__all__:
         assert hasattr(frames, name), name
+
+
+# --- the data path's shortcuts: encode_* and next_item ----------------------------------------
+
+
+@pytest.mark.parametrize("frame", SAMPLES, ids=_sample_id)
+def test_next_item_is_next_frame_without_the_stream_frames_objects(frame: frames.Frame) -> None:
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(frames.encode(frame))
+    item = decoder.next_item()
+    assert decoder.next_item() is None
+    if isinstance(frame, frames.Open):
+        assert item == (frames.TYPE_OPEN, frame.stream_id, frame.head)
+    elif isinstance(frame, frames.Data):
+        assert item == (frames.TYPE_DATA, frame.stream_id, frame.data)
+    elif isinstance(frame, frames.End):
+        assert item == (frames.TYPE_END, frame.stream_id, b"")
+    else:
+        assert item == frame
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (raw(0x11, b"", stream_id=1), "empty payload"),
+        (raw(0x11, b"x", stream_id=0), "out of range"),
+        (raw(0x12, b"x", stream_id=1), "END frame with a 1-byte payload"),
+        (raw(0x12, b"", stream_id=0), "out of range"),
+        (raw(0x10, b"GET / HTTP/1.1\r\n", stream_id=1), "CRLF CRLF"),
+        (raw(0x10, b"GET / HTTP/1.1\r\n\r\n", stream_id=0), "out of range"),
+    ],
+)
+def test_next_item_refuses_what_the_constructors_refuse(wire: bytes, message: str) -> None:
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(wire)
+    with pytest.raises(RemoteProtocolError, match=message):
+        decoder.next_item()
+    with pytest.raises(RemoteProtocolError, match=message):  # and stays failed
+        decoder.next_frame()
+
+
+@given(stream_id=st.integers(-1, frames.MAX_STREAM_ID + 1), payload=st.binary(max_size=40))
+def test_encode_shortcuts_match_encode(stream_id: int, payload: bytes) -> None:
+    """encode_open/data/end give encode()'s bytes, and refuse (with the same error) what the
+    frame constructors refuse."""
+    head = payload + b"\r\n\r\n" if stream_id % 2 else payload
+    cases: list[tuple[Callable[[], bytes], Callable[[], frames.Frame]]] = [
+        (lambda: frames.encode_open(stream_id, head), lambda: frames.Open(stream_id, head)),
+        (lambda: frames.encode_data(stream_id, payload), lambda: frames.Data(stream_id, payload)),
+        (lambda: frames.encode_end(stream_id), lambda: frames.End(stream_id)),
+    ]
+    for shortcut, build in cases:
+        try:
+            frame = build()
+        except LocalProtocolError as exc:
+            with pytest.raises(LocalProtocolError, match=str(exc)):
+                shortcut()
+        else:
+            assert shortcut() == frames.encode(frame)

@@ -1168,3 +1168,19 @@ def test_encode_chunk() -> None:
     assert LAST_CHUNK == b"0\r\n\r\n"
     with pytest.raises(LocalProtocolError, match="empty chunk"):
         encode_chunk(b"")
+
+
+def test_reason_phrases_are_the_rfc_9110_ones() -> None:
+    """The one table of reason phrases (relay answers, load-test backend) says what the
+    standard library's HTTPStatus says, and falls back to the default given."""
+    from http import HTTPStatus
+
+    from tunnel2._http11 import _REASONS, reason_phrase
+
+    for status, phrase in _REASONS.items():
+        # RFC 9110 renamed 413; Python before 3.13 still says "Request Entity Too Large".
+        expected = b"Content Too Large" if status == 413 else HTTPStatus(status).phrase.encode()
+        assert phrase == expected
+        assert reason_phrase(status) == phrase
+    assert reason_phrase(299) == b"Error"
+    assert reason_phrase(299, b"Unknown") == b"Unknown"

@@ -14,7 +14,11 @@ from typing import Final
 import pytest
 import trio
 import trio.testing
+import wsproto
 import wsproto.events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.connection import ConnectionType
 
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream
@@ -22,6 +26,10 @@ from tunnel2.transports import (
     FrameTransport,
     StreamTransport,
     WsprotoTransport,
+    _binary_frame,
+    _WebSocketError,
+    _WebSocketReader,
+    _xor_mask,
     accept_websocket,
     connect_websocket,
     lockstep_transport_pair,
@@ -254,4 +262,290 @@ async def carry_a_burst(client: FrameTransport, server: FrameTransport) -> None:
         for i, stream in enumerate(streams):
             assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
             assert await stream.receive_data() == b"body %d" % i
+            assert await stream.receive_data() == b""
+
+
+# --- the binary-message fast path against wsproto as the oracle -------------------------------
+
+
+def wsproto_connected() -> tuple[wsproto.WSConnection, wsproto.WSConnection]:
+    """A wsproto client and server past their handshake."""
+    client = wsproto.WSConnection(ConnectionType.CLIENT)
+    server = wsproto.WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(wsproto.events.Request(host="relay.test", target="/")))
+    assert isinstance(next(server.events()), wsproto.events.Request)
+    client.receive_data(server.send(wsproto.events.AcceptConnection()))
+    assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+    return client, server
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
+
+
+messages_st = st.lists(st.binary(min_size=1, max_size=70_000), min_size=1, max_size=6)
+pings_st = st.lists(st.binary(max_size=125), max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    client_sends=st.booleans(),
+    messages=messages_st,
+    pings=pings_st,
+    ping_slots=st.lists(st.integers(0, 6), max_size=6),
+)
+def test_fast_path_frames_decode_in_wsproto(
+    client_sends: bool, messages: list[bytes], pings: list[bytes], ping_slots: list[int]
+) -> None:
+    """What the fast path builds, masked (client) or not (server), is what wsproto reads,
+    with control frames built by wsproto in between."""
+    client, server = wsproto_connected()
+    sender, receiver = (client, server) if client_sends else (server, client)
+    wire = []
+    slots = dict(zip(ping_slots, pings, strict=False))
+    for i, message in enumerate(messages):
+        if i in slots:
+            wire.append(sender.send(wsproto.events.Ping(slots[i])))
+        frame = _binary_frame(message, mask=client_sends)
+        assert bool(frame[1] & 0x80) is client_sends
+        wire.append(frame)
+    receiver.receive_data(b"".join(wire))
+    got: list[bytes] = []
+    current = b""
+    pinged: list[bytes] = []
+    for event in receiver.events():
+        if isinstance(event, wsproto.events.BytesMessage):
+            current += event.data
+            if event.message_finished:
+                got.append(current)
+                current = b""
+        else:
+            assert isinstance(event, wsproto.events.Ping), event
+            pinged.append(bytes(event.payload))
+    assert got == messages
+    assert pinged == [slots[i] for i in range(len(messages)) if i in slots]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    client_sends=st.booleans(),
+    messages=messages_st,
+    fragment_cuts=st.lists(st.integers(0, 70_000), max_size=8),
+    pings=pings_st,
+    read_cuts=st.lists(st.integers(0, 500_000), max_size=12),
+)
+def test_fast_path_reads_what_wsproto_sends(
+    client_sends: bool,
+    messages: list[bytes],
+    fragment_cuts: list[int],
+    pings: list[bytes],
+    read_cuts: list[int],
+) -> None:
+    """wsproto's messages, fragmented, with PINGs between fragments, arrive through the fast
+    path's reader as their bytes in order, however the stream is cut; the PINGs reach the
+    reader's wsproto whole."""
+    client, server = wsproto_connected()
+    sender, own = (client, server) if client_sends else (server, client)
+    wire = []
+    pending_pings = list(pings)
+    for message in messages:
+        fragments = split_at(message, fragment_cuts)
+        for n, fragment in enumerate(fragments):
+            last = n == len(fragments) - 1
+            wire.append(sender.send(wsproto.events.BytesMessage(fragment, message_finished=last)))
+            if pending_pings:
+                wire.append(sender.send(wsproto.events.Ping(pending_pings.pop())))
+    reader = _WebSocketReader(masked=client_sends)
+    received = b""
+    for chunk in split_at(b"".join(wire), read_cuts):
+        received += reader.receive_data(chunk)
+    assert received == b"".join(messages)
+    own.receive_data(b"".join(reader.control))
+    got_pings = [bytes(e.payload) for e in own.events() if isinstance(e, wsproto.events.Ping)]
+    assert got_pings == list(reversed(pings))[: len(got_pings)]
+    assert len(got_pings) == min(len(pings), sum(len(split_at(m, fragment_cuts)) for m in messages))
+
+
+def wsproto_outcome(receiver: wsproto.WSConnection, wire: bytes) -> tuple[bool, bytes]:
+    """(failed, binary data) as wsproto reads ``wire``, a text message counting as failed
+    (the transport carries binary only)."""
+    receiver.receive_data(wire)
+    data = b""
+    for event in receiver.events():
+        if isinstance(event, wsproto.events.BytesMessage):
+            data += event.data
+        elif isinstance(event, (wsproto.events.CloseConnection, wsproto.events.TextMessage)):
+            return True, data
+    return False, data
+
+
+def fast_path_outcome(
+    reader: _WebSocketReader, own: wsproto.WSConnection, wire: bytes
+) -> tuple[bool, bytes]:
+    try:
+        data = reader.receive_data(wire)
+    except _WebSocketError:
+        return True, b""
+    own.receive_data(b"".join(reader.control))
+    for event in own.events():
+        if isinstance(event, wsproto.events.CloseConnection):
+            return True, data
+    return False, data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client_sends=st.booleans(),
+    messages=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=5),
+    fragment_cuts=st.lists(st.integers(0, 300), max_size=3),
+    target=st.integers(0, 100),
+    # Mostly first bytes a valid stream might hold, so both outcomes are common.
+    byte=st.one_of(
+        st.sampled_from([0x00, 0x02, 0x80, 0x82, 0x81, 0x88, 0x89, 0x8A, 0x09, 0xC2, 0x83]),
+        st.integers(0, 255),
+    ),
+    mask_flip=st.booleans(),
+)
+def test_fast_path_refuses_what_wsproto_refuses(
+    client_sends: bool,
+    messages: list[bytes],
+    fragment_cuts: list[int],
+    target: int,
+    byte: int,
+    mask_flip: bool,
+) -> None:
+    """With one frame's first byte (FIN, reserved bits, opcode) replaced, or its mask bit
+    flipped, the fast path fails exactly when wsproto does, and reads the same otherwise."""
+    client, server = wsproto_connected()
+    sender, own = (client, server) if client_sends else (server, client)
+    frames_out = []
+    for message in messages:
+        fragments = split_at(message, fragment_cuts)
+        for n, fragment in enumerate(fragments):
+            last = n == len(fragments) - 1
+            frames_out.append(
+                bytearray(sender.send(wsproto.events.BytesMessage(fragment, message_finished=last)))
+            )
+        frames_out.append(bytearray(sender.send(wsproto.events.Ping(b"p"))))
+    victim = frames_out[target % len(frames_out)]
+    if mask_flip:
+        victim[1] ^= 0x80
+    else:
+        victim[0] = byte
+    wire = b"".join(frames_out)
+    oracle = wsproto_connected()[1 if client_sends else 0]
+    expected = wsproto_outcome(oracle, wire)
+    got = fast_path_outcome(_WebSocketReader(masked=client_sends), own, wire)
+    assert got[0] == expected[0]
+    if not expected[0]:
+        assert got[1] == expected[1]
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 65535, 65536, 100_000])
+def test_xor_mask_round_trips_at_every_offset(size: int) -> None:
+    data = bytes(range(256)) * (size // 256 + 1)
+    data = data[:size]
+    key = b"\x01\x80\xff\x37"
+    masked = _xor_mask(data, key)
+    assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    for cut in {0, 1, 2, 3, size // 2}:
+        if cut <= size:
+            assert _xor_mask(masked[:cut], key) + _xor_mask(masked[cut:], key, cut % 4) == data
+
+
+async def test_connect_websocket_keeps_frames_that_came_with_the_handshake_answer() -> None:
+    """A server that writes its 101 and first messages in one go: the messages are not lost
+    between wsproto (which reads the answer's head) and the fast path."""
+    left, right = socket.socketpair()
+    client_stream, server_stream = FastSocketStream(left), FastSocketStream(right)
+    server = wsproto.WSConnection(ConnectionType.SERVER)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+
+            async def answer() -> None:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += await server_stream.receive_some(65536)
+                server.receive_data(request)
+                assert isinstance(next(server.events()), wsproto.events.Request)
+                await server_stream.send_all(
+                    server.send(wsproto.events.AcceptConnection())
+                    + server.send(wsproto.events.Ping(b"hi"))
+                    + server.send(wsproto.events.BytesMessage(b"first", message_finished=False))
+                    + server.send(wsproto.events.BytesMessage(b" message"))
+                )
+
+            nursery.start_soon(answer)
+            client = await connect_websocket(client_stream, "relay.test", "/x")
+        received = b""
+        while len(received) < len(b"first message"):
+            received += await client.receive()
+        assert received == b"first message"
+        await client.send(b"reply")
+        server.receive_data(await server_stream.receive_some(65536))
+        events = list(server.events())
+        assert isinstance(events[0], wsproto.events.Pong)
+        assert events[0].payload == b"hi"
+        assert isinstance(events[1], wsproto.events.BytesMessage)
+        assert events[1].data == b"reply"
+        await client.aclose()
+        await server_stream.aclose()
+
+
+async def test_wsproto_transport_reports_invalid_frames() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            await client._stream.send_all(b"\xc2\x80abcd")  # RSV1 set, never negotiated
+            with pytest.raises(trio.BrokenResourceError, match="invalid websocket data"):
+                await server.receive()
+            assert await server.receive() == b""
+
+
+def peek_frames(transport: WsprotoTransport, *, masked: bool) -> list[frames.Frame]:
+    """The frames waiting unread on the socket behind ``transport`` (nothing is consumed),
+    and checks they came as one WebSocket message."""
+    stream = transport._stream
+    assert isinstance(stream, FastSocketStream)
+    wire = stream.socket.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    assert wire[0] == 0x82  # one final binary frame, small, and nothing after it
+    assert len(wire) == 2 + 4 * masked + (wire[1] & 0x7F)
+    reader = _WebSocketReader(masked=masked)
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(reader.receive_data(wire))
+    seen = []
+    while (frame := decoder.next_frame()) is not None:
+        seen.append(frame)
+    return seen
+
+
+async def test_uplink_writes_a_small_exchange_from_the_calling_task() -> None:
+    """With the writer idle, a bodiless request (OPEN + END) and a small complete response
+    (OPEN + DATA + END) each leave in one write made by the task that has them, before any
+    checkpoint: the writer task is not woken for them."""
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            wsproto_pair() as (client, server),
+            open_uplink(server, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(client, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            await trio.testing.wait_all_tasks_blocked()
+            stream = relay.open_stream(b"GET / HTTP/1.1\r\n\r\n", end=True)
+            assert relay.statistics().queued_bytes == 0
+            assert peek_frames(client, masked=False) == [
+                frames.Open(stream.id, b"GET / HTTP/1.1\r\n\r\n"),
+                frames.End(stream.id),
+            ]
+            incoming = await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"hi", end=True)
+            assert agent.statistics().queued_bytes == 0
+            assert peek_frames(server, masked=True) == [
+                frames.Open(stream.id, b"HTTP/1.1 200 OK\r\n\r\n"),
+                frames.Data(stream.id, b"hi"),
+                frames.End(stream.id),
+            ]
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            assert await stream.receive_data() == b"hi"
             assert await stream.receive_data() == b""

@@ -1085,3 +1085,69 @@ async def test_fast_paths_checkpoint() -> None:
                 await pair.agent.drain(0)
             with trio.testing.assert_checkpoints():
                 await pair.agent.wait_closed()
+
+
+async def test_send_head_with_a_body_over_the_credit_sends_nothing() -> None:
+    """A response head with a body that does not fit the credit (or one frame) is refused
+    whole, and the stream is as before: the head can still go out alone, then the body."""
+    with trio.fail_after(TIMEOUT):
+        async with uplink_pair(welcome(max_frame_size=1024, initial_window=1024)) as pair:
+            stream = pair.relay.open_stream(b"GET / HTTP/1.1\r\n\r\n", end=True)
+            incoming = await pair.agent.accept_stream()
+            with pytest.raises(trio.WouldBlock):
+                incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"x" * 1025, end=True)
+            assert pair.agent.statistics().queued_bytes == 0
+            assert not incoming.local_ended
+            incoming.send_head(b"HTTP/1.1 200 OK\r\n\r\n", b"y" * 10)
+            await incoming.send_data(b"x" * 1000, end=True)
+            assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
+            body = b""
+            while data := await stream.receive_data():
+                body += data
+            assert body == b"y" * 10 + b"x" * 1000
+
+
+async def test_accept_stream_hands_streams_to_waiting_handlers_in_order() -> None:
+    """A stream goes straight to the handler that has waited longest; a handler cancelled
+    while waiting takes none; a queued stream is taken with a checkpoint; closing the uplink
+    wakes every waiting handler with UplinkClosed."""
+    with trio.fail_after(TIMEOUT):
+        async with uplink_pair() as pair:
+            got: list[tuple[str, int]] = []
+
+            async def handler(name: str) -> None:
+                stream = await pair.agent.accept_stream()
+                got.append((name, stream.id))
+
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(handler, "cancelled")
+                    await trio.testing.wait_all_tasks_blocked()
+                    inner.cancel_scope.cancel()
+                nursery.start_soon(handler, "first")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(handler, "second")
+                await trio.testing.wait_all_tasks_blocked()
+                one = pair.relay.open_stream(b"GET /1 HTTP/1.1\r\n\r\n", end=True)
+                two = pair.relay.open_stream(b"GET /2 HTTP/1.1\r\n\r\n", end=True)
+            assert dict(got) == {"first": one.id, "second": two.id}  # (they run in any order)
+            three = pair.relay.open_stream(b"GET /3 HTTP/1.1\r\n\r\n", end=True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.agent.statistics().incoming_queued == 1
+            with trio.testing.assert_checkpoints():
+                assert (await pair.agent.accept_stream()).id == three.id
+            errors: list[BaseException] = []
+
+            async def waiter() -> None:
+                with pytest.raises(UplinkClosed) as info:
+                    await pair.agent.accept_stream()
+                errors.append(info.value)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                pair.agent.close("test closes")
+            assert len(errors) == 2
+            with pytest.raises(UplinkClosed):
+                await pair.agent.accept_stream()

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 import wsproto
 import wsproto.events
+from test_transports import wsproto_connected
 from test_uplink import (
     REQUEST_HEAD,
     RESPONSE_HEAD,
@@ -29,7 +30,6 @@ from test_uplink import (
     uplink_pair,
     welcome,
 )
-from wsproto.connection import ConnectionType
 
 from tunnel2 import frames
 from tunnel2.errors import ErrorCode, UplinkClosed
@@ -557,12 +557,7 @@ class EagerStream(trio.abc.Stream):
 
 def websocket_pair() -> tuple[wsproto.WSConnection, WsprotoTransport, EagerStream]:
     """A wsproto client and the server WsprotoTransport it is connected to."""
-    client = wsproto.WSConnection(ConnectionType.CLIENT)
-    server = wsproto.WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(wsproto.events.Request(host="relay.test", target="/")))
-    assert isinstance(next(server.events()), wsproto.events.Request)
-    client.receive_data(server.send(wsproto.events.AcceptConnection()))
-    assert isinstance(next(client.events()), wsproto.events.AcceptConnection)
+    client, server = wsproto_connected()
     stream = EagerStream()
     return client, WsprotoTransport(stream, server), stream
 

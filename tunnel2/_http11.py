@@ -57,6 +57,7 @@ __all__ = [
     "make_body_reader",
     "parse_request_head",
     "parse_response_head",
+    "reason_phrase",
     "request_framing",
     "response_framing",
 ]
@@ -69,6 +70,23 @@ MAX_CONTENT_LENGTH: Final = 2**63 - 1
 # Real clients send one or two; the names are cut out of the forwarded head (RFC 9110 §7.6.1).
 MAX_CONNECTION_TOKENS: Final = 32
 LAST_CHUNK: Final = b"0\r\n\r\n"
+# The one table of reason phrases (RFC 9110 §15) for the answers tunnel2 writes itself: the
+# relay's error answers and the load-test backend's responses.
+_REASONS: Final = {
+    200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 400: b"Bad Request",
+    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}  # fmt: skip
+
+
+def reason_phrase(status: int, default: bytes = b"Error") -> bytes:
+    """The reason phrase of ``status`` (``default`` for a status not in the table)."""
+    return _REASONS.get(status, default)
+
 
 # --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------
 

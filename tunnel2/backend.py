@@ -400,27 +400,35 @@ class BackendForwarder:
                 break
         framing, length = http.response_framing(response, method)
         tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing, urls)
-        stream.send_head(tunnel_head)
         if response.status == 101:
+            stream.send_head(tunnel_head)
             await _splice(conn, stream, buf)
             return 101, False
         reader = http.make_body_reader(framing, length)
-        while True:
-            data = reader.read(buf) if buf else b""
-            if reader.done:
-                try:  # the common small answer: head, body and END in one write, no yield
-                    stream.send_data_nowait(data, end=True)
-                except trio.WouldBlock:
-                    await stream.send_data(data, end=True)
-                break
-            if data:
-                await stream.send_data(data)
-            more = await conn.receive_some(_RECEIVE_SIZE)
-            if not more:
-                reader.feed_eof()
-                await stream.send_data(b"", end=True)
-                break
-            buf += more
+        data = reader.read(buf) if buf else b""
+        try:
+            if not reader.done:
+                raise trio.WouldBlock
+            # The common small answer: head, body and END in one write, no yield.
+            stream.send_head(tunnel_head, data, end=True)
+        except trio.WouldBlock:
+            stream.send_head(tunnel_head)
+            while True:
+                if reader.done:
+                    try:
+                        stream.send_data_nowait(data, end=True)
+                    except trio.WouldBlock:
+                        await stream.send_data(data, end=True)
+                    break
+                if data:
+                    await stream.send_data(data)
+                more = await conn.receive_some(_RECEIVE_SIZE)
+                if not more:
+                    reader.feed_eof()
+                    await stream.send_data(b"", end=True)
+                    break
+                buf += more
+                data = reader.read(buf)
         reusable = keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
         return response.status, reusable
 

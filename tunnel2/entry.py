@@ -13,7 +13,9 @@ what happened (PROTOCOL.md §4); none of them ends anything but the one connecti
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import logging
 import math
 import re
@@ -22,7 +24,13 @@ from typing import Final, NoReturn, final
 import trio
 
 from tunnel2 import _http11 as http
-from tunnel2._sockets import FastSocketStream, can_tell_peer_closed, has_peer_address
+from tunnel2._sockets import (
+    CanSendNowait,
+    FastSocketStream,
+    can_send_nowait,
+    can_tell_peer_closed,
+    has_peer_address,
+)
 from tunnel2.access import CREDENTIAL_HEADER, AccessPolicy
 from tunnel2.errors import ErrorCode, LocalProtocolError, ProtocolError, StreamReset, UplinkClosed
 from tunnel2.observe import RequestFinished, RequestStarted, emit
@@ -56,22 +64,6 @@ _DROP_RE: Final = http.field_lines_re(
 # reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
 _MAX_TRUSTED_HOPS: Final = 16
 _FORWARDED_HOST_RE: Final = re.compile(rb"[A-Za-z0-9.:\[\]_-]{1,255}")
-_REASONS: Final = {
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
 _RESET_STATUS: Final = {
     ErrorCode.BACKEND_UNAVAILABLE: 502,
     ErrorCode.TIMEOUT: 504,
@@ -97,10 +89,10 @@ def error_response(
     """A complete plain-text response whose body says what went wrong; ``headers`` are
     extra field lines, each ending in CRLF. For a HEAD request (``head``) the body is left
     out and Content-Length still says its size (RFC 9110 §9.3.2)."""
-    body = f"{status} {_REASONS.get(status, b'Error').decode()}: {message}\n".encode()
+    body = f"{status} {http.reason_phrase(status).decode()}: {message}\n".encode()
     return b"".join(
         [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"HTTP/1.1 %d %s\r\n" % (status, http.reason_phrase(status)),
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",
@@ -119,7 +111,7 @@ def _unparsed_head_answer(status: int, message: str) -> bytes:
         b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\nX-Tunnel2-Error: %s\r\n\r\n"
         % (
             status,
-            _REASONS[status],
+            http.reason_phrase(status),
             message.encode(),
         )
     )
@@ -144,11 +136,14 @@ class _Connection:
 
     __slots__ = (
         "buf",
+        "check_at",
         "client",
         "deadline",
+        "entry",
         "gone",
         "head_request",
         "in_head",
+        "nowait",
         "peer",
         "peer_port",
         "pool",
@@ -159,8 +154,10 @@ class _Connection:
         "write_started",
     )
 
-    def __init__(self, client: trio.abc.Stream) -> None:
+    def __init__(self, client: trio.abc.Stream, entry: ProxyEntry) -> None:
         self.client = client
+        self.entry = entry
+        self.nowait = client if can_send_nowait(client) else None
         self.peer, self.peer_port = _peer_address(client)
         self.buf = bytearray()
         # One scope per connection, cancelled by ProxyEntry.run_timeouts once `deadline`
@@ -169,6 +166,7 @@ class _Connection:
         # deadline costs trio a heap update per change; this is a float store.)
         self.timer = trio.CancelScope()
         self.deadline = math.inf
+        self.check_at = math.inf  # when run_timeouts next looks at `deadline` (its heap)
         self.in_head = False  # `deadline` is the head timeout (answered 408)
         self.gone = False  # run_timeouts saw the client close while we waited
         self.head_request = False  # the request being served is a HEAD (no error bodies)
@@ -181,12 +179,31 @@ class _Connection:
         self.status = 0  # the status of the response going out now
 
     async def send(self, data: bytes | bytearray) -> None:
-        """Send to the client, within the write timeout (ProxyEntry.run_timeouts): two float
-        stores, no clock read and no cancel scope per write."""
+        """Send to the client, within the write timeout (ProxyEntry.run_timeouts). A write
+        the socket takes at once costs nothing more; one it does not is watched by the
+        sweep until it is done (two float stores and a set entry, no clock read and no
+        cancel scope per write)."""
+        stream = self.nowait
+        if stream is not None and not stream.send_pending:
+            stream.send_nowait(bytes(data))
+            self.sent += len(data)  # (what the socket did not take goes first with the next)
+            if not _unsent(stream):
+                return
+            data = b""  # send_all(b"") flushes the rest
         self.write_started = _WRITE_BEGUN
-        await self.client.send_all(data)
+        watched = self.entry._watched
+        self.entry._watch(self)
+        try:
+            await self.client.send_all(data)
+        finally:
+            watched.discard(self)
         self.write_started = math.inf
         self.sent += len(data)
+
+
+def _unsent(stream: CanSendNowait) -> bool:
+    # (a function, so that mypy does not take send_pending as unchanged by send_nowait)
+    return stream.send_pending
 
 
 @final
@@ -328,8 +345,19 @@ class ProxyEntry:
         self.config = server.config
         self._proto = server.base_url.partition("://")[0].encode() or b"http"
         self._domain_suffix = ("." + self.config.domain).encode() if self.config.domain else None
-        # Connections that are not agents (run_timeouts sweeps them).
+        # Connections that are not agents (run_timeouts enforces their timeouts).
         self._connections: set[_Connection] = set()
+        # What run_timeouts looks at, so its cost is proportional to what is due, not to
+        # what is open: a heap of (when, seq, connection) for deadlines (lazy: an entry is
+        # looked at when due and re-armed if the deadline moved later), and the connections
+        # it checks every tick (a response head awaited, a write the socket did not take).
+        self._timers: list[tuple[float, int, _Connection]] = []
+        self._timer_seq = itertools.count()
+        self._watched: set[_Connection] = set()
+        self._busy = False  # something was watched since the last tick
+        self._sweep_wake = trio.Event()
+        self._sweep_long = False  # the sweep sleeps till _sweep_until or _sweep_wake
+        self._sweep_until = math.inf
         self._host = server.base_url.partition("://")[2].encode()
         self._limits = _Limits(self.config)
         self._observers = server.observers  # --- observe --- (the server's list itself)
@@ -350,7 +378,7 @@ class ProxyEntry:
         """
         if isinstance(stream, trio.SocketStream):
             stream = FastSocketStream.from_trio(stream)
-        conn = _Connection(stream)
+        conn = _Connection(stream, self)
         refusal = self._limits.admit(conn)
         self._connections.add(conn)
         try:
@@ -399,8 +427,32 @@ class ProxyEntry:
             await conn.client.send_all(data)
 
     def _arm_head_timeout(self, conn: _Connection) -> None:
-        conn.deadline = trio.current_time() + self.config.head_timeout
+        self._set_deadline(conn, trio.current_time() + self.config.head_timeout)
         conn.in_head = True
+
+    def _set_deadline(self, conn: _Connection, when: float) -> None:
+        """Set ``conn.deadline`` for run_timeouts; arm its heap if it looks later than that."""
+        conn.deadline = when
+        if when < conn.check_at:
+            conn.check_at = when
+            timers = self._timers
+            if len(timers) > 2 * len(self._connections) + 64:
+                # Entries of closed connections and of deadlines moved earlier wait till
+                # they are due: past twice the live ones, keep only the live ones
+                # (amortised O(1) per push).
+                live = self._connections
+                timers[:] = [t for t in timers if t[2].check_at == t[0] and t[2] in live]
+                heapq.heapify(timers)
+            heapq.heappush(timers, (when, next(self._timer_seq), conn))
+            if self._sweep_long and when < self._sweep_until:
+                self._sweep_wake.set()
+
+    def _watch(self, conn: _Connection) -> None:
+        """Have run_timeouts check ``conn`` every tick until it leaves ``_watched``."""
+        self._watched.add(conn)
+        self._busy = True
+        if self._sweep_long:
+            self._sweep_wake.set()
 
     @property
     def connections(self) -> int:
@@ -413,32 +465,62 @@ class ProxyEntry:
         not an agent, and notice clients that close while they wait for a response head
         (their stream is reset, so the agent stops working for nobody); runs until cancelled.
 
-        :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Timeouts fire up
-        to a twentieth of their length late (at most 0.5 s), as does the notice; the write
-        timeout up to a tenth (at most 1 s), as a write is first seen by a sweep.
+        :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Its cost is
+        proportional to what is due, not to what is open: deadlines sit in a heap, and only
+        connections awaiting a response head or with a write the socket did not take at once
+        are looked at every tick; with none of those it sleeps till the first deadline.
+        Timeouts fire up to a twentieth of their length late (at most 0.5 s), as does the
+        notice; the write timeout up to a tenth (at most 1 s), as a write is first seen by a
+        tick.
         """
         config = self.config
         write_timeout = config.write_timeout
         timeouts = (config.request_timeout, config.idle_timeout, config.head_timeout)
         tick = max(0.01, min(0.5, write_timeout / 20, *(t / 20 for t in timeouts)))
         while True:
-            await trio.sleep(tick)
-            now = trio.current_time()
-            for conn in self._connections:
-                if conn.deadline <= now:
+            if self._watched or self._busy:
+                self._busy = False
+                await trio.sleep(tick)
+            else:
+                self._sweep_until = self._timers[0][0] if self._timers else math.inf
+                self._sweep_wake = trio.Event()
+                self._sweep_long = True
+                try:
+                    with trio.move_on_at(self._sweep_until):
+                        await self._sweep_wake.wait()
+                finally:
+                    self._sweep_long = False
+                    self._sweep_until = math.inf
+            self._sweep(trio.current_time(), write_timeout)
+
+    def _sweep(self, now: float, write_timeout: float) -> None:
+        timers = self._timers
+        live = self._connections
+        while timers and timers[0][0] <= now:
+            when, _, conn = heapq.heappop(timers)
+            if when != conn.check_at or conn not in live:
+                continue  # superseded by an earlier look, or closed
+            conn.check_at = math.inf
+            if conn.deadline <= now:
+                conn.timer.cancel()
+            elif conn.deadline != math.inf:  # it moved later: look again then
+                conn.check_at = conn.deadline
+                heapq.heappush(timers, (conn.deadline, next(self._timer_seq), conn))
+        for conn in self._watched:
+            if conn.deadline <= now:
+                conn.timer.cancel()
+            elif conn.write_started != math.inf:
+                if conn.write_started == _WRITE_BEGUN:
+                    conn.write_started = now
+                elif conn.write_started + write_timeout <= now:
                     conn.timer.cancel()
-                elif conn.write_started != math.inf:
-                    if conn.write_started == _WRITE_BEGUN:
-                        conn.write_started = now
-                    elif conn.write_started + write_timeout <= now:
-                        conn.timer.cancel()
-                elif (
-                    conn.waiting is not None
-                    and can_tell_peer_closed(conn.client)
-                    and conn.client.peer_closed()
-                ):
-                    conn.gone = True
-                    conn.timer.cancel()
+            elif (
+                conn.waiting is not None
+                and can_tell_peer_closed(conn.client)
+                and conn.client.peer_closed()
+            ):
+                conn.gone = True
+                conn.timer.cancel()
 
     async def _read_head(self, conn: _Connection) -> int:
         """Read until ``conn.buf`` holds a whole head, within the size limit; return its end,
@@ -456,7 +538,9 @@ class ProxyEntry:
         if buf:
             self._arm_head_timeout(conn)  # part of a pipelined head is in
         elif not conn.in_head:
-            conn.deadline = trio.current_time() + config.idle_timeout
+            when = conn.deadline = trio.current_time() + config.idle_timeout
+            if when < conn.check_at:  # (inlined _set_deadline: once per request)
+                self._set_deadline(conn, when)
         while end < 0:
             if len(buf) > config.max_head_size:
                 message = f"request head is over {config.max_head_size} bytes"
@@ -694,8 +778,12 @@ class ProxyEntry:
         head = self._forward_head(
             request, head, target, prefix, framing, length, (conn.peer, conn.peer_port), upgrade
         )
+        bodiless = upgrade is None and (
+            framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length)
+        )
         try:
-            stream = route.open_stream(head)
+            # A request without a body: its END goes out with its OPEN, in one write.
+            stream = route.open_stream(head, end=bodiless)
         except UplinkClosed as exc:
             raise _Answer(502, f"agent of session {session_id} disconnected: {exc}") from None
         except LocalProtocolError:
@@ -719,8 +807,7 @@ class ProxyEntry:
                     return False
                 stream.send_end()
                 return await self._respond(conn, exchange, response_head, response)
-            if framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length):
-                stream.send_end()
+            if bodiless:
                 response_head, response = await self._wait_response(conn, exchange)
                 return await self._respond(conn, exchange, response_head, response)
             return await self._exchange(conn, exchange, framing, length)
@@ -745,7 +832,16 @@ class ProxyEntry:
         stream = exchange.stream
         conn.deadline = trio.current_time() + self.config.request_timeout
         conn.waiting = stream
-        head = await stream.receive_head()
+        # Watched (inlined _watch): the deadline is checked every tick, and the client's
+        # presence.
+        self._watched.add(conn)
+        self._busy = True
+        if self._sweep_long:
+            self._sweep_wake.set()
+        try:
+            head = await stream.receive_head()
+        finally:
+            self._watched.discard(conn)
         conn.waiting = None
         conn.deadline = math.inf
         try:
@@ -846,7 +942,7 @@ class ProxyEntry:
                     # A body that stalls for idle_timeout is cut (as nginx's
                     # proxy_read_timeout): a stalling agent cannot pin public connections
                     # (fuzz F6). run_timeouts enforces it; the float store is all it costs.
-                    conn.deadline = trio.current_time() + self.config.idle_timeout
+                    self._set_deadline(conn, trio.current_time() + self.config.idle_timeout)
                     data = await stream.receive_data()
                     conn.deadline = math.inf
                 if not data:

@@ -36,6 +36,9 @@ __all__ = [
     "MAX_WINDOW",
     "MIN_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
+    "TYPE_DATA",
+    "TYPE_END",
+    "TYPE_OPEN",
     "Data",
     "End",
     "Frame",
@@ -47,9 +50,13 @@ __all__ = [
     "Pong",
     "Refuse",
     "Reset",
+    "StreamItem",
     "Welcome",
     "Window",
     "encode",
+    "encode_data",
+    "encode_end",
+    "encode_open",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -73,6 +80,9 @@ _TYPE_REFUSE: Final = 0x03
 _TYPE_OPEN: Final = 0x10
 _TYPE_DATA: Final = 0x11
 _TYPE_END: Final = 0x12
+TYPE_OPEN: Final = _TYPE_OPEN
+TYPE_DATA: Final = _TYPE_DATA
+TYPE_END: Final = _TYPE_END
 _TYPE_RESET: Final = 0x13
 _TYPE_WINDOW: Final = 0x14
 _TYPE_PING: Final = 0x20
@@ -333,6 +343,8 @@ class GoAway:
 Frame: TypeAlias = (
     Hello | Welcome | Refuse | Open | Data | End | Reset | Window | Ping | Pong | GoAway
 )
+# An OPEN, DATA or END frame as FrameDecoder.next_item gives it: (type, stream id, payload).
+StreamItem: TypeAlias = tuple[int, int, bytes]
 
 _SESSION_ID_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-_")
 
@@ -345,6 +357,43 @@ def _json_payload(version: int, fields: dict[str, Any]) -> bytes:
     return _U16.pack(version) + json.dumps(fields, separators=(",", ":")).encode()
 
 
+# The stream frames of the data path, encoded without building a frame object first (the
+# checks are the constructors'; they raise the constructors' errors).
+
+
+def encode_open(stream_id: int, head: bytes) -> bytes:
+    """``encode(Open(stream_id, head))``, without the object.
+
+    Raises:
+        LocalProtocolError: as :class:`Open` does.
+    """
+    if not 0 < stream_id <= MAX_STREAM_ID or not head.endswith(b"\r\n\r\n"):
+        Open(stream_id, head)  # raises
+    return _HEADER.pack(len(head), _TYPE_OPEN, _FLAG_NONE, stream_id) + head
+
+
+def encode_data(stream_id: int, data: bytes) -> bytes:
+    """``encode(Data(stream_id, data))``, without the object.
+
+    Raises:
+        LocalProtocolError: as :class:`Data` does.
+    """
+    if not 0 < stream_id <= MAX_STREAM_ID or not data:
+        Data(stream_id, data)  # raises
+    return _HEADER.pack(len(data), _TYPE_DATA, _FLAG_NONE, stream_id) + data
+
+
+def encode_end(stream_id: int) -> bytes:
+    """``encode(End(stream_id))``, without the object.
+
+    Raises:
+        LocalProtocolError: as :class:`End` does.
+    """
+    if not 0 < stream_id <= MAX_STREAM_ID:
+        End(stream_id)  # raises
+    return _HEADER.pack(0, _TYPE_END, _FLAG_NONE, stream_id)
+
+
 def encode(frame: Frame) -> bytes:
     """Serialise one frame to its wire form (PROTOCOL.md §2).
 
@@ -354,11 +403,11 @@ def encode(frame: Frame) -> bytes:
     """
     # Ordered by frequency on the data path.
     if type(frame) is Data:
-        return _HEADER.pack(len(frame.data), _TYPE_DATA, _FLAG_NONE, frame.stream_id) + frame.data
+        return encode_data(frame.stream_id, frame.data)
     if type(frame) is End:
-        return _HEADER.pack(0, _TYPE_END, _FLAG_NONE, frame.stream_id)
+        return encode_end(frame.stream_id)
     if type(frame) is Open:
-        return _HEADER.pack(len(frame.head), _TYPE_OPEN, _FLAG_NONE, frame.stream_id) + frame.head
+        return encode_open(frame.stream_id, frame.head)
     payload: bytes
     sid = 0
     if isinstance(frame, Window):
@@ -590,6 +639,24 @@ class FrameDecoder:
             RemoteProtocolError: the bytes are not a valid frame (with ``code`` set), or EOF
                 came in the middle of a frame. The decoder stays failed.
         """
+        item = self.next_item()
+        if not isinstance(item, tuple):
+            return item
+        kind, stream_id, payload = item
+        if kind == TYPE_DATA:
+            return Data(stream_id, payload)
+        if kind == TYPE_END:
+            return End(stream_id)
+        return Open(stream_id, payload)
+
+    def next_item(self) -> StreamItem | Frame | None:
+        """:meth:`next_frame` without building the data path's frames: OPEN, DATA and END
+        come as ``(TYPE_OPEN | TYPE_DATA | TYPE_END, stream_id, payload)``, checked as their
+        constructors check; every other frame as its object.
+
+        Raises:
+            RemoteProtocolError: as :meth:`next_frame`.
+        """
         if self._error is not None:
             raise self._error
         buf = self._buffer
@@ -615,10 +682,18 @@ class FrameDecoder:
         if flags:
             self._raise(_fail(f"frame type 0x{ftype:02x} has unknown flags 0x{flags:02x}"))
         payload = bytes(buf[start + HEADER_SIZE : end])
-        try:
-            frame = _decode_payload(ftype, sid, payload)
-        except LocalProtocolError as exc:
-            self._raise(exc)
+        frame: StreamItem | Frame
+        if 0 < sid <= MAX_STREAM_ID and (
+            (ftype == _TYPE_DATA and payload)
+            or (ftype == _TYPE_END and not payload)
+            or (ftype == _TYPE_OPEN and payload.endswith(b"\r\n\r\n"))
+        ):
+            frame = (ftype, sid, payload)
+        else:
+            try:
+                frame = _decode_payload(ftype, sid, payload)
+            except LocalProtocolError as exc:
+                self._raise(exc)
         # Compact lazily: drop consumed bytes once they dominate the buffer.
         if end == len(buf):
             buf.clear()

@@ -271,13 +271,15 @@ class _RecordingStream:
     def receive_data_nowait(self) -> bytes:
         return self._request_data(self._stream.receive_data_nowait())
 
-    def send_head(self, head: bytes) -> None:
-        self._stream.send_head(head)
+    def send_head(self, head: bytes, body: bytes = b"", *, end: bool = False) -> None:
+        self._stream.send_head(head, body, end=end)  # WouldBlock: nothing was sent
         record = self._record
         record.response_head = head
         record.response_after = time.perf_counter() - record.start
         record.upgraded = head.startswith(b"HTTP/1.1 101 ")
         self._inspector._changed(record)
+        if body:
+            self._response_data(body)
 
     async def send_data(self, data: bytes, *, end: bool = False) -> None:
         self._response_data(data)

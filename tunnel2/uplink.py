@@ -9,7 +9,11 @@ Tasks (all in the nursery of :func:`open_uplink`):
   every frame synchronously: stream tables and credit change with no ``await`` in between.
 * ``_writer_task`` is the only caller of ``transport.send()``. Other code encodes frames into
   ``_out`` without awaiting and wakes it; it puts everything pending into one transport write,
-  so frames coalesce under load without timers (DESIGN.md, performance model).
+  so frames coalesce under load without timers (DESIGN.md, performance model). A task that
+  has finished a message (a bodiless request, a small complete response, an END) while the
+  writer is idle and nothing is queued writes it itself with ``transport.send_nowait()``
+  (``_send_now``): no task switch for the common small exchange; under load, when the
+  writer is busy, frames queue and coalesce as before.
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
@@ -163,7 +167,9 @@ class TunnelStream:
         self._head = head
         self._buffer: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._event: trio.Event | None = None  # made by _wait, only when someone waits
+        # The task waiting for the peer's next frame on this stream, if one is (one at a
+        # time: the stream's reader); woken directly, with no Event made per wait.
+        self._waiter: trio.lowlevel.Task | None = None
         self._remote_ended = False
         self._local_ended = False
         self._error: StreamReset | UplinkClosed | None = None
@@ -271,23 +277,39 @@ class TunnelStream:
         raise trio.WouldBlock
 
     async def _wait(self) -> None:
-        self._event = trio.Event()
-        await self._event.wait()
+        assert self._waiter is None, "two tasks wait on one stream"
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
+
+    def _abort_wait(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     # --- sending -----------------------------------------------------------------------
 
-    def send_head(self, head: bytes) -> None:
-        """Queue our OPEN (the agent's response head). Does not block.
+    def send_head(self, head: bytes, body: bytes = b"", *, end: bool = False) -> None:
+        """Send our OPEN (the agent's response head), and ``body`` and END with it if given,
+        in one transport write. Does not block.
 
         Raises:
             LocalProtocolError: ``head`` is not a complete HTTP head, or is larger than the
                 negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 502); the
                 stream is unchanged, so it can still be reset with a reason.
+            trio.WouldBlock: ``body`` does not fit the credit or one frame; nothing was sent.
             StreamReset, UplinkClosed: the stream is gone.
         """
         self._check_sendable()
-        self._uplink._check_head_size(head, 502)
-        self._uplink._queue(frames.encode(frames.Open(self.id, head)))
+        uplink = self._uplink
+        uplink._check_head_size(head, 502)
+        wire = frames.encode_open(self.id, head)
+        if body:
+            wire += self._data_frame_nowait(body)
+        if end:
+            self._local_ended = True
+            wire += frames.encode_end(self.id)
+        uplink._send_now(wire)
+        if end:
+            self._maybe_finish()
 
     async def send_data(self, data: bytes, *, end: bool = False) -> None:
         """Send body bytes, waiting for stream and connection credit as needed.
@@ -318,7 +340,7 @@ class TunnelStream:
             self._send_window -= size
             uplink._remote_window -= size
             uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-            uplink._queue(frames.encode(frames.Data(self.id, chunk)))
+            uplink._queue(frames.encode_data(self.id, chunk))
             sent += size
             if sent < len(data):
                 await trio.lowlevel.checkpoint()
@@ -335,22 +357,30 @@ class TunnelStream:
             StreamReset, UplinkClosed: as :meth:`send_data`.
         """
         self._check_sendable()
+        wire = self._data_frame_nowait(data) if data else b""
+        if end:
+            self._local_ended = True
+            wire += frames.encode_end(self.id)
+        if wire:
+            self._uplink._send_now(wire)
+        if end:
+            self._maybe_finish()
+
+    def _data_frame_nowait(self, data: bytes) -> bytes:
+        # A DATA frame for all of ``data``, its credit taken; or WouldBlock, nothing taken.
         uplink = self._uplink
         size = len(data)
-        if size:
-            if (
-                size > self._send_window
-                or size > uplink._remote_window
-                or size > uplink._max_frame_size
-                or uplink._out_size > _MAX_BATCH
-            ):
-                raise trio.WouldBlock
-            self._send_window -= size
-            uplink._remote_window -= size
-            uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-            uplink._queue(frames.encode(frames.Data(self.id, data)))
-        if end:
-            self.send_end()
+        if (
+            size > self._send_window
+            or size > uplink._remote_window
+            or size > uplink._max_frame_size
+            or uplink._out_size > _MAX_BATCH
+        ):
+            raise trio.WouldBlock
+        self._send_window -= size
+        uplink._remote_window -= size
+        uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
+        return frames.encode_data(self.id, data)
 
     def send_end(self) -> None:
         """Queue END: we send nothing more. Does not block; idempotent."""
@@ -358,7 +388,7 @@ class TunnelStream:
             return
         self._check_sendable()
         self._local_ended = True
-        self._uplink._queue(frames.encode(frames.End(self.id)))
+        self._uplink._send_now(frames.encode_end(self.id))
         self._maybe_finish()
 
     def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -395,8 +425,10 @@ class TunnelStream:
     # --- driven by the uplink -------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
 
     def _maybe_finish(self) -> None:
         if self._local_ended and self._remote_ended and not self._buffer:
@@ -419,9 +451,21 @@ class TunnelStream:
             self._cancel_scope.cancel()
         uplink._wake_credit()
         if not uplink._streams:
-            uplink._idle_event.set()
+            if uplink._idle_event is not None:
+                uplink._idle_event.set()
             if uplink._peer_goaway is not None:
                 uplink.close(f"peer sent GOAWAY: {uplink._peer_goaway.reason}")
+
+
+@final
+class _Acceptor:
+    """A task waiting in :meth:`TunnelUplink.accept_stream`, and the stream handed to it."""
+
+    __slots__ = ("stream", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.stream: TunnelStream | None = None
 
 
 @final
@@ -470,8 +514,7 @@ class TunnelUplink:
         self._drained_waiters = 0
         self._credit_event = trio.Event()
         self._credit_waiters = 0
-        self._idle_event = trio.Event()
-        self._idle_event.set()
+        self._idle_event: trio.Event | None = None  # made by drain() only, set once idle
         self._closed_event = trio.Event()
         self._writer_done = trio.Event()
         self._writer_sending = False
@@ -482,9 +525,11 @@ class TunnelUplink:
         # An agent's drain waits for the PONG to the PING behind its GOAWAY (drain()).
         self._drain_pong: trio.Event | None = None
         self._drain_ping = b""
-        self._incoming_send, self._incoming_receive = trio.open_memory_channel[TunnelStream](
-            max_incoming
-        )
+        # Streams opened by the peer that wait for a handler, and the handlers that wait for
+        # a stream (agent side); a stream is handed straight to a waiting handler.
+        self._incoming: collections.deque[TunnelStream] = collections.deque()
+        self._max_incoming = max_incoming
+        self._acceptors: collections.deque[_Acceptor] = collections.deque()
         self._last_received = trio.current_time()
         interval = settings.ping_interval
         self.heartbeat_timeout = (
@@ -563,11 +608,13 @@ class TunnelUplink:
             local_window=self._local_window,
             remote_window=self._remote_window,
             queued_bytes=self._out_size,
-            incoming_queued=self._incoming_receive.statistics().current_buffer_used,
+            incoming_queued=len(self._incoming),
         )
 
-    def open_stream(self, head: bytes) -> TunnelStream:
+    def open_stream(self, head: bytes, *, end: bool = False) -> TunnelStream:
         """Open a stream carrying the request ``head`` (relay side). Does not block.
+
+        With ``end`` (a request without a body), END goes out with the OPEN, in one write.
 
         Raises:
             UplinkClosed: the uplink is closing or draining.
@@ -579,14 +626,15 @@ class TunnelUplink:
             raise self._close_error or UplinkClosed("uplink is draining")
         self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
-        frame = frames.Open(stream_id, head)
+        wire = frames.encode_open(stream_id, head)
         self._last_stream_id = stream_id
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, None)
         self._streams[stream_id] = stream
-        if self._idle_event.is_set():
-            self._idle_event = trio.Event()
-        self._queue(frames.encode(frame))
+        if end:
+            stream._local_ended = True
+            wire += frames.encode_end(stream_id)
+        self._send_now(wire)
         return stream
 
     async def accept_stream(self) -> TunnelStream:
@@ -595,10 +643,27 @@ class TunnelUplink:
         Raises:
             UplinkClosed: the uplink closed; streams still queued were reset.
         """
-        try:
-            return await self._incoming_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._close_error or UplinkClosed("uplink closed") from None
+        # As trio's channels: a cancellation can only land before a stream is taken.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._incoming:
+            stream = self._incoming.popleft()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return stream
+        if self._closing:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            raise self._close_error or UplinkClosed("uplink closed")
+        acceptor = _Acceptor(trio.lowlevel.current_task())
+        acceptors = self._acceptors
+        acceptors.append(acceptor)
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            acceptors.remove(acceptor)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if acceptor.stream is None:  # woken by close()
+            raise self._close_error or UplinkClosed("uplink closed")
+        return acceptor.stream
 
     async def wait_closed(self) -> None:
         """Block until the uplink has closed."""
@@ -630,7 +695,9 @@ class TunnelUplink:
                         frames.encode(frames.GoAway(self._last_stream_id, reason="draining"))
                     )
                 self._draining = True
-            await self._idle_event.wait()
+            if self._streams:
+                self._idle_event = trio.Event()
+                await self._idle_event.wait()
             if self.role == "agent":
                 # The relay closes once its side of the last stream is done (it read our
                 # GOAWAY): closing first could reset the connection under the tail of a
@@ -660,12 +727,10 @@ class TunnelUplink:
             else:
                 stream._error = self._close_error
                 stream._finish()
-        self._incoming_send.close()
-        while True:
-            try:
-                self._incoming_receive.receive_nowait()._finish()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        while self._incoming:
+            self._incoming.popleft()._finish()
+        while self._acceptors:
+            trio.lowlevel.reschedule(self._acceptors.popleft().task)
         self._aux_scope.cancel()
         self._out_event.set()
         self._wake_credit()
@@ -704,6 +769,26 @@ class TunnelUplink:
                 self._sent = self._taken
                 out.clear()
                 self._out_size = 0
+
+    def _send_now(self, data: bytes) -> None:
+        # What a task that holds frames does when it is done for now: if the writer is idle
+        # with nothing queued, write them from this task, without waking the writer (one
+        # task switch less per message); else queue them behind the rest.
+        if self._out or self._writer_sending or self._closing:
+            self._queue(data)
+            return
+        try:
+            sent = self.transport.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close(f"connection lost while sending: {exc}")
+            raise self._close_error or UplinkClosed("uplink closed") from None
+        if not sent:
+            self._queue(data)
+            return
+        self._taken += 1
+        self._sent = self._taken
+        if self.transport.pending:  # the socket took part of it: the writer flushes the rest
+            self._out_event.set()
 
     async def _wait_writable(self) -> None:
         # Backpressure on the writer's queue: a sender waits while more than one batch is
@@ -855,8 +940,17 @@ class TunnelUplink:
         try:
             while True:
                 # First round: frames the peer sent right behind its handshake frame.
-                while (frame := decoder.next_frame()) is not None:
-                    self._dispatch(frame)
+                while (item := decoder.next_item()) is not None:
+                    if isinstance(item, tuple):  # OPEN, DATA, END: no frame objects
+                        kind, stream_id, payload = item
+                        if kind == frames.TYPE_DATA:
+                            self._on_data(stream_id, payload)
+                        elif kind == frames.TYPE_END:
+                            self._on_end(stream_id)
+                        else:
+                            self._dispatch_open(stream_id, payload)
+                    else:
+                        self._dispatch(item)
                     if self._closing:
                         return
                     budget -= 1
@@ -880,43 +974,41 @@ class TunnelUplink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost: {exc}")
 
-    def _dispatch(self, frame: frames.Frame) -> None:
-        kind = type(frame)
-        if kind is frames.Data:
-            assert isinstance(frame, frames.Data)
-            size = len(frame.data)
-            self._local_window -= size
-            if self._local_window < 0:
-                raise RemoteProtocolError(
-                    f"peer overran the connection window by {-self._local_window} bytes",
-                    code=ErrorCode.FLOW_CONTROL_ERROR,
-                )
-            stream = self._streams.get(frame.stream_id)
-            if stream is None or stream._remote_ended:
-                self._consumed(None, size)  # a late frame for a finished stream
-                return
-            stream._recv_window -= size
-            if stream._recv_window < 0:
-                raise RemoteProtocolError(
-                    f"peer overran stream {frame.stream_id}'s window by "
-                    f"{-stream._recv_window} bytes",
-                    code=ErrorCode.FLOW_CONTROL_ERROR,
-                )
-            stream._buffer.append(frame.data)
-            stream._buffered += size
+    def _on_data(self, stream_id: int, data: bytes) -> None:
+        size = len(data)
+        self._local_window -= size
+        if self._local_window < 0:
+            raise RemoteProtocolError(
+                f"peer overran the connection window by {-self._local_window} bytes",
+                code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._remote_ended:
+            self._consumed(None, size)  # a late frame for a finished stream
+            return
+        stream._recv_window -= size
+        if stream._recv_window < 0:
+            raise RemoteProtocolError(
+                f"peer overran stream {stream_id}'s window by {-stream._recv_window} bytes",
+                code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        stream._buffer.append(data)
+        stream._buffered += size
+        stream._wake()
+
+    def _on_end(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._remote_ended:
+            self._charge_stray("END")
+        else:
+            stream._remote_ended = True
             stream._wake()
-        elif kind is frames.End:
-            stream = self._streams.get(frame.stream_id)
-            if stream is None or stream._remote_ended:
-                self._charge_stray("END")
-            else:
-                stream._remote_ended = True
-                stream._wake()
-                stream._maybe_finish()
-        elif kind is frames.Open:
-            assert isinstance(frame, frames.Open)
-            self._dispatch_open(frame)
-        elif kind is frames.Window:
+            stream._maybe_finish()
+
+    def _dispatch(self, frame: frames.Frame) -> None:
+        # The frames other than OPEN, DATA and END (the reader handles those itself).
+        kind = type(frame)
+        if kind is frames.Window:
             assert isinstance(frame, frames.Window)
             # Credit comes back for DATA we sent; a WINDOW beyond that returns nothing we
             # used (PROTOCOL.md §7.1).
@@ -984,8 +1076,7 @@ class TunnelUplink:
         else:
             raise RemoteProtocolError(f"unexpected {kind.__name__} frame after the handshake")
 
-    def _dispatch_open(self, frame: frames.Open) -> None:
-        stream_id = frame.stream_id
+    def _dispatch_open(self, stream_id: int, head: bytes) -> None:
         if self.role == "relay":
             stream = self._streams.get(stream_id)
             if stream is None:
@@ -997,7 +1088,7 @@ class TunnelUplink:
                 logger.warning("%s second OPEN on stream %d; stream reset", self, stream_id)
                 stream.reset(ErrorCode.PROTOCOL_ERROR, "the agent sent a second response head")
                 return
-            stream._head = frame.head
+            stream._head = head
             stream._wake()
             return
         if stream_id <= self._last_stream_id or stream_id % 2 == 0:
@@ -1007,15 +1098,19 @@ class TunnelUplink:
             )
         self._last_stream_id = stream_id
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
-        stream = TunnelStream(self, stream_id, frame.head)
+        stream = TunnelStream(self, stream_id, head)
         if self._draining:
             self._queue_reply(
                 frames.encode(frames.Reset(stream_id, ErrorCode.REFUSED_STREAM, "draining"))
             )
             return
-        try:
-            self._incoming_send.send_nowait(stream)
-        except trio.WouldBlock:
+        if self._acceptors:
+            acceptor = self._acceptors.popleft()
+            acceptor.stream = stream
+            trio.lowlevel.reschedule(acceptor.task)
+        elif len(self._incoming) < self._max_incoming:
+            self._incoming.append(stream)
+        else:
             self._queue_reply(
                 frames.encode(
                     frames.Reset(stream_id, ErrorCode.OVERLOADED, "agent request queue is full")
@@ -1023,8 +1118,6 @@ class TunnelUplink:
             )
             return
         self._streams[stream_id] = stream
-        if self._idle_event.is_set():
-            self._idle_event = trio.Event()
 
     async def _keepalive_task(self, interval: float) -> None:
         # Heartbeat (PROTOCOL.md §6.2): a PING once the peer was silent for an interval, and

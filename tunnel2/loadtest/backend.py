@@ -41,6 +41,7 @@ from tunnel2._http11 import (
     find_head_end,
     make_body_reader,
     parse_request_head,
+    reason_phrase,
     request_framing,
     take,
 )
@@ -82,18 +83,9 @@ _KEEP_10: Final = 1  # HTTP/1.0 client that asked for keep-alive
 _CLOSE: Final = 2
 _CONNECTION_HEADER: Final = (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n")
 
-_REASONS: Final = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 301: "Moved Permanently",
-    302: "Found", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}  # fmt: skip
-
 
 def _head(status: int, mode: int, content_type: bytes | None, length: int | None) -> bytes:
-    reason = _REASONS.get(status, "Unknown").encode()
+    reason = reason_phrase(status, b"Unknown")
     parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason), _SERVER]
     if content_type is not None:
         parts.append(b"Content-Type: %b\r\n" % content_type)
@@ -190,7 +182,7 @@ class _Close(Exception):
 
 
 def _error(status: int, message: str, mode: int) -> bytes:
-    body = f"{status} {_REASONS.get(status, 'Error')}: {message}\n".encode(errors="replace")
+    body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode(errors="replace")
     return _response(status, mode, _TEXT, body)
 
 
