@@ -152,6 +152,14 @@ class UplinkStatistics:
     incoming_queued: int
 
 
+# The direct wake-ups (a task parks itself, another reschedules it) must not be split by a
+# KeyboardInterrupt, which trio raises at any bytecode of unprotected code: a task that set
+# itself as a stream's waiter and was interrupted before it parked would later be
+# rescheduled while blocked somewhere else (a TrioInternalError). Everything that records or
+# pops a waiter runs protected, as trio's own Event and channels do.
+_ki_protected = trio.lowlevel.enable_ki_protection
+
+
 @final
 class TunnelStream:
     """One request/response exchange on an uplink (PROTOCOL.md §4).
@@ -276,6 +284,7 @@ class TunnelStream:
             return b""
         raise trio.WouldBlock
 
+    @_ki_protected
     async def _wait(self) -> None:
         assert self._waiter is None, "two tasks wait on one stream"
         self._waiter = trio.lowlevel.current_task()
@@ -424,6 +433,7 @@ class TunnelStream:
 
     # --- driven by the uplink -------------------------------------------------------------
 
+    @_ki_protected
     def _wake(self) -> None:
         task = self._waiter
         if task is not None:
@@ -637,6 +647,7 @@ class TunnelUplink:
         self._send_now(wire)
         return stream
 
+    @_ki_protected
     async def accept_stream(self) -> TunnelStream:
         """Wait for the next stream the relay opened (agent side).
 
@@ -707,6 +718,7 @@ class TunnelUplink:
         self.close("drained")
         await trio.lowlevel.checkpoint()
 
+    @_ki_protected
     def close(self, reason: str, code: int = ErrorCode.NO_ERROR) -> None:
         """Begin closing: fail every stream, queue GOAWAY, stop reading. Idempotent.
 
@@ -1076,6 +1088,7 @@ class TunnelUplink:
         else:
             raise RemoteProtocolError(f"unexpected {kind.__name__} frame after the handshake")
 
+    @_ki_protected
     def _dispatch_open(self, stream_id: int, head: bytes) -> None:
         if self.role == "relay":
             stream = self._streams.get(stream_id)
