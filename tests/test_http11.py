@@ -1171,15 +1171,23 @@ def test_encode_chunk() -> None:
 
 
 def test_reason_phrases_are_the_rfc_9110_ones() -> None:
-    """The one table of reason phrases (relay answers, load-test backend) says what the
-    standard library's HTTPStatus says, and falls back to the default given."""
+    """The one table of reason phrases (relay answers, ASGI responses, load-test backend) has
+    every status the standard library's HTTPStatus knows, with its phrase or RFC 9110's new
+    name, and falls back to the default given."""
     from http import HTTPStatus
 
     from tunnel2._http11 import _REASONS, reason_phrase
 
+    # RFC 9110 renamed these; Python before 3.13 still says e.g. "Request Entity Too Large".
+    renamed = {
+        413: b"Content Too Large",
+        414: b"URI Too Long",
+        416: b"Range Not Satisfiable",
+        422: b"Unprocessable Content",
+    }
+    assert set(_REASONS) == {int(status) for status in HTTPStatus}
     for status, phrase in _REASONS.items():
-        # RFC 9110 renamed 413; Python before 3.13 still says "Request Entity Too Large".
-        expected = b"Content Too Large" if status == 413 else HTTPStatus(status).phrase.encode()
+        expected = renamed.get(status) or HTTPStatus(status).phrase.encode()
         assert phrase == expected
         assert reason_phrase(status) == phrase
     assert reason_phrase(299) == b"Error"

@@ -70,16 +70,31 @@ MAX_CONTENT_LENGTH: Final = 2**63 - 1
 # Real clients send one or two; the names are cut out of the forwarded head (RFC 9110 §7.6.1).
 MAX_CONNECTION_TOKENS: Final = 32
 LAST_CHUNK: Final = b"0\r\n\r\n"
-# The one table of reason phrases (RFC 9110 §15) for the answers tunnel2 writes itself: the
-# relay's error answers and the load-test backend's responses.
+# The one table of reason phrases (RFC 9110 §15, with the other registered codes) for the
+# answers tunnel2 writes itself: the relay's error answers, the ASGI handler's responses and the
+# load-test backend's. Where RFC 9110 renamed a code (413, 414, 416, 422) it has the new name.
 _REASONS: Final = {
-    200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 400: b"Bad Request",
-    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints",
+    200: b"OK", 201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information",
+    204: b"No Content", 205: b"Reset Content", 206: b"Partial Content", 207: b"Multi-Status",
+    208: b"Already Reported", 226: b"IM Used",
+    300: b"Multiple Choices", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+    304: b"Not Modified", 305: b"Use Proxy", 307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request", 401: b"Unauthorized", 402: b"Payment Required", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+    407: b"Proxy Authentication Required", 408: b"Request Timeout", 409: b"Conflict",
+    410: b"Gone", 411: b"Length Required", 412: b"Precondition Failed",
+    413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable", 417: b"Expectation Failed", 418: b"I'm a Teapot",
+    421: b"Misdirected Request", 422: b"Unprocessable Content", 423: b"Locked",
+    424: b"Failed Dependency", 425: b"Too Early", 426: b"Upgrade Required",
+    428: b"Precondition Required", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 451: b"Unavailable For Legal Reasons",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    506: b"Variant Also Negotiates", 507: b"Insufficient Storage", 508: b"Loop Detected",
+    510: b"Not Extended", 511: b"Network Authentication Required",
 }  # fmt: skip
 
 
