@@ -1192,3 +1192,31 @@ def test_reason_phrases_are_the_rfc_9110_ones() -> None:
         assert reason_phrase(status) == phrase
     assert reason_phrase(299) == b"Error"
     assert reason_phrase(299, b"Unknown") == b"Unknown"
+
+
+def test_plain_response_is_the_one_builder_of_tunnel2s_own_answers() -> None:
+    """The relay's error answers and the TLS port's answers to plain HTTP, byte for byte."""
+    from tunnel2._http11 import plain_response
+
+    body = b"503 Service Unavailable: full\n"
+    error = (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\nX-Tunnel2-Error: 1\r\n\r\n" % len(body)
+    )
+    headers = b"Retry-After: 1\r\n"
+    assert plain_response(503, "full", close=True, headers=headers) == error + body
+    assert plain_response(503, "full", close=True, headers=headers, head=True) == error
+    assert plain_response(404, "none") == (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 20\r\nX-Tunnel2-Error: 1\r\n\r\n404 Not Found: none\n"
+    )
+    redirect = plain_response(
+        308, "use https://a/", close=True, headers=b"Location: https://a/\r\n", error=False
+    )
+    assert redirect == (
+        b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://a/\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 15\r\nConnection: close\r\n\r\n"
+        b"use https://a/\n"
+    )

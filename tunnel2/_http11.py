@@ -57,6 +57,7 @@ __all__ = [
     "make_body_reader",
     "parse_request_head",
     "parse_response_head",
+    "plain_response",
     "reason_phrase",
     "request_framing",
     "response_framing",
@@ -101,6 +102,45 @@ _REASONS: Final = {
 def reason_phrase(status: int, default: bytes = b"Error") -> bytes:
     """The reason phrase of ``status`` (``default`` for a status not in the table)."""
     return _REASONS.get(status, default)
+
+
+def plain_response(
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: bytes = b"",
+    head: bool = False,
+    error: bool = True,
+) -> bytes:
+    """A complete plain-text response that tunnel2 writes itself (the relay's error answers,
+    the TLS port's answer to plain HTTP).
+
+    Args:
+        status: the status code; its phrase comes from the one table (:func:`reason_phrase`).
+        message: what went wrong, said in the body.
+        close: add ``Connection: close``.
+        headers: extra field lines, each ending in CRLF (they come first).
+        head: the answer to a HEAD request: the body is left out and Content-Length still
+            says its size (RFC 9110 §9.3.2).
+        error: an error answer: the body starts with the status and its phrase, and
+            ``X-Tunnel2-Error: 1`` marks it as the relay's own. ``False`` (a redirect): the
+            body is ``message`` alone, unmarked.
+    """
+    reason = _REASONS.get(status, b"Error")
+    text = f"{status} {reason.decode()}: {message}" if error else message
+    body = f"{text}\n".encode()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            headers,
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n" if close else b"",
+            b"X-Tunnel2-Error: 1\r\n\r\n" if error else b"\r\n",
+            b"" if head else body,
+        ]
+    )
 
 
 # --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------
