@@ -201,28 +201,22 @@ async def test_answer_framings_succeed(
     assert run.overall.succeeded == 10
 
 
-async def test_answer_until_close_succeeds(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.0 200 OK\r\n\r\nbody until close", id="body-until-close"),
+        # The server answers one request per connection and then closes without a word, as a
+        # server whose idle timeout fired would: the request goes again on a fresh connection.
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="stale-retried-once"),
+    ],
+)
+async def test_one_answer_per_connection_succeeds(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, answer: bytes
 ) -> None:
-    handler = answering(b"HTTP/1.0 200 OK\r\n\r\nbody until close")
     with trio.fail_after(60):
         run = await run_profile(
             config(stages=(Stage(10, 1),), connections=1),
-            connector=memory_connector(nursery, handler),
-        )
-    assert run.overall.succeeded == 10
-
-
-async def test_stale_keep_alive_connection_is_retried_once(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
-) -> None:
-    # The server answers one request per connection and then closes without a word, as a
-    # server whose idle timeout fired would: the request goes again on a fresh connection.
-    handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    with trio.fail_after(60):
-        run = await run_profile(
-            config(stages=(Stage(10, 1),), connections=1),
-            connector=memory_connector(nursery, handler),
+            connector=memory_connector(nursery, answering(answer)),
         )
     assert run.overall.succeeded == 10
 
