@@ -721,3 +721,35 @@ async def test_an_invalid_response_head_is_a_500(loop: AsgiLoop) -> None:
             response = await tunnel.request("GET", "/")
     assert response.status == 500
     assert "the application raised an exception" in response.text
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        (422, b"HTTP/1.1 422 Unprocessable Content\r\n"),  # RFC 9110's name: the one table
+        (207, b"HTTP/1.1 207 Multi-Status\r\n"),
+        (299, b"HTTP/1.1 299 \r\n"),  # a status no table knows: an empty reason phrase
+    ],
+)
+async def test_the_status_line_takes_its_phrase_from_the_one_table(
+    status: int, line: bytes
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with open_memory_tunnel(app, asgi_loop="trio") as tunnel:
+            stream = tunnel.open_client_stream()
+            await stream.send_all(
+                f"GET {tunnel.path_prefix}/ HTTP/1.1\r\nHost: relay.test\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = await stream.receive_some(65536)
+                assert more
+                data += more
+            await stream.aclose()
+    assert data.startswith(line)

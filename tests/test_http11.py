@@ -1171,16 +1171,52 @@ def test_encode_chunk() -> None:
 
 
 def test_reason_phrases_are_the_rfc_9110_ones() -> None:
-    """The one table of reason phrases (relay answers, load-test backend) says what the
-    standard library's HTTPStatus says, and falls back to the default given."""
+    """The one table of reason phrases (relay answers, ASGI responses, load-test backend) has
+    every status the standard library's HTTPStatus knows, with its phrase or RFC 9110's new
+    name, and falls back to the default given."""
     from http import HTTPStatus
 
     from tunnel2._http11 import _REASONS, reason_phrase
 
+    # RFC 9110 renamed these; Python before 3.13 still says e.g. "Request Entity Too Large".
+    renamed = {
+        413: b"Content Too Large",
+        414: b"URI Too Long",
+        416: b"Range Not Satisfiable",
+        422: b"Unprocessable Content",
+    }
+    assert set(_REASONS) == {int(status) for status in HTTPStatus}
     for status, phrase in _REASONS.items():
-        # RFC 9110 renamed 413; Python before 3.13 still says "Request Entity Too Large".
-        expected = b"Content Too Large" if status == 413 else HTTPStatus(status).phrase.encode()
+        expected = renamed.get(status) or HTTPStatus(status).phrase.encode()
         assert phrase == expected
         assert reason_phrase(status) == phrase
     assert reason_phrase(299) == b"Error"
     assert reason_phrase(299, b"Unknown") == b"Unknown"
+
+
+def test_plain_response_is_the_one_builder_of_tunnel2s_own_answers() -> None:
+    """The relay's error answers and the TLS port's answers to plain HTTP, byte for byte."""
+    from tunnel2._http11 import plain_response
+
+    body = b"503 Service Unavailable: full\n"
+    error = (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\nX-Tunnel2-Error: 1\r\n\r\n" % len(body)
+    )
+    headers = b"Retry-After: 1\r\n"
+    assert plain_response(503, "full", close=True, headers=headers) == error + body
+    assert plain_response(503, "full", close=True, headers=headers, head=True) == error
+    assert plain_response(404, "none") == (
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 20\r\nX-Tunnel2-Error: 1\r\n\r\n404 Not Found: none\n"
+    )
+    redirect = plain_response(
+        308, "use https://a/", close=True, headers=b"Location: https://a/\r\n", error=False
+    )
+    assert redirect == (
+        b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://a/\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 15\r\nConnection: close\r\n\r\n"
+        b"use https://a/\n"
+    )

@@ -24,7 +24,6 @@ from tunnel2.loadtest.backend import (
     BackendStatistics,
     serve_backend,
 )
-from tunnel2.loadtest.sockets import memory_socket_pair, send_all
 
 Headers = Sequence[tuple[str, str]]
 
@@ -175,17 +174,17 @@ async def test_delay_answers_without_holding_up_other_connections(
 
 async def test_delay_waits_for_its_milliseconds(autojump_clock: trio.testing.MockClock) -> None:
     backend = Backend(BackendConfig(), "memory", 0)
-    client_sock, server_sock = memory_socket_pair()
+    client_sock, server_sock = trio.testing.memory_stream_pair()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.serve_connection, server_sock)
             start = trio.current_time()
-            await send_all(client_sock, b"GET /loadtest/delay/1500 HTTP/1.1\r\nHost: m\r\n\r\n")
-            data = await client_sock.recv(65536)
+            await client_sock.send_all(b"GET /loadtest/delay/1500 HTTP/1.1\r\nHost: m\r\n\r\n")
+            data = await client_sock.receive_some(65536)
             assert trio.current_time() - start == pytest.approx(1.5)
             assert data.startswith(b"HTTP/1.1 200 OK\r\n")
             assert data.endswith(b'{"delay_ms":1500}')
-            client_sock.close()
+            await client_sock.aclose()
 
 
 @pytest.mark.parametrize("size", [0, 10, 65536, 65537, 250_000])
@@ -444,12 +443,12 @@ async def test_pipelined_requests_are_answered_in_order(backend: Backend) -> Non
 )
 async def test_client_closing_mid_request_ends_the_connection(partial: bytes) -> None:
     backend = Backend(BackendConfig(), "memory", 0)
-    client_sock, server_sock = memory_socket_pair()
+    client_sock, server_sock = trio.testing.memory_stream_pair()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.serve_connection, server_sock)
-            await send_all(client_sock, partial)
-            client_sock.close()
+            await client_sock.send_all(partial)
+            await client_sock.aclose()
     requests = 1 if b"\r\n\r\n" in partial else 0
     assert backend.statistics() == BackendStatistics(connections=0, requests=requests)
 

@@ -15,14 +15,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 import trio.testing
+from trio.abc import HalfCloseableStream
 
 from tunnel2.loadtest.backend import Backend, BackendConfig, serve_backend
 from tunnel2.loadtest.loadgen import Connector, LoadConfig, Progress, run_load, run_profile
 from tunnel2.loadtest.profiles import Stage
 from tunnel2.loadtest.report import Thresholds
-from tunnel2.loadtest.sockets import SocketLike, memory_socket_pair, send_all
 
-Handler = Callable[[SocketLike], Awaitable[None]]
+Handler = Callable[[HalfCloseableStream], Awaitable[None]]
 
 NO_THRESHOLDS = Thresholds(None, None, None)
 
@@ -30,9 +30,9 @@ NO_THRESHOLDS = Thresholds(None, None, None)
 def memory_connector(nursery: trio.Nursery, handler: Handler | dict[int, Handler]) -> Connector:
     """A connector whose connections are served by ``handler`` (chosen by port if a dict)."""
 
-    async def connect(host: str, port: int) -> SocketLike:
+    async def connect(host: str, port: int) -> HalfCloseableStream:
         await trio.lowlevel.checkpoint()
-        client, server = memory_socket_pair()
+        client, server = trio.testing.memory_stream_pair()
         chosen = handler[port] if isinstance(handler, dict) else handler
         nursery.start_soon(chosen, server)
         return client
@@ -51,11 +51,11 @@ def config(path: str = "/loadtest/ping", **kwargs: object) -> LoadConfig:
     return LoadConfig(f"http://backend.test{path}", **options)  # type: ignore[arg-type]
 
 
-async def read_request(sock: SocketLike) -> bytes:
+async def read_request(sock: HalfCloseableStream) -> bytes:
     """Read one request head (no body) from ``sock``; ``b""`` at EOF."""
     buf = b""
     while b"\r\n\r\n" not in buf:
-        data = await sock.recv(65536)
+        data = await sock.receive_some(65536)
         if not data:
             return b""
         buf += data
@@ -65,18 +65,18 @@ async def read_request(sock: SocketLike) -> bytes:
 def answering(*answers: bytes, close: bool = True) -> Handler:
     """A fake server that reads a request and sends each answer in turn, then closes."""
 
-    async def handler(sock: SocketLike) -> None:
+    async def handler(sock: HalfCloseableStream) -> None:
         try:
             for answer in answers:
                 if not await read_request(sock):
                     return
-                await send_all(sock, answer)
+                await sock.send_all(answer)
             if not close:
                 await trio.sleep_forever()
-        except OSError:
+        except trio.BrokenResourceError:
             pass
         finally:
-            sock.close()
+            await sock.aclose()
 
     return handler
 
@@ -144,7 +144,7 @@ async def test_timeouts_free_the_connection(
 
 
 async def test_connect_failures(autojump_clock: trio.testing.MockClock) -> None:
-    async def refuse(host: str, port: int) -> SocketLike:
+    async def refuse(host: str, port: int) -> HalfCloseableStream:
         await trio.lowlevel.checkpoint()
         raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
 
@@ -201,28 +201,22 @@ async def test_answer_framings_succeed(
     assert run.overall.succeeded == 10
 
 
-async def test_answer_until_close_succeeds(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.0 200 OK\r\n\r\nbody until close", id="body-until-close"),
+        # The server answers one request per connection and then closes without a word, as a
+        # server whose idle timeout fired would: the request goes again on a fresh connection.
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="stale-retried-once"),
+    ],
+)
+async def test_one_answer_per_connection_succeeds(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, answer: bytes
 ) -> None:
-    handler = answering(b"HTTP/1.0 200 OK\r\n\r\nbody until close")
     with trio.fail_after(60):
         run = await run_profile(
             config(stages=(Stage(10, 1),), connections=1),
-            connector=memory_connector(nursery, handler),
-        )
-    assert run.overall.succeeded == 10
-
-
-async def test_stale_keep_alive_connection_is_retried_once(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
-) -> None:
-    # The server answers one request per connection and then closes without a word, as a
-    # server whose idle timeout fired would: the request goes again on a fresh connection.
-    handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    with trio.fail_after(60):
-        run = await run_profile(
-            config(stages=(Stage(10, 1),), connections=1),
-            connector=memory_connector(nursery, handler),
+            connector=memory_connector(nursery, answering(answer)),
         )
     assert run.overall.succeeded == 10
 
@@ -230,13 +224,13 @@ async def test_stale_keep_alive_connection_is_retried_once(
 async def test_request_bytes(autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     received: list[bytes] = []
 
-    async def capture(sock: SocketLike) -> None:
+    async def capture(sock: HalfCloseableStream) -> None:
         buf = b""
         while len(received) < 1:
-            buf += await sock.recv(65536)
+            buf += await sock.receive_some(65536)
             if buf.endswith(b"payload"):
                 received.append(buf)
-                await send_all(sock, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await sock.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         await trio.sleep_forever()
 
     cfg = LoadConfig(

@@ -57,6 +57,7 @@ __all__ = [
     "make_body_reader",
     "parse_request_head",
     "parse_response_head",
+    "plain_response",
     "reason_phrase",
     "request_framing",
     "response_framing",
@@ -70,22 +71,76 @@ MAX_CONTENT_LENGTH: Final = 2**63 - 1
 # Real clients send one or two; the names are cut out of the forwarded head (RFC 9110 §7.6.1).
 MAX_CONNECTION_TOKENS: Final = 32
 LAST_CHUNK: Final = b"0\r\n\r\n"
-# The one table of reason phrases (RFC 9110 §15) for the answers tunnel2 writes itself: the
-# relay's error answers and the load-test backend's responses.
+# The one table of reason phrases (RFC 9110 §15, with the other registered codes) for the
+# answers tunnel2 writes itself: the relay's error answers, the ASGI handler's responses and the
+# load-test backend's. Where RFC 9110 renamed a code (413, 414, 416, 422) it has the new name.
 _REASONS: Final = {
-    200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-    301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified", 400: b"Bad Request",
-    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    100: b"Continue", 101: b"Switching Protocols", 102: b"Processing", 103: b"Early Hints",
+    200: b"OK", 201: b"Created", 202: b"Accepted", 203: b"Non-Authoritative Information",
+    204: b"No Content", 205: b"Reset Content", 206: b"Partial Content", 207: b"Multi-Status",
+    208: b"Already Reported", 226: b"IM Used",
+    300: b"Multiple Choices", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+    304: b"Not Modified", 305: b"Use Proxy", 307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request", 401: b"Unauthorized", 402: b"Payment Required", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+    407: b"Proxy Authentication Required", 408: b"Request Timeout", 409: b"Conflict",
+    410: b"Gone", 411: b"Length Required", 412: b"Precondition Failed",
+    413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable", 417: b"Expectation Failed", 418: b"I'm a Teapot",
+    421: b"Misdirected Request", 422: b"Unprocessable Content", 423: b"Locked",
+    424: b"Failed Dependency", 425: b"Too Early", 426: b"Upgrade Required",
+    428: b"Precondition Required", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 451: b"Unavailable For Legal Reasons",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    506: b"Variant Also Negotiates", 507: b"Insufficient Storage", 508: b"Loop Detected",
+    510: b"Not Extended", 511: b"Network Authentication Required",
 }  # fmt: skip
 
 
 def reason_phrase(status: int, default: bytes = b"Error") -> bytes:
     """The reason phrase of ``status`` (``default`` for a status not in the table)."""
     return _REASONS.get(status, default)
+
+
+def plain_response(
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: bytes = b"",
+    head: bool = False,
+    error: bool = True,
+) -> bytes:
+    """A complete plain-text response that tunnel2 writes itself (the relay's error answers,
+    the TLS port's answer to plain HTTP).
+
+    Args:
+        status: the status code; its phrase comes from the one table (:func:`reason_phrase`).
+        message: what went wrong, said in the body.
+        close: add ``Connection: close``.
+        headers: extra field lines, each ending in CRLF (they come first).
+        head: the answer to a HEAD request: the body is left out and Content-Length still
+            says its size (RFC 9110 §9.3.2).
+        error: an error answer: the body starts with the status and its phrase, and
+            ``X-Tunnel2-Error: 1`` marks it as the relay's own. ``False`` (a redirect): the
+            body is ``message`` alone, unmarked.
+    """
+    reason = _REASONS.get(status, b"Error")
+    text = f"{status} {reason.decode()}: {message}" if error else message
+    body = f"{text}\n".encode()
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            headers,
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n" if close else b"",
+            b"X-Tunnel2-Error: 1\r\n\r\n" if error else b"\r\n",
+            b"" if head else body,
+        ]
+    )
 
 
 # --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------

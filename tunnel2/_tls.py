@@ -391,19 +391,6 @@ async def wrap_client(
     return stream
 
 
-def _plain_answer(status: bytes, message: str, location: str | None = None) -> bytes:
-    body = f"{message}\n".encode()
-    return b"".join(
-        [
-            b"HTTP/1.1 %s\r\n" % status,
-            b"Location: %s\r\n" % location.encode() if location else b"",
-            b"Content-Type: text/plain; charset=utf-8\r\n",
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body),
-            body,
-        ]
-    )
-
-
 async def answer_plain_http(
     stream: trio.abc.Stream, *, base_url: str, max_head_size: int = http.MAX_HEAD_SIZE
 ) -> None:
@@ -427,7 +414,9 @@ async def answer_plain_http(
         with contextlib.suppress(ProtocolError):
             request = http.parse_request_head(bytes(buf[:end]), max_size=max_head_size)
     if request is None:
-        answer = _plain_answer(b"400 Bad Request", "this port speaks https: use https://")
+        answer = http.plain_response(
+            400, "this port speaks https: use https://", close=True, error=False
+        )
     else:
         host = request.get(b"host")
         netloc = (
@@ -437,7 +426,11 @@ async def answer_plain_http(
         )
         target = request.target.decode() if request.target.startswith(b"/") else "/"
         location = f"https://{netloc}{target}"
-        answer = _plain_answer(
-            b"308 Permanent Redirect", f"this port speaks https: use {location}", location
+        answer = http.plain_response(
+            308,
+            f"this port speaks https: use {location}",
+            close=True,
+            headers=b"Location: %s\r\n" % location.encode(),
+            error=False,
         )
     await stream.send_all(answer)

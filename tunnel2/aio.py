@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, TypeVar, Unpack, final
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, final
 
 from tunnel2 import api
 from tunnel2._util import require_async_library
@@ -36,7 +36,14 @@ if TYPE_CHECKING:
     from tunnel2.inspect import Exchange
     from tunnel2.server import ServerConfig, TunnelServer
 
-__all__ = ["Relay", "Tunnel", "open_tunnel", "open_tunnel_server", "run_in_trio_thread"]
+__all__ = [
+    "Relay",
+    "Tunnel",
+    "call_in_trio_thread",
+    "open_tunnel",
+    "open_tunnel_server",
+    "run_in_trio_thread",
+]
 
 T = TypeVar("T")
 
@@ -73,12 +80,7 @@ class Tunnel(AgentView):
         return await self._call(self._value.replay, exchange_id)
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
-        future, cancel = self._run.submit(fn, *args)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancel()
-            raise
+        return await call_in_trio_thread(self._run, fn, *args)
 
 
 @final
@@ -119,6 +121,23 @@ async def run_in_trio_thread(
     finally:
         run.stop()
         await _ended(run)
+
+
+async def call_in_trio_thread(
+    run: TrioThread[Any], fn: Callable[..., Awaitable[T]], *args: object
+) -> T:
+    """``await fn(*args)`` in ``run``'s trio thread, awaited on asyncio; cancelling the
+    caller cancels the call (the other half of :func:`run_in_trio_thread`).
+
+    Raises:
+        Exception: what the call raised, as itself.
+    """
+    future, cancel = run.submit(fn, *args)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        cancel()
+        raise
 
 
 async def _ended(run: TrioThread[T]) -> None:

@@ -27,7 +27,6 @@ import math
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Final, Literal, Self, final
 
@@ -364,7 +363,7 @@ class _AsgiExchange:
         """Answer ``status`` with a plain-text body saying ``what`` went wrong (before any
         head was sent: a start the app recorded is dropped)."""
         self._start = None
-        body = f"{status} {HTTPStatus(status).phrase}: {what}\n".encode()
+        body = f"{status} {http.reason_phrase(status).decode()}: {what}\n".encode()
         start = {
             "type": "http.response.start",
             "status": status,
@@ -416,12 +415,8 @@ class _AsgiExchange:
                 headers.append((b"Content-Length", b"%d" % len(body)))
             elif not has_length:
                 headers.append((b"Transfer-Encoding", b"chunked"))
-            try:
-                reason = HTTPStatus(status).phrase.encode()
-            except ValueError:
-                reason = b""
             head = b"".join(
-                [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+                [b"HTTP/1.1 %d %s\r\n" % (status, http.reason_phrase(status, b""))]
                 + [b"%s: %s\r\n" % (n, v) for n, v in headers]
                 + [b"\r\n"]
             )

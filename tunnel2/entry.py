@@ -83,26 +83,6 @@ _NO_PEER: Final = b"unknown"  # what _peer_address says when it cannot tell
 _WRITE_BEGUN: Final = -math.inf
 
 
-def error_response(
-    status: int, message: str, *, close: bool = False, headers: bytes = b"", head: bool = False
-) -> bytes:
-    """A complete plain-text response whose body says what went wrong; ``headers`` are
-    extra field lines, each ending in CRLF. For a HEAD request (``head``) the body is left
-    out and Content-Length still says its size (RFC 9110 §9.3.2)."""
-    body = f"{status} {http.reason_phrase(status).decode()}: {message}\n".encode()
-    return b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, http.reason_phrase(status)),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
-            b"Content-Length: %d\r\n" % len(body),
-            b"Connection: close\r\n" if close else b"",
-            headers,
-            b"X-Tunnel2-Error: 1\r\n\r\n",
-            b"" if head else body,
-        ]
-    )
-
-
 def _unparsed_head_answer(status: int, message: str) -> bytes:
     """The answer to a head that was never parsed (too large, or too slow): without a body,
     since whether it was a HEAD (whose answer has none) is unknown; the reason goes in the
@@ -238,7 +218,7 @@ class _Limits:
             message = (
                 f"{limit} connections from {peer.decode()} are open, the most one address may have"
             )
-            return error_response(429, message, close=True)
+            return http.plain_response(429, message, close=True)
         if self.visitors < self.max_visitors:
             self.visitors += 1
             conn.pool = _VISITOR
@@ -250,7 +230,7 @@ class _Limits:
                 f"the relay is serving its maximum of {self.max_visitors} visitor and "
                 f"{self.max_agents} agent connections"
             )
-            return error_response(503, message, close=True)
+            return http.plain_response(503, message, close=True)
         if limit is not None:
             self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         return None
@@ -259,7 +239,7 @@ class _Limits:
         """A spare sent a visitor's request: move it to a visitor slot, or return the 503."""
         if self.visitors >= self.max_visitors:
             message = f"the relay is serving its maximum of {self.max_visitors} visitor connections"
-            return error_response(503, message, close=True)
+            return http.plain_response(503, message, close=True)
         self.agents -= 1
         self.visitors += 1
         conn.pool = _VISITOR
@@ -270,7 +250,7 @@ class _Limits:
         if conn.pool == _VISITOR:
             if self.agents >= self.max_agents:
                 message = f"the relay is serving its maximum of {self.max_agents} agents"
-                return error_response(503, message, close=True)
+                return http.plain_response(503, message, close=True)
             self.visitors -= 1
             self.agents += 1
         self._forget_peer(conn)
@@ -411,7 +391,7 @@ class ProxyEntry:
             # The request timeout fired while we waited for the response head.
             conn.waiting.reset(ErrorCode.TIMEOUT, "relay timed out waiting for the response")
             message = f"no response from the tunnel within {config.request_timeout:g}s"
-            answer = error_response(504, message, close=True, head=conn.head_request)
+            answer = http.plain_response(504, message, close=True, head=conn.head_request)
             await self._send_last(conn, answer)
         elif conn.write_started != math.inf:
             # The client read nothing for write_timeout; the stream it was fed from is
@@ -566,7 +546,7 @@ class ProxyEntry:
             try:
                 end = await self._read_head(conn)
             except ProtocolError as exc:
-                await conn.send(error_response(exc.status_hint, str(exc), close=True))
+                await conn.send(http.plain_response(exc.status_hint, str(exc), close=True))
                 return
             if end < 0:
                 return  # the client closed, or its head was too large (answered 431)
@@ -576,7 +556,7 @@ class ProxyEntry:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)
             except ProtocolError as exc:
-                answer = error_response(exc.status_hint, str(exc), close=True, head=is_head)
+                answer = http.plain_response(exc.status_hint, str(exc), close=True, head=is_head)
                 await conn.send(answer)
                 return
             if request.target.startswith(_AGENT_PATH) and (
@@ -606,7 +586,7 @@ class ProxyEntry:
                 conn.status = answer.status
                 # Nothing of a response went out yet; the request body may be unread.
                 await conn.send(
-                    error_response(
+                    http.plain_response(
                         answer.status,
                         answer.message,
                         close=True,

@@ -293,14 +293,8 @@ class AioMemoryTunnel(_ThreadedMemoryTunnel):
         raw_path: bool = False,
     ) -> Response:
         """:meth:`MemoryTunnel.request`, awaited on asyncio; cancelling it cancels it."""
-        future, cancel = self._run.submit(
-            _request_call(self._value, method, path, headers, body, raw_path)
-        )
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            cancel()
-            raise
+        call = _request_call(self._value, method, path, headers, body, raw_path)
+        return await aio.call_in_trio_thread(self._run, call)
 
 
 @final

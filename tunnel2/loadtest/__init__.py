@@ -64,7 +64,6 @@ from tunnel2.loadtest.report import (
     write_html,
     write_json,
 )
-from tunnel2.loadtest.sockets import MemorySocket, SocketLike, memory_socket_pair
 
 __all__ = [
     "ENDPOINTS",
@@ -84,13 +83,11 @@ __all__ = [
     "LoadConfig",
     "LoadReport",
     "MachineInfo",
-    "MemorySocket",
     "ProcessSample",
     "ProcessUsage",
     "Progress",
     "Regression",
     "RunReport",
-    "SocketLike",
     "Stage",
     "Summary",
     "Thresholds",
@@ -101,7 +98,6 @@ __all__ = [
     "load_baseline",
     "machine_info",
     "make_baseline",
-    "memory_socket_pair",
     "parse_stages",
     "parse_tolerances",
     "profile_stages",

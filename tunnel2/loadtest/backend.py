@@ -1,10 +1,11 @@
-"""``tunnel2 backend``: a fast HTTP/1.1 test backend on bare trio sockets.
+"""``tunnel2 backend``: a fast HTTP/1.1 test backend on bare sockets.
 
 Layer: load-test kit. Imports trio, attrs, :mod:`tunnel2._http11`, :mod:`tunnel2.errors` and
-:mod:`tunnel2.loadtest.sockets`.
+the stream layer :mod:`tunnel2._sockets`.
 
 It must never be the bottleneck of a tunnel measurement, so it follows DESIGN.md's performance
-model: bare :mod:`trio.socket` sockets with TCP_NODELAY, the head parsed by the strict
+model: bare sockets with TCP_NODELAY (the tunnel's own
+:class:`~tunnel2._sockets.FastSocketStream`), the head parsed by the strict
 :mod:`tunnel2._http11` parser, pre-built response bytes for the static endpoints, keep-alive,
 and one ``send`` per batch of answers (a client that pipelines gets all answers to the requests
 already in the buffer in one write).
@@ -26,7 +27,7 @@ import errno
 import json
 import logging
 import socket as _stdlib_socket
-from typing import Final, NoReturn, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 from urllib.parse import parse_qs
 
 import attrs
@@ -45,8 +46,11 @@ from tunnel2._http11 import (
     request_framing,
     take,
 )
+from tunnel2._sockets import FastSocketStream
 from tunnel2.errors import RemoteProtocolError
-from tunnel2.loadtest.sockets import SocketLike, send_all
+
+if TYPE_CHECKING:
+    from trio.abc import HalfCloseableStream
 
 __all__ = ["ENDPOINTS", "Backend", "BackendConfig", "BackendStatistics", "serve_backend"]
 
@@ -64,6 +68,7 @@ _ACCEPT_RETRY: Final = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 )  # fmt: skip
 _ACCEPT_CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)  # the client went away
 
 ENDPOINTS: Final[tuple[tuple[str, str, str], ...]] = (
     ("GET", "/loadtest/ping", "smallest possible answer: 200, body 'pong', pre-built bytes"),
@@ -232,15 +237,15 @@ class Backend:
     def __str__(self) -> str:
         return f"backend-{self.port}"
 
-    async def serve_connection(self, sock: SocketLike) -> None:
-        """Serve HTTP/1.1 requests on one connected socket until either side closes it.
+    async def serve_connection(self, stream: HalfCloseableStream) -> None:
+        """Serve HTTP/1.1 requests on one connected stream until either side closes it.
 
-        Closes ``sock`` on return. Network errors end the connection quietly; a bug is logged
-        at ERROR and ends only this connection. Checkpoints; a cancellation closes ``sock``.
+        Closes ``stream`` on return. Network errors end the connection quietly; a bug is logged
+        at ERROR and ends only this connection. Checkpoints; a cancellation closes ``stream``.
 
         Args:
-            sock: a connected socket (TCP_NODELAY set by the caller), or a
-                :class:`~tunnel2.loadtest.sockets.MemorySocket` in tests.
+            stream: a :class:`~tunnel2._sockets.FastSocketStream`, or one end of
+                :func:`trio.testing.memory_stream_pair` in tests.
         """
         self._connections += 1
         buf = bytearray()
@@ -251,14 +256,14 @@ class Backend:
                 end = find_head_end(buf)
                 if end < 0:
                     if out:
-                        await send_all(sock, out)
+                        await stream.send_all(out)
                         out.clear()
                     while end < 0:
                         if len(buf) > max_head:
                             raise RemoteProtocolError(
                                 f"request head over {max_head} bytes", status_hint=431
                             )
-                        data = await sock.recv(_RECV_SIZE)
+                        data = await stream.receive_some(_RECV_SIZE)
                         if not data:
                             return  # the client closed; a partial head gets no answer
                         start = max(0, len(buf) - 3)
@@ -267,28 +272,28 @@ class Backend:
                 head_bytes = take(buf, end)
                 head = parse_request_head(head_bytes, max_size=max_head)
                 self._requests += 1
-                if not await self._dispatch(sock, head, buf, out):
-                    await send_all(sock, out)
-                    await _lingering_close(sock)
+                if not await self._dispatch(stream, head, buf, out):
+                    await stream.send_all(out)
+                    await _lingering_close(stream)
                     return
         except RemoteProtocolError as exc:
             out += _error(exc.status_hint, str(exc), _CLOSE)
-            await _flush_and_linger(sock, out)
+            await _flush_and_linger(stream, out)
         except _Close as exc:
             out += exc.response
-            await _flush_and_linger(sock, out)
+            await _flush_and_linger(stream, out)
         except _Abort:
             pass
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except _GONE:
             pass  # the client went away
         except Exception:
             logger.error("%s: connection handler failed", self, exc_info=True)
         finally:
-            sock.close()
+            await trio.aclose_forcefully(stream)
             self._connections -= 1
 
     async def _dispatch(
-        self, sock: SocketLike, head: RequestHead, buf: bytearray, out: bytearray
+        self, stream: HalfCloseableStream, head: RequestHead, buf: bytearray, out: bytearray
     ) -> bool:
         """Answer one request; return whether the connection stays open."""
         mode = _mode(head)
@@ -307,16 +312,16 @@ class Backend:
             # absolute-form (RFC 9112 §3.2.2): keep only the path and query.
             scheme, sep, rest = target.partition(b"://")
             if not sep or not scheme.isalpha():
-                await self._discard_body(sock, head, buf, framing, length)
+                await self._discard_body(stream, head, buf, framing, length)
                 out += _error(400, f"request target {_show(target)} is not a path", mode)
                 return mode != _CLOSE
             slash = rest.find(b"/")
             target = rest[slash:] if slash >= 0 else b"/"
         path, _, query = target.partition(b"?")
         if path == b"/loadtest/echo" and method == b"POST":
-            await self._echo(sock, head, buf, out, mode, framing, length)
+            await self._echo(stream, head, buf, out, mode, framing, length)
             return mode != _CLOSE
-        await self._discard_body(sock, head, buf, framing, length)
+        await self._discard_body(stream, head, buf, framing, length)
         if not _known(path):
             out += _error(404, f"no endpoint {_show(path)}; GET /loadtest/info lists them", mode)
         elif method != (allowed := b"POST" if path == b"/loadtest/echo" else b"GET"):
@@ -341,7 +346,7 @@ class Backend:
                 out += _error(400, message, mode)
             else:
                 if out:  # answers to earlier pipelined requests need not wait
-                    await send_all(sock, out)
+                    await stream.send_all(out)
                     out.clear()
                 await trio.sleep(ms / 1000)
                 out += _response(200, mode, _JSON, b'{"delay_ms":%d}' % ms)
@@ -353,7 +358,7 @@ class Backend:
                     400, f"n must be an integer 0..{limit}, got {_show(path[16:])!r}", mode
                 )
             else:
-                await self._send_bytes(sock, out, mode, n)
+                await self._send_bytes(stream, out, mode, n)
         else:  # /loadtest/status/
             code = _int_param(path[17:], 200, 599)
             if code is None:
@@ -365,12 +370,14 @@ class Backend:
                 out += _response(code, mode, _TEXT, b"status %d\n" % code)
         return mode != _CLOSE
 
-    async def _expect_continue(self, sock: SocketLike, head: RequestHead, buf: bytearray) -> None:
+    async def _expect_continue(
+        self, stream: HalfCloseableStream, head: RequestHead, buf: bytearray
+    ) -> None:
         # RFC 9110 §10.1.1: a client waiting for 100 Continue may hold the body back.
         if not buf and head.http_version == b"1.1":
             expect = head.get(b"expect")
             if expect is not None and expect.lower() == b"100-continue":
-                await send_all(sock, _CONTINUE)
+                await stream.send_all(_CONTINUE)
 
     def _check_length(self, framing: Framing, length: int) -> None:
         if framing is Framing.LENGTH and length > self.config.max_body_size:
@@ -381,7 +388,7 @@ class Backend:
             )
 
     async def _read_body(
-        self, sock: SocketLike, reader: BodyReader, buf: bytearray, received: int
+        self, stream: HalfCloseableStream, reader: BodyReader, buf: bytearray, received: int
     ) -> tuple[bytes, int]:
         """Return the next piece of body (waiting for input if none is buffered)."""
         while True:
@@ -393,26 +400,31 @@ class Backend:
                         _error(413, f"body over limit {self.config.max_body_size}", _CLOSE)
                     )
                 return data, received
-            more = await sock.recv(_RECV_SIZE)
+            more = await stream.receive_some(_RECV_SIZE)
             if not more:
                 reader.feed_eof()  # raises: no request body is framed by EOF
             buf += more
 
     async def _discard_body(
-        self, sock: SocketLike, head: RequestHead, buf: bytearray, framing: Framing, length: int
+        self,
+        stream: HalfCloseableStream,
+        head: RequestHead,
+        buf: bytearray,
+        framing: Framing,
+        length: int,
     ) -> None:
         if framing is Framing.NONE or (framing is Framing.LENGTH and length == 0):
             return
         self._check_length(framing, length)
-        await self._expect_continue(sock, head, buf)
+        await self._expect_continue(stream, head, buf)
         reader = make_body_reader(framing, length)
         received = 0
         while not reader.done:
-            _, received = await self._read_body(sock, reader, buf, received)
+            _, received = await self._read_body(stream, reader, buf, received)
 
     async def _echo(
         self,
-        sock: SocketLike,
+        stream: HalfCloseableStream,
         head: RequestHead,
         buf: bytearray,
         out: bytearray,
@@ -425,24 +437,24 @@ class Backend:
             out += _response(200, mode, content_type, b"")
             return
         self._check_length(framing, length)
-        await self._expect_continue(sock, head, buf)
+        await self._expect_continue(stream, head, buf)
         reader = make_body_reader(framing, length)
         received = 0
         if framing is Framing.LENGTH and length <= _SMALL_ECHO:
             pieces = []
             while not reader.done:
-                data, received = await self._read_body(sock, reader, buf, received)
+                data, received = await self._read_body(stream, reader, buf, received)
                 pieces.append(data)
             out += _response(200, mode, content_type, b"".join(pieces))
             return
         # Stream: answer each piece as it arrives.
-        first, received = await self._read_body(sock, reader, buf, received)
+        first, received = await self._read_body(stream, reader, buf, received)
         if reader.done and framing is Framing.CHUNKED:
             out += _response(200, mode, content_type, first)  # the whole body was buffered
             return
         try:
             await self._stream_echo(
-                sock, reader, buf, out, mode, content_type, framing, length, first, received
+                stream, reader, buf, out, mode, content_type, framing, length, first, received
             )
         except (_Close, RemoteProtocolError) as exc:
             # The answer has started: no error status can follow it, only a cut connection.
@@ -450,7 +462,7 @@ class Backend:
 
     async def _stream_echo(
         self,
-        sock: SocketLike,
+        stream: HalfCloseableStream,
         reader: BodyReader,
         buf: bytearray,
         out: bytearray,
@@ -464,60 +476,62 @@ class Backend:
         if framing is Framing.LENGTH:
             out += _head(200, mode, content_type, length)
             out += first
-            await send_all(sock, out)
+            await stream.send_all(out)
             out.clear()
             while not reader.done:
-                data, received = await self._read_body(sock, reader, buf, received)
-                await send_all(sock, data)
+                data, received = await self._read_body(stream, reader, buf, received)
+                await stream.send_all(data)
             return
         out += _head(200, mode, content_type, None)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
         if first:
             out += encode_chunk(first)
-        await send_all(sock, out)
+        await stream.send_all(out)
         out.clear()
         while not reader.done:
-            data, received = await self._read_body(sock, reader, buf, received)
+            data, received = await self._read_body(stream, reader, buf, received)
             if data:
-                await send_all(sock, encode_chunk(data))
+                await stream.send_all(encode_chunk(data))
         out += LAST_CHUNK
 
-    async def _send_bytes(self, sock: SocketLike, out: bytearray, mode: int, n: int) -> None:
+    async def _send_bytes(
+        self, stream: HalfCloseableStream, out: bytearray, mode: int, n: int
+    ) -> None:
         out += _head(200, mode, b"application/octet-stream", n)
         if n <= _BLOCK_SIZE:
             out += _BLOCK[:n]
             return
         out += _BLOCK[:_BLOCK_SIZE]
-        await send_all(sock, out)
+        await stream.send_all(out)
         out.clear()
         left = n - _BLOCK_SIZE
         block = _BLOCK[:_BLOCK_SIZE]
         while left >= _BLOCK_SIZE:
-            await send_all(sock, block)
+            await stream.send_all(block)
             left -= _BLOCK_SIZE
         if left:
-            await send_all(sock, block[:left])
+            await stream.send_all(block[:left])
 
 
-async def _lingering_close(sock: SocketLike) -> None:
+async def _lingering_close(stream: HalfCloseableStream) -> None:
     """Send EOF, then read and drop what the client still sends, for a bounded time.
 
     Closing a socket with unread input makes the kernel send RST, which can destroy the answer
     we just sent before the client reads it (RFC 9112 §9.6; nginx's ``lingering_close``).
     """
-    with contextlib.suppress(OSError), trio.move_on_after(_LINGER_SECONDS):
-        sock.shutdown(_stdlib_socket.SHUT_WR)
+    with contextlib.suppress(*_GONE), trio.move_on_after(_LINGER_SECONDS):
+        await stream.send_eof()
         drained = 0
         while drained < _LINGER_BYTES:
-            data = await sock.recv(_RECV_SIZE)
+            data = await stream.receive_some(_RECV_SIZE)
             if not data:
                 break
             drained += len(data)
 
 
-async def _flush_and_linger(sock: SocketLike, out: bytearray) -> None:
-    with contextlib.suppress(OSError):
-        await send_all(sock, out)
-        await _lingering_close(sock)
+async def _flush_and_linger(stream: HalfCloseableStream, out: bytearray) -> None:
+    with contextlib.suppress(*_GONE):
+        await stream.send_all(out)
+        await _lingering_close(stream)
 
 
 _PATHS: Final = frozenset(
@@ -602,5 +616,5 @@ async def serve_backend(
                     if exc.errno in _ACCEPT_RETRY:
                         continue
                     raise
-                conn.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
-                nursery.start_soon(backend.serve_connection, conn)
+                stream = FastSocketStream(_stdlib_socket.socket(fileno=conn.detach()))
+                nursery.start_soon(backend.serve_connection, stream)

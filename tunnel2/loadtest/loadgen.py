@@ -1,24 +1,24 @@
 """``tunnel2 loadtest``: the staged, open-loop load generator.
 
-Layer: load-test kit. Imports trio, attrs, :mod:`tunnel2._http11`, :mod:`tunnel2.errors` and
-the other :mod:`tunnel2.loadtest` modules.
+Layer: load-test kit. Imports trio, attrs, :mod:`tunnel2._http11`, :mod:`tunnel2.errors`, the
+stream layer :mod:`tunnel2._sockets` and the other :mod:`tunnel2.loadtest` modules.
 
-How it keeps the schedule (open loop, after wrk2): one scheduler task sleeps until each
-request's slot (``stage start + k / rate``) and puts the slot on a queue; a fixed pool of
-connection tasks (``connections``), each owning one keep-alive connection on a bare
-:mod:`trio.socket` socket, takes slots off the queue and sends. A slow answer therefore never
-delays the schedule: the slot waits in the queue for a free connection and its latency, measured
-from the *scheduled* time, shows the wait. Every connection is free again by the deadline
-(slot + timeout) of the request it carries, so the queue holds at most about ``rate x timeout``
-slots however stalled the target is; a slot whose deadline has passed before a connection takes
-it (only possible when the generator itself falls behind) is counted as a timeout unsent.
+How it keeps the schedule (open loop, after wrk2): one scheduler task sleeps until each request's
+slot (``stage start + k / rate``) and puts the slot on a queue; a fixed pool of connection tasks
+(``connections``), each owning one keep-alive connection on a bare socket
+(:class:`~tunnel2._sockets.FastSocketStream`), takes slots off the queue and sends. A slow answer
+therefore never delays the schedule: the slot waits in the queue for a free connection and its
+latency, measured from the *scheduled* time, shows the wait. Every connection is free again by the
+deadline (slot + timeout) of the request it carries, so the queue holds at most about ``rate x
+timeout`` slots however stalled the target is; a slot whose deadline has passed before a connection
+takes it (only possible when the generator itself falls behind) is counted as a timeout unsent.
 
 Latency therefore includes the generator's own start lag (slot to send), which the report gives
 separately: trio's timers wake up to 1 ms late (epoll's resolution), about 0.5 ms on average,
 the same for every URL, so it cancels out of ``--compare`` differences.
 
 Only trio's clock is read (``trio.current_time`` / ``trio.sleep_until``), so a test that runs
-under ``MockClock`` (``autojump_clock``) with :func:`~tunnel2.loadtest.sockets.memory_socket_pair`
+under ``MockClock`` (``autojump_clock``) with :func:`trio.testing.memory_stream_pair`
 connections checks the schedule exactly. CPU use is read from the kernel.
 """
 
@@ -47,6 +47,7 @@ from tunnel2._http11 import (
     response_framing,
     take,
 )
+from tunnel2._sockets import connect_tcp
 from tunnel2.errors import RemoteProtocolError
 from tunnel2.loadtest.procstats import ProcReading, cpu_percent, own_cpu_seconds, read_process
 from tunnel2.loadtest.profiles import PROFILES, Stage
@@ -60,7 +61,6 @@ from tunnel2.loadtest.report import (
     Thresholds,
     build_report,
 )
-from tunnel2.loadtest.sockets import SocketLike, send_all
 from tunnel2.loadtest.stats import Recorder, percentile
 
 __all__ = ["Connector", "LoadConfig", "Progress", "run_load", "run_profile", "tcp_connector"]
@@ -71,8 +71,10 @@ _RECV_SIZE: Final = 65536
 _TOKEN_RE: Final = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
-Connector = Callable[[str, int], Awaitable[SocketLike]]
-"""``await connector(host, port)`` returns a connected socket; raises :class:`OSError`."""
+_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)  # the connection is gone
+
+Connector = Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]]
+"""``await connector(host, port)`` returns a connected stream; raises :class:`OSError`."""
 
 
 @final
@@ -211,22 +213,14 @@ def _build_target(config: LoadConfig, url: str) -> _Target:
 
 def tcp_connector() -> Connector:
     """Return the default connector: TCP with TCP_NODELAY, each address resolved once."""
-    resolved: dict[tuple[str, int], tuple[int, object]] = {}
+    resolved: dict[tuple[str, int], str] = {}
 
-    async def connect(host: str, port: int) -> SocketLike:
+    async def connect(host: str, port: int) -> trio.abc.HalfCloseableStream:
         key = (host, port)
         if key not in resolved:
             infos = await trio.socket.getaddrinfo(host, port, type=_stdlib_socket.SOCK_STREAM)
-            resolved[key] = (infos[0][0], infos[0][4])
-        family, address = resolved[key]
-        sock = trio.socket.socket(family, _stdlib_socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
-            await sock.connect(address)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+            resolved[key] = str(infos[0][4][0])  # numeric: not resolved again
+        return await connect_tcp(resolved[key], port)
 
     return connect
 
@@ -248,17 +242,20 @@ class _Connection:
     def __init__(self, connector: Connector, target: _Target) -> None:
         self._connector = connector
         self._target = target
-        self._sock: SocketLike | None = None
+        self._sock: trio.abc.HalfCloseableStream | None = None
         self._reused = False
         self._buf = bytearray()
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    async def aclose(self) -> None:
+        """Close the connection now; never waits, and is not a cancellation point (so a loop
+        closing every connection on the way out of a cancelled run reaches them all)."""
+        sock, self._sock = self._sock, None
         self._buf.clear()
+        if sock is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(sock)
 
-    async def _connect(self) -> SocketLike:
+    async def _connect(self) -> trio.abc.HalfCloseableStream:
         try:
             sock = await self._connector(self._target.host, self._target.port)
         except OSError as exc:
@@ -285,24 +282,24 @@ class _Connection:
             reused = self._reused
             try:
                 try:
-                    await send_all(sock, self._target.request)
-                except OSError as exc:
+                    await sock.send_all(self._target.request)
+                except _GONE as exc:
                     raise _Stale from exc  # no answer started: as safe to retry as EOF
                 return await self._read_answer(sock)
             except _Stale:
-                self.close()
+                await self.aclose()
                 if not reused or attempt:
                     raise _Failed(FailureKind.CONNECTION) from None
-            except OSError as exc:
-                self.close()
+            except _GONE as exc:
+                await self.aclose()
                 raise _Failed(FailureKind.CONNECTION) from exc
             except RemoteProtocolError as exc:
-                self.close()
+                await self.aclose()
                 logger.debug("protocol error: %s", exc)
                 raise _Failed(FailureKind.PROTOCOL) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _read_answer(self, sock: SocketLike) -> int:
+    async def _read_answer(self, sock: trio.abc.HalfCloseableStream) -> int:
         buf = self._buf
         got_bytes = False
         while True:
@@ -311,8 +308,8 @@ class _Connection:
                 if len(buf) > MAX_HEAD_SIZE:
                     raise RemoteProtocolError(f"response head over {MAX_HEAD_SIZE} bytes")
                 try:
-                    data = await sock.recv(_RECV_SIZE)
-                except OSError as exc:
+                    data = await sock.receive_some(_RECV_SIZE)
+                except _GONE as exc:
                     if got_bytes:
                         raise
                     raise _Stale from exc
@@ -337,7 +334,7 @@ class _Connection:
                 reader.read(buf)
                 if reader.done:
                     break
-                data = await sock.recv(_RECV_SIZE)
+                data = await sock.receive_some(_RECV_SIZE)
                 if not data:
                     if framing is not Framing.UNTIL_CLOSE:
                         raise _Failed(FailureKind.CONNECTION)
@@ -345,7 +342,7 @@ class _Connection:
                     break
                 buf += data
         if not head.keep_alive or framing is Framing.UNTIL_CLOSE or buf or head.status == 101:
-            self.close()  # bytes after the answer would be unsolicited: start afresh
+            await self.aclose()  # bytes after the answer would be unsolicited: start afresh
         else:
             self._reused = True
         return head.status
@@ -400,7 +397,7 @@ class _Run:
                 nursery.cancel_scope.cancel()
         finally:
             for connection in connections:
-                connection.close()
+                await connection.aclose()
         cpu, wall = own_cpu_seconds() - cpu0, time.monotonic() - wall0
         lags = sorted(recorder.lags) or [0.0]
         self._sample_once(trio.current_time() - t0)
@@ -479,7 +476,7 @@ class _Run:
                     recorder.on_answer(stage, scheduled, now, status)
                 else:
                     if failure is FailureKind.TIMEOUT:
-                        connection.close()  # an answer may still be on its way
+                        await connection.aclose()  # an answer may still be on its way
                     recorder.on_failure(stage, now, failure, on_wire=True)
 
     async def _progress_task(self, recorder: Recorder) -> None:
@@ -567,7 +564,7 @@ async def run_profile(
         config: the load to apply.
         url: the URL to load; ``config.url`` if ``None``.
         connector: opens connections; :func:`tcp_connector` if ``None``. Tests pass one that
-            returns :class:`~tunnel2.loadtest.sockets.MemorySocket` ends.
+            returns ends of :func:`trio.testing.memory_stream_pair`.
         on_progress: called once a second (trio time) with a :class:`Progress`.
 
     Returns:
