@@ -161,7 +161,7 @@ class Browser:
 
 
 def chromium_path() -> str:
-    """Debian's chromium, which ``.ci/run`` installs.
+    """Debian's chromium, which ``.ci/peers`` installs.
 
     Raises:
         RuntimeError: it is not installed (the browser tests need it; they do not skip).
@@ -171,7 +171,7 @@ def chromium_path() -> str:
         if path is not None:
             return path
     raise RuntimeError(
-        "chromium is not installed: apt-get install -y chromium (.ci/run installs it)"
+        "chromium is not installed: apt-get install -y chromium (bash .ci/peers installs it)"
     )
 
 

@@ -462,7 +462,7 @@ async def test_systemd_accepts_the_unit_and_rates_it_safe(tmp_path: Path) -> Non
     unit = tmp_path / "tunnel2-relay.service"
     unit.write_text(text.replace("/opt/tunnel2/bin/tunnel2", str(tunnel2)))
     analyze = shutil.which("systemd-analyze")
-    assert analyze is not None, "apt-get install systemd (.ci/run does)"
+    assert analyze is not None, "apt-get install systemd (bash .ci/peers does)"
     with trio.fail_after(60):
         verify = await trio.run_process(
             [analyze, "verify", str(unit)], capture_stdout=True, capture_stderr=True, check=False
