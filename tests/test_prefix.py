@@ -121,6 +121,11 @@ HOST_FORM = rewrite_for(host=b"127.0.0.1:5000", public=b"abc.tunnels.test", pref
         (HOST_FORM, b"/login", b"/login"),
         (HOST_FORM, b"http://abc.tunnels.test/login", b"/login"),
         (HOST_FORM, b"http://other.test/login", b"http://other.test/login"),
+        # made root-relative, these would name another host (an open redirect): kept
+        (HOST_FORM, b"http://127.0.0.1:5000//evil.test/x", b"http://127.0.0.1:5000//evil.test/x"),
+        (HOST_FORM, b"https://abc.tunnels.test//evil.test", b"https://abc.tunnels.test//evil.test"),
+        (HOST_FORM, b"http://127.0.0.1:5000/\\evil.test", b"http://127.0.0.1:5000/\\evil.test"),
+        (PATH_FORM, b"http://relay.test:8000//evil.test/x", b"/session/abc//evil.test/x"),
     ],
 )
 def test_location_values(rewrite: UrlRewrite, given: bytes, expected: bytes) -> None:

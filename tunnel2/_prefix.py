@@ -209,6 +209,10 @@ class UrlRewrite:
         if _host_key(rest[:end]) not in self.own_hosts:
             return url
         path = rest[end:]
+        if not self.prefix and path[:2] in (b"//", b"/\\"):
+            # Root-relative, ``//evil.example/x`` or ``/\\evil.example`` would name another
+            # host (an open redirect the absolute URL was not): keep the URL as it is.
+            return url
         return self._under_prefix(path if path.startswith(b"/") else b"/" + path)
 
     def _under_prefix(self, path: bytes) -> bytes:
