@@ -753,3 +753,37 @@ async def test_the_status_line_takes_its_phrase_from_the_one_table(
                 data += more
             await stream.aclose()
     assert data.startswith(line)
+
+
+async def test_a_call_from_a_task_the_app_left_running_does_not_stop_the_run() -> None:
+    # Review finding: once the app returned, a receive() from a task it left running on the
+    # asyncio loop, posted while the final body still went out, started in a closed nursery:
+    # RuntimeError in trio's run_sync_soon callback, TrioInternalError, the agent gone.
+    late: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def leaked() -> None:
+            await asyncio.sleep(0.05)
+            try:
+                await receive()
+            except BaseException as exc:  # cancelled: nobody serves it any more
+                late.append(exc)
+                raise
+
+        asyncio.get_running_loop().create_task(leaked())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    async def receive() -> Message:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await trio.sleep(0.3)  # a slow visitor: the final send outlives the app
+
+    with trio.fail_after(STEP_TIMEOUT):
+        async with tunnel2.asgi._owned_asyncio_loop() as loop:
+            await tunnel2.asgi._AsyncioBridge(loop, 1.0).run(app, {"type": "http"}, receive, send)
+            await until(lambda: bool(late))
+    assert isinstance(late[0], asyncio.CancelledError)

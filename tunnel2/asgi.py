@@ -736,20 +736,27 @@ class _AsyncioBridge:
         future = asyncio.run_coroutine_threadsafe(main(), loop)
         future.add_done_callback(lambda _: _run_sync_soon(token, finished.set))
         try:
-            async with trio.open_nursery() as sending, trio.open_nursery() as nursery:
+            async with trio.open_nursery() as sending:
                 try:
-                    await finished.wait()
-                except trio.Cancelled:
-                    future.cancel()
-                    with trio.CancelScope(shield=True):
-                        with trio.move_on_after(self.timeout) as waited:
+                    async with trio.open_nursery() as nursery:
+                        try:
                             await finished.wait()
-                    if waited.cancelled_caught:
-                        logger.warning(
-                            "the ASGI app ignored its cancellation for %ss", self.timeout
-                        )
-                    raise
-                nursery.cancel_scope.cancel()  # calls the app left behind
+                        except trio.Cancelled:
+                            future.cancel()
+                            with trio.CancelScope(shield=True):
+                                with trio.move_on_after(self.timeout) as waited:
+                                    await finished.wait()
+                            if waited.cancelled_caught:
+                                logger.warning(
+                                    "the ASGI app ignored its cancellation for %ss", self.timeout
+                                )
+                            raise
+                        nursery.cancel_scope.cancel()  # calls the app left behind
+                finally:
+                    # Closed now: a call a task the app left running posts while the final
+                    # sends go out is cancelled, not started in a closed nursery (which
+                    # would raise in trio's run_sync_soon callback and stop the run).
+                    nursery = None
         finally:
             nursery = sending = None
         if not future.cancelled():
