@@ -1151,3 +1151,24 @@ async def test_accept_stream_hands_streams_to_waiting_handlers_in_order() -> Non
             assert len(errors) == 2
             with pytest.raises(UplinkClosed):
                 await pair.agent.accept_stream()
+
+
+async def test_a_second_reader_of_one_stream_is_refused_and_the_first_still_wakes() -> None:
+    # Review finding: a second waiter used to replace the first (under python -O), and the
+    # first one's cancellation then cleared the second's registration: a lost wake-up.
+    with trio.fail_after(5):
+        async with uplink_pair() as pair:
+            stream = pair.relay.open_stream(b"GET / HTTP/1.1\r\n\r\n")
+            served = await pair.agent.accept_stream()
+            got: list[bytes] = []
+
+            async def first() -> None:
+                got.append(await served.receive_data())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError, match="already reading stream"):
+                    await served.receive_data()
+                await stream.send_data(b"hello")
+            assert got == [b"hello"]

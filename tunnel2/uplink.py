@@ -286,7 +286,9 @@ class TunnelStream:
 
     @_ki_protected
     async def _wait(self) -> None:
-        assert self._waiter is None, "two tasks wait on one stream"
+        if self._waiter is not None:  # as trio's streams: one reader at a time
+            await trio.lowlevel.checkpoint()
+            raise trio.BusyResourceError(f"another task is already reading stream {self.id}")
         self._waiter = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
 
