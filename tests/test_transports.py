@@ -6,6 +6,8 @@ StreamTransport runs over trio's memory streams; WsprotoTransport over a connect
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 from wsproto.connection import ConnectionType
 
 from tunnel2 import frames
-from tunnel2._sockets import FastSocketStream
+from tunnel2._sockets import FastSocketStream, serve_socket
 from tunnel2.transports import (
     FrameTransport,
     StreamTransport,
@@ -549,3 +551,49 @@ async def test_uplink_writes_a_small_exchange_from_the_calling_task() -> None:
             assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
             assert await stream.receive_data() == b"hi"
             assert await stream.receive_data() == b""
+
+
+class _FlakyListener(socket.socket):
+    """A listening socket whose first accepts fail with the given errno values."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return super().accept()
+
+
+async def _echo_once(stream: FastSocketStream) -> None:
+    try:
+        await stream.send_all(await stream.receive_some(100))
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("failures", [[], [errno.ECONNABORTED, errno.EMFILE, errno.EINTR]])
+async def test_serve_socket_serves_each_connection_and_closes_the_listener(
+    failures: list[int],
+) -> None:
+    listener = _FlakyListener(socket.AF_INET, socket.SOCK_STREAM)
+    listener.failures = list(failures)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    address = listener.getsockname()
+    count = 40  # more than one batch between yields
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_socket, listener, _echo_once, nursery)
+            clients = []
+            for index in range(count):
+                client = trio.socket.socket()
+                await client.connect(address)
+                await client.send(b"hello %d" % index)
+                clients.append(client)
+            for index, client in enumerate(clients):
+                with client:
+                    assert await client.recv(100) == b"hello %d" % index
+            nursery.cancel_scope.cancel()
+    assert listener.failures == []
+    assert listener.fileno() == -1  # closed by serve_socket

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
-from collections.abc import Callable
-from typing import Final, Protocol, TypeGuard, final, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Final, NoReturn, Protocol, TypeGuard, final, runtime_checkable
 
 import trio
 
@@ -42,9 +43,22 @@ __all__ = [
     "connect_tcp",
     "has_peer_address",
     "peer_hung_up",
+    "serve_socket",
+    "take_socket",
 ]
 
+logger = logging.getLogger(__name__)
+
 _RECEIVE_SIZE: Final = 65536
+# accept(2) errors after which accepting goes on: the connection was lost before we took it
+# (retried at once, as trio's SocketListener does) or the system is short of descriptors or
+# memory (retried after _ACCEPT_PAUSE seconds, as trio.serve_listeners does).
+_ACCEPT_RETRY: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+)  # fmt: skip
+_ACCEPT_CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_PAUSE: Final = 0.1
+_ACCEPT_BATCH: Final = 16  # connections taken from the backlog between two yields
 
 
 @runtime_checkable
@@ -146,6 +160,11 @@ def peer_hung_up(sock: socket.socket) -> bool:
         return True
 
 
+def take_socket(sock: trio.socket.SocketType) -> socket.socket:
+    """The stdlib socket of trio's ``sock``, which is left detached (never to be used again)."""
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+
 @final
 class FastSocketStream(trio.abc.HalfCloseableStream):
     """A trio stream over a non-blocking stdlib socket that it owns."""
@@ -162,8 +181,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> FastSocketStream:
         """Take over the socket of a ``trio.SocketStream`` (which must not be used again)."""
-        sock = stream.socket
-        return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
+        return cls(take_socket(stream.socket))
 
     def __repr__(self) -> str:
         return f"<FastSocketStream fd={self.socket.fileno()}>"
@@ -297,6 +315,45 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+async def serve_socket(
+    sock: socket.socket,
+    handler: Callable[[FastSocketStream], Awaitable[object]],
+    nursery: trio.Nursery,
+) -> NoReturn:
+    """Accept connections on the listening ``sock`` (which it owns and closes) until
+    cancelled, and start ``handler(stream)`` in ``nursery`` for each; the handler closes it.
+
+    What ``trio.serve_listeners`` does, without its per-connection ``trio.SocketStream``
+    (built, then taken over by :class:`FastSocketStream`), its wrapper task frame and its
+    second close (a cancel scope and a checkpoint per connection): the accepted socket goes
+    straight into a :class:`FastSocketStream`. It yields after at most ``_ACCEPT_BATCH``
+    connections, so a flood of them cannot starve the connections already open.
+    """
+    sock.setblocking(False)
+    try:
+        while True:
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    conn, _address = sock.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RETRY:
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY:
+                        raise
+                    logger.error("accept failed, retrying in %gs", _ACCEPT_PAUSE, exc_info=True)
+                    await trio.sleep(_ACCEPT_PAUSE)
+                    break
+                nursery.start_soon(handler, FastSocketStream(conn))
+            else:
+                await trio.lowlevel.checkpoint()
+    finally:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 async def connect_tcp(host: str, port: int) -> FastSocketStream:

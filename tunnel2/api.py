@@ -10,13 +10,13 @@ import functools
 import logging
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
-from tunnel2._sockets import FastSocketStream
+from tunnel2._sockets import FastSocketStream, serve_socket, take_socket
 from tunnel2._tls import TlsStream, answer_plain_http, client_context, server_context
 from tunnel2._util import require_async_library, unwrap_lone_error
 from tunnel2.agent import Agent, AgentConfig, StreamHandler, websocket_connector
@@ -110,17 +110,16 @@ async def serve_tunnel_server(
             server.base_url,
         )
     entry = ProxyEntry(server)
-    handler = entry.handle_connection
+    handler: Callable[[FastSocketStream], Awaitable[None]] = entry.handle_connection
     if ssl_context is not None:
         context = ssl_context
         plain_http = functools.partial(
             answer_plain_http, base_url=server.base_url, max_head_size=config.max_head_size
         )
 
-        async def handler(stream: trio.abc.Stream) -> None:
-            assert isinstance(stream, trio.SocketStream)
+        async def handler(stream: FastSocketStream) -> None:
             tls = TlsStream(
-                FastSocketStream.from_trio(stream),
+                stream,
                 context,
                 server_side=True,
                 plain_http=plain_http,
@@ -135,7 +134,8 @@ async def serve_tunnel_server(
 
                 app = relay_admin(server, metrics)
                 server.admin_url = await nursery.start(serve_admin, app, *admin)
-            await nursery.start(trio.serve_listeners, handler, listeners)
+            for listener in listeners:
+                nursery.start_soon(serve_socket, take_socket(listener.socket), handler, nursery)
             nursery.start_soon(entry.run_timeouts)
             task_status.started(server)
             await trio.sleep_forever()

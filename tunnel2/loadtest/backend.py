@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import socket as _stdlib_socket
@@ -46,7 +45,7 @@ from tunnel2._http11 import (
     request_framing,
     take,
 )
-from tunnel2._sockets import FastSocketStream
+from tunnel2._sockets import serve_socket, take_socket
 from tunnel2.errors import RemoteProtocolError
 
 if TYPE_CHECKING:
@@ -63,11 +62,6 @@ _LINGER_SECONDS: Final = 2.0
 _LINGER_BYTES: Final = 1024 * 1024
 _SMALL_ECHO: Final = 65536  # echo bodies up to this size are answered in one send
 _SERVER: Final = b"Server: tunnel2-backend\r\n"
-# errno values after which accept() is retried rather than fatal (as trio's SocketListener).
-_ACCEPT_RETRY: Final = frozenset(
-    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
-)  # fmt: skip
-_ACCEPT_CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)  # the client went away
 
 ENDPOINTS: Final[tuple[tuple[str, str, str], ...]] = (
@@ -605,16 +599,4 @@ async def serve_backend(
         logger.info("%s: listening on %s", backend, backend.url)
         async with trio.open_nursery() as nursery:
             task_status.started(backend)
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_CAPACITY:
-                        logger.warning("%s: accept failed, retrying", backend, exc_info=True)
-                        await trio.sleep(0.1)
-                        continue
-                    if exc.errno in _ACCEPT_RETRY:
-                        continue
-                    raise
-                stream = FastSocketStream(_stdlib_socket.socket(fileno=conn.detach()))
-                nursery.start_soon(backend.serve_connection, stream)
+            await serve_socket(take_socket(listener), backend.serve_connection, nursery)
