@@ -118,13 +118,17 @@ async def serve_tunnel_server(
         )
 
         async def handler(stream: FastSocketStream) -> None:
-            tls = TlsStream(
-                stream,
-                context,
-                server_side=True,
-                plain_http=plain_http,
-                handshake_timeout=config.handshake_timeout,
-            )
+            try:
+                tls = TlsStream(
+                    stream,
+                    context,
+                    server_side=True,
+                    plain_http=plain_http,
+                    handshake_timeout=config.handshake_timeout,
+                )
+            except BaseException:
+                stream.close()  # handle_connection closes it from here on
+                raise
             await entry.handle_connection(tls)
 
     try:
