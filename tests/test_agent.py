@@ -12,7 +12,7 @@ from tunnel2.backend import _relay_head_framing, _response_head_for_tunnel
 def rewrite(head: bytes, method: bytes = b"GET") -> tuple[bytes, bool]:
     response = http.parse_response_head(head)
     framing, _ = http.response_framing(response, method)
-    return _response_head_for_tunnel(response, head, framing)
+    return _response_head_for_tunnel(response, framing)
 
 
 def test_hop_by_hop_response_fields_are_cut_and_keep_alive_read() -> None:

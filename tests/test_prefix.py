@@ -207,14 +207,14 @@ def test_response_head_fields_are_rewritten_and_others_kept_byte_for_byte() -> N
         b"Set-Cookie: b=2",
         b"Content-Length: 0",
     )
-    tunnel_head, _ = _response_head_for_tunnel(parsed, head, http.Framing.LENGTH, request_head())
+    tunnel_head, _ = _response_head_for_tunnel(parsed, http.Framing.LENGTH, request_head())
     assert tunnel_head == (
         b"HTTP/1.1 302 Found\r\nlocation: /session/abc/login\r\nX-Location: /not-this\r\n"
         b"Content-Location: /session/abc/doc\r\nRefresh: 5; url=/session/abc/r\r\n"
         b"Set-Cookie: a=1; Path=/session/abc\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n"
     )
     # Without the request (the Host form with the public Host), the head is as it was.
-    plain, _ = _response_head_for_tunnel(parsed, head, http.Framing.LENGTH)
+    plain, _ = _response_head_for_tunnel(parsed, http.Framing.LENGTH)
     assert plain == head
 
 

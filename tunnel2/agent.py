@@ -551,7 +551,7 @@ class Agent:
         method, framing, length = _relay_head_framing(head)
         target = head[len(method) + 1 : head.find(b" ", len(method) + 1)]
         path = target.partition(b"?")[0].decode("ascii", "replace")
-        body = None if framing is http.Framing.CHUNKED else length
+        body = None if framing is http.CHUNKED else length
         started = RequestStarted("agent", self.session_id or "", method.decode(), path, body)
         emit(self.observers, started)
         return started, trio.current_time()

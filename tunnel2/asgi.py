@@ -274,7 +274,7 @@ class AsgiHandler:
             return await self._websocket(stream, head, scope)
         scope["method"] = request.method.decode()
         framing, _length = http.request_framing(request)
-        exchange = _AsgiExchange(stream, framing is http.Framing.NONE, request.method == b"HEAD")
+        exchange = _AsgiExchange(stream, framing is http.NONE, request.method == b"HEAD")
         try:
             await self._call(scope, exchange.receive, exchange.send, exchange.receive_nowait)
         except Exception:
@@ -334,7 +334,7 @@ def _send_response_head(stream: TunnelStream, head: bytes, method: bytes) -> int
     response = http.parse_response_head(head)
     framing, _length = http.response_framing(response, method)
     try:
-        stream.send_head(_response_head_for_tunnel(response, head, framing, stream.head)[0])
+        stream.send_head(_response_head_for_tunnel(response, framing, stream.head)[0])
     except LocalProtocolError as exc:  # it does not fit one OPEN frame
         kind = "the application's response head is too large for the tunnel"
         logger.warning("stream %d: %s (%s)", stream.id, kind, exc)

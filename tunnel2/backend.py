@@ -52,38 +52,35 @@ def _relay_head_framing(head: bytes) -> tuple[bytes, http.Framing, int]:
     index = head.find(b"\r\nContent-Length: ")
     if index >= 0:
         start = index + len(b"\r\nContent-Length: ")
-        return method, http.Framing.LENGTH, int(head[start : head.find(b"\r\n", start)])
+        return method, http.LENGTH, int(head[start : head.find(b"\r\n", start)])
     if head.find(b"\r\nTransfer-Encoding: chunked\r\n") >= 0:
-        return method, http.Framing.CHUNKED, 0
-    return method, http.Framing.NONE, 0
+        return method, http.CHUNKED, 0
+    return method, http.NONE, 0
 
 
 def _response_head_for_tunnel(
     response: http.ResponseHead,
-    head: bytes,
     framing: http.Framing,
     request: bytes | None = None,
 ) -> tuple[bytes, bool]:
     """The head carried through the tunnel, and whether the backend keeps the connection.
 
     Works on the bytes (DESIGN.md: change heads at the byte level): hop-by-hop field lines
-    are cut out with one regex pass (a 101 keeps Connection and Upgrade), and the framing is
+    are cut out with one regex search (a 101 keeps Connection and Upgrade), and the framing is
     normalised: close-delimited bodies become chunked (PROTOCOL.md §4.3). With ``request``,
     URLs that name the backend (Location, Content-Location, Refresh, Set-Cookie Path and
     Domain) are made to lead back through the tunnel (:mod:`tunnel2._prefix`, PROTOCOL.md
     §4.6); only a response that has such a field pays for more than one lookup per name.
 
     Args:
-        response: ``head`` parsed (so every field line in it is valid).
-        head: the backend's response head, ending in CRLF CRLF.
+        response: the backend's response head, parsed (so every field line in it is valid).
         framing: the body framing of the response.
         request: the request head as the backend got it, when its answer's URLs may need
             rewriting (a path-form request, or a Host other than the public one); ``None``:
             no rewriting.
     """
     status = response.status
-    fields = head[head.find(b"\r\n") + 2 : -2]
-    fields = (_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE).sub(b"", fields)
+    fields = response.fields_without(_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE)
     tokens = http.connection_tokens(response)
     named = tokens - http.CONNECTION_OPTIONS
     if named:  # rare: fields the Connection header marks hop-by-hop
@@ -93,7 +90,7 @@ def _response_head_for_tunnel(
         if rewrite is not None:
             fields = rewrite.fields(fields)
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, response.reason), fields]
-    if framing is http.Framing.CHUNKED or framing is http.Framing.UNTIL_CLOSE:
+    if framing is http.CHUNKED or framing is http.UNTIL_CLOSE:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     parts.append(b"\r\n")
     if b"close" in tokens:
@@ -103,8 +100,8 @@ def _response_head_for_tunnel(
     return b"".join(parts), keep_alive
 
 
-_HOP_BY_HOP_RE: Final = http.field_lines_re(http.HOP_BY_HOP)
-_HOP_BY_HOP_101_RE: Final = http.field_lines_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
+_HOP_BY_HOP_RE: Final = http.field_names_re(http.HOP_BY_HOP)
+_HOP_BY_HOP_101_RE: Final = http.field_names_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
 
 
 # RESET reasons: kinds of failure, no addresses and no bytes of the backend's answer.
@@ -230,9 +227,9 @@ class BackendForwarder:
                 [head[:start_line], self._host_line, _HOST_FIELD_RE.sub(b"", head[start_line:])]
             )
         method, framing, length = _relay_head_framing(head)
-        has_body = length > 0 or framing is http.Framing.CHUNKED
+        has_body = length > 0 or framing is http.CHUNKED
         # Whose answer's URLs may need rewriting (checked once per request: one search).
-        urls = head if self._host_line is not None or _PREFIX_FIELD in head else None
+        urls = head if self._host_line is not None or head.find(_PREFIX_FIELD) >= 0 else None
         for attempt in (0, 1):
             conn = self._checkout(check=has_body) if attempt == 0 else None
             reused = conn is not None
@@ -359,7 +356,7 @@ class BackendForwarder:
         framing: http.Framing,
         sent: trio.Event,
     ) -> None:
-        chunked = framing is http.Framing.CHUNKED
+        chunked = framing is http.CHUNKED
         pending = head
         while True:
             data = await stream.receive_data()
@@ -399,7 +396,7 @@ class BackendForwarder:
             if response.status >= 200 or response.status == 101:
                 break
         framing, length = http.response_framing(response, method)
-        tunnel_head, keep_alive = _response_head_for_tunnel(response, head, framing, urls)
+        tunnel_head, keep_alive = _response_head_for_tunnel(response, framing, urls)
         if response.status == 101:
             stream.send_head(tunnel_head)
             await _splice(conn, stream, buf)
@@ -429,7 +426,7 @@ class BackendForwarder:
                     break
                 buf += more
                 data = reader.read(buf)
-        reusable = keep_alive and framing is not http.Framing.UNTIL_CLOSE and not buf
+        reusable = keep_alive and framing is not http.UNTIL_CLOSE and not buf
         return response.status, reusable
 
 

@@ -53,13 +53,16 @@ _SESSION_PREFIX: Final = b"/session/"
 
 # Cut from the request on its way to the agent; the relay writes its own framing and
 # forwarding lines (PROTOCOL.md §4.2).
-_DROP_RE: Final = http.field_lines_re(
+_DROPPED: Final = (
     http.HOP_BY_HOP
     | {b"proxy-authorization", b"proxy-authenticate", b"expect", b"content-length"}
     | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
     | {b"x-forwarded-prefix"}
     | {b"x-real-ip"}
 )
+_DROP_RE: Final = http.field_names_re(_DROPPED)
+# A session whose access policy checks credentials: the credential stays at the relay.
+_DROP_WITH_CREDENTIAL_RE: Final = http.field_names_re(_DROPPED | {CREDENTIAL_HEADER})
 # Trusted proxies walked back through X-Forwarded-For at most; past that, the element
 # reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
 _MAX_TRUSTED_HOPS: Final = 16
@@ -71,7 +74,6 @@ _RESET_STATUS: Final = {
     ErrorCode.REFUSED_STREAM: 503,
 }
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CREDENTIAL_RE: Final = http.field_lines_re({CREDENTIAL_HEADER})
 
 # Which of the two connection pools a connection's slot is in (_Limits).
 _UNCOUNTED: Final = 0  # refused at accept
@@ -584,7 +586,7 @@ class ProxyEntry:
                 self._request_started(conn, request, length, framing) if self._observers else None
             )
             try:
-                keep_alive = await self._proxy(conn, head, request, framing, length)
+                keep_alive = await self._proxy(conn, request, framing, length)
             except _Answer as answer:
                 conn.status = answer.status
                 # Nothing of a response went out yet; the request body may be unread.
@@ -615,7 +617,7 @@ class ProxyEntry:
         except _Answer:
             session_id, target = "", request.target
         path = target.partition(b"?")[0].decode("ascii", "replace")
-        body = None if framing is http.Framing.CHUNKED else length
+        body = None if framing is http.CHUNKED else length
         started = RequestStarted("relay", session_id, request.method.decode(), path, body)
         emit(self._observers, started)
         conn.status = 0
@@ -677,7 +679,7 @@ class ProxyEntry:
     def _forward_head(
         self,
         request: http.RequestHead,
-        head: bytes,
+        drop: re.Pattern[bytes],
         target: bytes,
         prefix: bytes,
         framing: http.Framing,
@@ -686,10 +688,11 @@ class ProxyEntry:
         upgrade: bytes | None,
     ) -> bytes:
         """The request head for the agent, changed at the byte level (DESIGN.md): the
-        request line gets the backend's target, hop-by-hop and X-Forwarded-* field lines are
-        cut out in one regex pass, and our own framing and X-Forwarded-* lines are added
-        (``X-Forwarded-Prefix`` with the public path prefix, on the path form only)."""
-        fields = _DROP_RE.sub(b"", head[head.find(b"\r\n") + 2 : -2])
+        request line gets the backend's target, the field lines ``drop`` names (hop-by-hop,
+        X-Forwarded-*, a credential the relay checked) are cut out in one regex search, and
+        our own framing and X-Forwarded-* lines are added (``X-Forwarded-Prefix`` with the
+        public path prefix, on the path form only)."""
+        fields = request.fields_without(drop)
         named = http.connection_tokens(request) - http.CONNECTION_OPTIONS
         if named:  # rare: fields the Connection header marks hop-by-hop
             fields = http.drop_fields(fields, named)
@@ -702,9 +705,9 @@ class ProxyEntry:
             parts.append(b"Host: %s\r\n" % host)
         # Framing stated canonically, once (PROTOCOL.md §4.3): the agent reads it without a
         # full parse.
-        if framing is http.Framing.CHUNKED:
+        if framing is http.CHUNKED:
             parts.append(b"Transfer-Encoding: chunked\r\n")
-        elif framing is http.Framing.LENGTH:
+        elif framing is http.LENGTH:
             parts.append(b"Content-Length: %d\r\n" % length)
         if prefix:
             parts.append(b"X-Forwarded-Prefix: %s\r\n" % prefix)
@@ -714,7 +717,6 @@ class ProxyEntry:
     async def _proxy(
         self,
         conn: _Connection,
-        head: bytes,
         request: http.RequestHead,
         framing: http.Framing,
         length: int,
@@ -724,7 +726,7 @@ class ProxyEntry:
         session_id, target, prefix = self._route(request)
         if (
             config.max_body_size is not None
-            and framing is http.Framing.LENGTH
+            and framing is http.LENGTH
             and length > config.max_body_size
         ):
             raise _Answer(413, f"request body is {length} bytes, limit {config.max_body_size}")
@@ -749,20 +751,19 @@ class ProxyEntry:
         assert isinstance(routed, Routed)
         route = routed.uplink
         access = self.server.policy_for(session_id)  # refused here, never at the agent
-        if access is not None:
-            head = _admit(access, request, head, conn.peer)
+        drop = _DROP_RE if access is None else _admit(access, request, conn.peer)
         if route.open_streams >= config.max_streams_per_agent:
             raise _Answer(
                 503,
                 f"session {session_id} has {config.max_streams_per_agent} requests in flight, "
                 "the most one agent connection may carry",
             )
-        upgrade = _upgrade_of(request) if framing is http.Framing.NONE else None
+        upgrade = _upgrade_of(request) if framing is http.NONE else None
         head = self._forward_head(
-            request, head, target, prefix, framing, length, (conn.peer, conn.peer_port), upgrade
+            request, drop, target, prefix, framing, length, (conn.peer, conn.peer_port), upgrade
         )
         bodiless = upgrade is None and (
-            framing is http.Framing.NONE or (framing is http.Framing.LENGTH and not length)
+            framing is http.NONE or (framing is http.LENGTH and not length)
         )
         try:
             # A request without a body: its END goes out with its OPEN, in one write.
@@ -780,7 +781,7 @@ class ProxyEntry:
         # From here on nothing may leave without closing the stream: a client gone before
         # its 100 Continue must not leave the agent waiting for a body for ever (fuzz F4).
         try:
-            if request.get(b"expect") == b"100-continue" and framing is not http.Framing.NONE:
+            if request.get(b"expect") == b"100-continue" and framing is not http.NONE:
                 await conn.send(_CONTINUE)
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
@@ -883,8 +884,8 @@ class ProxyEntry:
         request, stream = exchange.request, exchange.stream
         conn.status = response.status
         framing, length = http.response_framing(response, request.method)
-        keep_alive = request.keep_alive and framing is not http.Framing.UNTIL_CLOSE
-        chunked = framing is http.Framing.CHUNKED
+        keep_alive = request.keep_alive and framing is not http.UNTIL_CLOSE
+        chunked = framing is http.CHUNKED
         if request.http_version == b"1.0":
             if chunked:
                 # HTTP/1.0 has no chunked coding: close-delimit the body instead.
@@ -905,9 +906,7 @@ class ProxyEntry:
         elif not keep_alive:
             response_head = response_head[:-2] + b"Connection: close\r\n\r\n"
         # Content-Length bodies are counted so a misbehaving agent cannot desync the client.
-        remaining = (
-            length if framing is http.Framing.LENGTH else 0 if framing is http.Framing.NONE else -1
-        )
+        remaining = length if framing is http.LENGTH else 0 if framing is http.NONE else -1
         parts = [response_head]
         pending = len(response_head)
         head_out = False
@@ -996,9 +995,10 @@ class ProxyEntry:
             nursery.cancel_scope.cancel()
 
 
-def _admit(access: AccessPolicy, request: http.RequestHead, head: bytes, peer: bytes) -> bytes:
+def _admit(access: AccessPolicy, request: http.RequestHead, peer: bytes) -> re.Pattern[bytes]:
     """Check a request against its session's access policy (PROTOCOL.md §3.1.1) and return
-    its head without the credential the policy used; raise _Answer 400/401/403 if refused.
+    the field lines to drop from it (the credential the policy used, too); raise _Answer
+    400/401/403 if refused.
 
     The address is the TCP peer the entry accepted, never a header a visitor could forge.
     """
@@ -1009,7 +1009,7 @@ def _admit(access: AccessPolicy, request: http.RequestHead, head: bytes, peer: b
     if refusal is not None:
         headers = b"".join(b"%s: %s\r\n" % field for field in refusal.headers)
         raise _Answer(refusal.status, refusal.message, headers)
-    return _CREDENTIAL_RE.sub(b"", head) if access.uses_credentials else head
+    return _DROP_WITH_CREDENTIAL_RE if access.uses_credentials else _DROP_RE
 
 
 def _forwarding_lines(
@@ -1032,7 +1032,9 @@ def _forwarding_lines(
     if peer_ip == b"unknown":
         hops = [b"for=unknown"]
     else:
-        hops = [(b'for="[%s]:%d"' if b":" in peer_ip else b'for="%s:%d"') % (peer_ip, peer_port)]
+        hops = [
+            (b'for="[%s]:%d"' if peer_ip.find(b":") >= 0 else b'for="%s:%d"') % (peer_ip, peer_port)
+        ]
     chain: list[bytes] = []
     if trusted and _is_trusted(peer_ip, trusted):
         chain = [e.strip() for v in request.get_all(b"x-forwarded-for") for e in v.split(b",")]

@@ -465,9 +465,7 @@ class Inspector:
         if record.upgraded or b"\r\nupgrade:" in record.request_head.lower():
             return "an upgrade (WebSocket) request cannot be replayed"
         _, framing, length = _relay_head_framing(record.request_head)
-        if record.request_size < length or (
-            framing is http.Framing.CHUNKED and not record.request_ended
-        ):
+        if record.request_size < length or (framing is http.CHUNKED and not record.request_ended):
             return "the handler has not read its whole request body"
         if record.request_size > len(record.request_body):
             return (

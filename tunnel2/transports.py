@@ -328,6 +328,9 @@ class WsprotoTransport(FrameTransport):
         # which keeps what the socket did not take and sends it first with the next write.
         self._fast = stream if can_send_nowait(stream) else None
         self._ws = ws
+        # Whether wsproto's state is OPEN, kept here: only this class feeds or sends through
+        # ``ws`` (its ``state`` is a property chain, read twice per message otherwise).
+        self._open = ws.state is ConnectionState.OPEN
         client = ws.client
         self._mask = client  # a client masks what it sends; a server gets masked frames
         self._reader = _WebSocketReader(masked=not client)
@@ -342,7 +345,7 @@ class WsprotoTransport(FrameTransport):
         return f"<WsprotoTransport {self._stream!r} {self._ws.state.name}>"
 
     def _message(self, data: bytes) -> bytes:
-        if self._ws.state is not ConnectionState.OPEN:
+        if not self._open:
             raise trio.BrokenResourceError(f"websocket is closing ({self._ws.state.name})")
         out = _binary_frame(data, mask=self._mask)
         if self._control or self._pong:
@@ -356,7 +359,7 @@ class WsprotoTransport(FrameTransport):
 
     def send_nowait(self, data: bytes) -> bool:
         stream = self._fast
-        if stream is None or stream.send_pending or self._ws.state is not ConnectionState.OPEN:
+        if stream is None or stream.send_pending or not self._open:
             return False  # (until the rest is out, no second message may overtake it)
         stream.send_nowait(self._message(data))
         return True
@@ -401,20 +404,24 @@ class WsprotoTransport(FrameTransport):
     def _control_frames(self) -> None:
         # wsproto parses the control frames and keeps the connection's state (CLOSE).
         ws = self._ws
-        ws.receive_data(b"".join(self._reader.control))
-        self._reader.control.clear()
-        for event in ws.events():
-            if isinstance(event, wsproto.events.Ping):
-                self._pong = ws.send(event.response())
-            elif isinstance(event, wsproto.events.CloseConnection):
-                if ws.state is ConnectionState.REMOTE_CLOSING:
-                    self._control.append(ws.send(event.response()))
-                self._closed = True
-                return
+        try:
+            ws.receive_data(b"".join(self._reader.control))
+            self._reader.control.clear()
+            for event in ws.events():
+                if isinstance(event, wsproto.events.Ping):
+                    self._pong = ws.send(event.response())
+                elif isinstance(event, wsproto.events.CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        self._control.append(ws.send(event.response()))
+                    self._closed = True
+                    return
+        finally:
+            self._open = ws.state is ConnectionState.OPEN
 
     async def aclose(self) -> None:
-        if not self._closed and self._ws.state is ConnectionState.OPEN:
+        if not self._closed and self._open:
             self._closed = True
+            self._open = False
             with trio.move_on_after(1) as scope:
                 scope.shield = True
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

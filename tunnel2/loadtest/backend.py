@@ -33,7 +33,10 @@ import attrs
 import trio
 
 from tunnel2._http11 import (
+    CHUNKED,
     LAST_CHUNK,
+    LENGTH,
+    NONE,
     BodyReader,
     Framing,
     RequestHead,
@@ -295,7 +298,7 @@ class Backend:
         target = head.target
         # Fast path first: the static endpoints need no body handling when there is none.
         framing, length = request_framing(head)
-        if framing is Framing.NONE and method == b"GET":
+        if framing is NONE and method == b"GET":
             if target == b"/loadtest/ping":
                 out += _PING[mode]
                 return mode != _CLOSE
@@ -374,7 +377,7 @@ class Backend:
                 await stream.send_all(_CONTINUE)
 
     def _check_length(self, framing: Framing, length: int) -> None:
-        if framing is Framing.LENGTH and length > self.config.max_body_size:
+        if framing is LENGTH and length > self.config.max_body_size:
             raise _Close(
                 _error(
                     413, f"body of {length} bytes over limit {self.config.max_body_size}", _CLOSE
@@ -407,7 +410,7 @@ class Backend:
         framing: Framing,
         length: int,
     ) -> None:
-        if framing is Framing.NONE or (framing is Framing.LENGTH and length == 0):
+        if framing is NONE or (framing is LENGTH and length == 0):
             return
         self._check_length(framing, length)
         await self._expect_continue(stream, head, buf)
@@ -427,14 +430,14 @@ class Backend:
         length: int,
     ) -> None:
         content_type = head.get(b"content-type") or b"application/octet-stream"
-        if framing is Framing.NONE:
+        if framing is NONE:
             out += _response(200, mode, content_type, b"")
             return
         self._check_length(framing, length)
         await self._expect_continue(stream, head, buf)
         reader = make_body_reader(framing, length)
         received = 0
-        if framing is Framing.LENGTH and length <= _SMALL_ECHO:
+        if framing is LENGTH and length <= _SMALL_ECHO:
             pieces = []
             while not reader.done:
                 data, received = await self._read_body(stream, reader, buf, received)
@@ -443,7 +446,7 @@ class Backend:
             return
         # Stream: answer each piece as it arrives.
         first, received = await self._read_body(stream, reader, buf, received)
-        if reader.done and framing is Framing.CHUNKED:
+        if reader.done and framing is CHUNKED:
             out += _response(200, mode, content_type, first)  # the whole body was buffered
             return
         try:
@@ -467,7 +470,7 @@ class Backend:
         first: bytes,
         received: int,
     ) -> None:
-        if framing is Framing.LENGTH:
+        if framing is LENGTH:
             out += _head(200, mode, content_type, length)
             out += first
             await stream.send_all(out)

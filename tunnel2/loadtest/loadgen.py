@@ -39,8 +39,10 @@ import attrs
 import trio
 
 from tunnel2._http11 import (
+    LENGTH,
     MAX_HEAD_SIZE,
-    Framing,
+    NONE,
+    UNTIL_CLOSE,
     find_head_end,
     make_body_reader,
     parse_response_head,
@@ -326,9 +328,9 @@ class _Connection:
             if head.status >= 200 or head.status == 101:
                 break  # else an interim 1xx answer (100 Continue): the final one follows
         framing, length = response_framing(head, self._target.method)
-        if framing is Framing.LENGTH and len(buf) >= length:
+        if framing is LENGTH and len(buf) >= length:
             del buf[:length]  # the common case: the whole body came with the head
-        elif framing is not Framing.NONE:
+        elif framing is not NONE:
             reader = make_body_reader(framing, length)
             while True:
                 reader.read(buf)
@@ -336,12 +338,12 @@ class _Connection:
                     break
                 data = await sock.receive_some(_RECV_SIZE)
                 if not data:
-                    if framing is not Framing.UNTIL_CLOSE:
+                    if framing is not UNTIL_CLOSE:
                         raise _Failed(FailureKind.CONNECTION)
                     reader.feed_eof()
                     break
                 buf += data
-        if not head.keep_alive or framing is Framing.UNTIL_CLOSE or buf or head.status == 101:
+        if not head.keep_alive or framing is UNTIL_CLOSE or buf or head.status == 101:
             await self.aclose()  # bytes after the answer would be unsolicited: start afresh
         else:
             self._reused = True
