@@ -665,18 +665,20 @@ class ProxyEntry:
                         return label.decode("ascii", "replace"), request.target, b""
         target = request.target
         if target.startswith(_SESSION_PREFIX):
-            rest = target[len(_SESSION_PREFIX) :]
-            cut = len(rest)
-            for sep in (b"/", b"?"):
-                index = rest.find(sep)
-                if index >= 0:
-                    cut = min(cut, index)
-            session_id, backend_target = rest[:cut], rest[cut:]
-            if not backend_target.startswith(b"/"):
-                backend_target = b"/" + backend_target
-            if session_id:
-                prefix = target[: len(_SESSION_PREFIX) + cut]
-                return session_id.decode("ascii", "replace"), backend_target, prefix
+            # The id runs to the first "/" or "?" after the prefix.
+            start = len(_SESSION_PREFIX)
+            end = target.find(b"/", start)
+            if end < 0:
+                end = len(target)
+            query = target.find(b"?", start, end)
+            if query >= 0:
+                end = query
+            if end > start:
+                backend_target = target[end:]
+                if not backend_target.startswith(b"/"):
+                    backend_target = b"/" + backend_target
+                session_id = target[start:end].decode("ascii", "replace")
+                return session_id, backend_target, target[:end]
         raise _Answer(
             404,
             "no tunnel here: use /session/{id}/... "
@@ -743,17 +745,19 @@ class ProxyEntry:
         config = self.config
         session_id, target, prefix = self._route(request)
         if (
-            config.max_body_size is not None
-            and framing is http.LENGTH
+            framing is http.LENGTH
+            and config.max_body_size is not None
             and length > config.max_body_size
         ):
             raise _Answer(413, f"request body is {length} bytes, limit {config.max_body_size}")
         if self.server.draining:  # a restart: the client may retry soon (PROTOCOL.md §6.3)
             raise _Answer(503, "the relay is shutting down", headers=b"Retry-After: 1\r\n")
+        # The request's one clock read: routing and the response head's deadline.
         now = trio.current_time()
         routed = self.server.routes.route(session_id, now)
         if routed is DISCONNECTED and self.server.routes.holding(session_id, now):
             routed = await self.server.wait_for_agent(session_id)  # a rolling restart
+            now = trio.current_time()
         if type(routed) is not Routed:
             if routed is DISCONNECTED:
                 raise _Answer(502, f"session {session_id} has no agent connected right now")
@@ -766,9 +770,9 @@ class ProxyEntry:
                     headers=b"Retry-After: %d\r\n" % math.ceil(wait),
                 )
             raise _Answer(404, f"session {session_id} is not connected to this relay")
-        assert isinstance(routed, Routed)
         route = routed.uplink
-        access = self.server.policy_for(session_id)  # refused here, never at the agent
+        # Refused here, never at the agent (the dict itself: policy_for is a call more).
+        access = self.server.access_policies.get(session_id)
         drop = _DROP_RE if access is None else _admit(access, request, conn.peer)
         if route.open_streams >= config.max_streams_per_agent:
             raise _Answer(
@@ -793,11 +797,13 @@ class ProxyEntry:
                 f"the request head is {len(head)} bytes as forwarded to session {session_id}, "
                 f"over the tunnel's frame limit of {route.max_frame_size}",
             ) from None
-        exchange = _Exchange(session_id, request, stream, upgrade is not None)
+        exchange = _Exchange(
+            session_id, request, stream, upgrade is not None, now + config.request_timeout
+        )
         # From here on nothing may leave without closing the stream: a client gone before
         # its 100 Continue must not leave the agent waiting for a body for ever (fuzz F4).
         try:
-            if request.get(b"expect") == b"100-continue" and framing is not http.NONE:
+            if framing is not http.NONE and request.get(b"expect") == b"100-continue":
                 await conn.send(_CONTINUE)
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
@@ -830,7 +836,7 @@ class ProxyEntry:
         # run_timeouts cancels the connection's scope if this passes; handle_connection
         # then answers 504.
         stream = exchange.stream
-        conn.deadline = trio.current_time() + self.config.request_timeout
+        conn.deadline = exchange.deadline
         conn.waiting = stream
         # Watched (inlined _watch): the deadline is checked every tick, and the client's
         # presence.
@@ -1113,15 +1119,21 @@ def _node(text: bytes) -> bytes:
 class _Exchange:
     """One request in flight through the tunnel."""
 
-    __slots__ = ("request", "session_id", "stream", "upgrade")
+    __slots__ = ("deadline", "request", "session_id", "stream", "upgrade")
 
     def __init__(
-        self, session_id: str, request: http.RequestHead, stream: TunnelStream, upgrade: bool
+        self,
+        session_id: str,
+        request: http.RequestHead,
+        stream: TunnelStream,
+        upgrade: bool,
+        deadline: float,
     ) -> None:
         self.session_id = session_id
         self.request = request
         self.stream = stream
         self.upgrade = upgrade  # the request asked for a protocol switch (PROTOCOL.md §4.4)
+        self.deadline = deadline  # for the response head (the request timeout)
 
 
 def _upgrade_of(request: http.RequestHead) -> bytes | None:
