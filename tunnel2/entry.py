@@ -463,7 +463,8 @@ class ProxyEntry:
         :func:`tunnel2.serve_tunnel_server` runs it beside the listeners. Its cost is
         proportional to what is due, not to what is open: deadlines sit in a heap, and only
         connections awaiting a response head or with a write the socket did not take at once
-        are looked at every tick; with none of those it sleeps till the first deadline.
+        are looked at every tick; with none of those it sleeps till the first deadline
+        (sweeping at most once a tick, however many entries come due one by one).
         Timeouts fire up to a twentieth of their length late (at most 0.5 s), as does the
         notice; the write timeout up to a tenth (at most 1 s), as a write is first seen by a
         tick.
@@ -472,12 +473,17 @@ class ProxyEntry:
         write_timeout = config.write_timeout
         timeouts = (config.request_timeout, config.idle_timeout, config.head_timeout)
         tick = max(0.01, min(0.5, write_timeout / 20, *(t / 20 for t in timeouts)))
+        swept = -math.inf
         while True:
             if self._watched or self._busy:
                 self._busy = False
                 await trio.sleep(tick)
             else:
-                self._sweep_until = self._timers[0][0] if self._timers else math.inf
+                # Not sooner than a tick after the last sweep: the entries of connections
+                # that closed (each left its head timeout's) come due one after another,
+                # and would cost a wake-up each (~50,000 instructions) instead of one a tick.
+                timers = self._timers
+                self._sweep_until = max(timers[0][0], swept + tick) if timers else math.inf
                 self._sweep_wake = trio.Event()
                 self._sweep_long = True
                 try:
@@ -486,7 +492,8 @@ class ProxyEntry:
                 finally:
                     self._sweep_long = False
                     self._sweep_until = math.inf
-            self._sweep(trio.current_time(), write_timeout)
+            swept = trio.current_time()
+            self._sweep(swept, write_timeout)
 
     def _sweep(self, now: float, write_timeout: float) -> None:
         timers = self._timers
