@@ -41,6 +41,8 @@ _AGENT_PATH: Final = AGENT_PATH.encode()
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tunnel2.uplink import TunnelStream
 
 __all__ = ["ProxyEntry"]
@@ -357,6 +359,10 @@ class ProxyEntry:
             408, f"the request head did not arrive within {self.config.head_timeout:g}s"
         )
         self._trusted = parse_networks(self.config.trusted_proxies)
+        # What the entry reads the clock with. While run_timeouts runs, the run's clock
+        # itself: one call instead of trio.current_time()'s four (~1,200 instructions less a
+        # read, twice per request); the same time either way.
+        self._now: Callable[[], float] = trio.current_time
 
     def __repr__(self) -> str:
         return f"<ProxyEntry {self.server.base_url}>"
@@ -422,7 +428,7 @@ class ProxyEntry:
             await conn.client.send_all(data)
 
     def _arm_head_timeout(self, conn: _Connection) -> None:
-        self._set_deadline(conn, trio.current_time() + self.config.head_timeout)
+        self._set_deadline(conn, self._now() + self.config.head_timeout)
         conn.in_head = True
 
     def _set_deadline(self, conn: _Connection, when: float) -> None:
@@ -473,6 +479,13 @@ class ProxyEntry:
         write_timeout = config.write_timeout
         timeouts = (config.request_timeout, config.idle_timeout, config.head_timeout)
         tick = max(0.01, min(0.5, write_timeout / 20, *(t / 20 for t in timeouts)))
+        self._now = trio.lowlevel.current_clock().current_time
+        try:
+            await self._run_timeouts(tick, write_timeout)
+        finally:
+            self._now = trio.current_time  # this run's clock is not the next one's
+
+    async def _run_timeouts(self, tick: float, write_timeout: float) -> NoReturn:
         swept = -math.inf
         while True:
             if self._watched or self._busy:
@@ -492,7 +505,7 @@ class ProxyEntry:
                 finally:
                     self._sweep_long = False
                     self._sweep_until = math.inf
-            swept = trio.current_time()
+            swept = self._now()
             self._sweep(swept, write_timeout)
 
     def _sweep(self, now: float, write_timeout: float) -> None:
@@ -540,7 +553,7 @@ class ProxyEntry:
         if buf:
             self._arm_head_timeout(conn)  # part of a pipelined head is in
         elif not conn.in_head:
-            when = conn.deadline = trio.current_time() + config.idle_timeout
+            when = conn.deadline = self._now() + config.idle_timeout
             if when < conn.check_at:  # (inlined _set_deadline: once per request)
                 self._set_deadline(conn, when)
         while end < 0:
@@ -638,7 +651,7 @@ class ProxyEntry:
         started = RequestStarted("relay", session_id, request.method.decode(), path, body)
         emit(self._observers, started)
         conn.status = 0
-        return started, trio.current_time(), conn.sent
+        return started, self._now(), conn.sent
 
     def _request_finished(
         self, conn: _Connection, observed: tuple[RequestStarted, float, int]
@@ -653,7 +666,7 @@ class ProxyEntry:
             started.request_body,
             status,
             conn.sent - sent,
-            trio.current_time() - start,
+            self._now() - start,
         )
         emit(self._observers, finished)
 
@@ -765,11 +778,11 @@ class ProxyEntry:
         if self.server.draining:  # a restart: the client may retry soon (PROTOCOL.md §6.3)
             raise _Answer(503, "the relay is shutting down", headers=b"Retry-After: 1\r\n")
         # The request's one clock read: routing and the response head's deadline.
-        now = trio.current_time()
+        now = self._now()
         routed = self.server.routes.route(session_id, now)
         if routed is DISCONNECTED and self.server.routes.holding(session_id, now):
             routed = await self.server.wait_for_agent(session_id)  # a rolling restart
-            now = trio.current_time()
+            now = self._now()
         if type(routed) is not Routed:
             if routed is DISCONNECTED:
                 raise _Answer(502, f"session {session_id} has no agent connected right now")
@@ -968,7 +981,7 @@ class ProxyEntry:
                     # A body that stalls for idle_timeout is cut (as nginx's
                     # proxy_read_timeout): a stalling agent cannot pin public connections
                     # (fuzz F6). run_timeouts enforces it; the float store is all it costs.
-                    self._set_deadline(conn, trio.current_time() + self.config.idle_timeout)
+                    self._set_deadline(conn, self._now() + self.config.idle_timeout)
                     data = await stream.receive_data()
                     conn.deadline = math.inf
                 if not data:
