@@ -473,6 +473,74 @@ async def test_asgi_client_behind_a_trusted_proxy(nursery: trio.Nursery) -> None
     assert client[:2] == ["192.0.2.7", 0]
 
 
+async def forwarding_seen_on_one_connection(
+    relay: TunnelServer, requests: list[list[bytes]]
+) -> list[dict[str, str]]:
+    """The X-Forwarded-For/-Host and Forwarded values an ASGI app sees for each of
+    ``requests`` (their extra field lines), all sent on one keep-alive connection."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        wanted = (b"x-forwarded-for", b"x-forwarded-host", b"forwarded")
+        seen = {n.decode(): v.decode() for n, v in scope["headers"] if n in wanted}  # type: ignore[attr-defined]
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": json.dumps(seen).encode()})  # type: ignore[operator]
+
+    async with tunnel2.open_tunnel(relay.base_url, app) as agent:  # type: ignore[arg-type]
+        host, port, path = split_url(agent.public_url)
+        stream = await trio.open_tcp_stream(host, port)
+        conn = h11.Connection(h11.CLIENT)
+        seen: list[dict[str, str]] = []
+        for fields in requests:
+            request = b"\r\n".join([b"GET %sc HTTP/1.1" % path.encode(), *fields])
+            await stream.send_all(request + b"\r\n\r\n")
+            # (h11 only reads the answers: it is told of a request like the one sent)
+            conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            conn.send(h11.EndOfMessage())
+            body = b""
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+            seen.append(json.loads(body))
+            conn.start_next_cycle()
+        await stream.aclose()
+    return seen
+
+
+async def test_forwarding_lines_follow_each_request_on_a_keep_alive_connection(
+    relay: TunnelServer,
+) -> None:
+    with trio.fail_after(10):
+        seen = await forwarding_seen_on_one_connection(
+            relay, [[b"Host: a.example"], [b"Host: a.example"], [b"Host: b.example"]]
+        )
+    hosts = [s["x-forwarded-host"] for s in seen]
+    assert hosts == ["a.example", "a.example", "b.example"]
+    assert {s["x-forwarded-for"] for s in seen} == {"127.0.0.1"}
+    assert [s["forwarded"].partition(";")[2] for s in seen] == [
+        f'host="{host}";proto=http' for host in hosts
+    ]
+
+
+async def test_a_trusted_proxy_names_a_new_client_on_each_request(nursery: trio.Nursery) -> None:
+    relay = await start_relay(nursery, trusted_proxies=("127.0.0.1/32",))
+    with trio.fail_after(10):
+        seen = await forwarding_seen_on_one_connection(
+            relay,
+            [
+                [b"Host: h", b"X-Forwarded-For: 192.0.2.7"],
+                [b"Host: h", b"X-Forwarded-For: 192.0.2.8"],
+                [b"Host: h"],
+            ],
+        )
+    assert [s["x-forwarded-for"] for s in seen] == [
+        "192.0.2.7, 127.0.0.1",
+        "192.0.2.8, 127.0.0.1",
+        "127.0.0.1",
+    ]
+
+
 async def test_repeated_response_headers(relay: TunnelServer, backend: Backend) -> None:
     with trio.fail_after(10):
         async with tunnel2.open_tunnel(relay.base_url, backend.port) as agent:

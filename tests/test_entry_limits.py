@@ -231,6 +231,32 @@ async def test_idle_keep_alive_connection_waits_idle_timeout_and_closes_silently
             assert await read_to_eof(client) == b""  # closed after idle_timeout, no 408
 
 
+async def test_timers_of_closed_connections_cost_a_sweep_a_tick_not_one_each(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each connection leaves its head timeout's heap entry behind when it closes; 40 of them
+    # come due within 0.4 s. The sweep (tick 0.25 s here) takes them a tick at a time.
+    with trio.fail_after(100):
+        async with ok_tunnel(ServerConfig(head_timeout=5, idle_timeout=1000)) as tunnel:
+            entry = tunnel.entry
+            sweeps: list[float] = []
+            sweep = entry._sweep
+
+            def counted(now: float, write_timeout: float) -> None:
+                sweeps.append(now)
+                sweep(now, write_timeout)
+
+            monkeypatch.setattr(entry, "_sweep", counted)
+            for _ in range(40):
+                client, _ = await served_client(tunnel)
+                await client.aclose()
+                await trio.sleep(0.01)
+            await trio.sleep(10)
+            assert entry.connections == 0
+    late = [t for t in sweeps if t >= 4.9]
+    assert 1 <= len(late) <= 5, late
+
+
 WRITE_TIMEOUT = 10.0
 
 

@@ -238,6 +238,24 @@ def test_routing_skips_late_and_draining_uplinks_unless_nothing_else_is_left() -
     assert routes.route("s", now=0) is DISCONNECTED
 
 
+def test_a_single_uplink_is_routed_late_or_not_but_not_once_it_stops_accepting() -> None:
+    only = FakeUplink(0, late=True)
+    routes = table(only)
+    assert picked(routes) is only  # late, but nothing else is left
+    only.accepting = False
+    assert routes.route("s", now=0) is DISCONNECTED
+
+
+def test_routing_results_follow_the_uplinks_as_they_attach_and_detach() -> None:
+    a, b, c = FakeUplink(), FakeUplink(), FakeUplink()
+    routes = table(a, b, c)
+    routes.detach("s", cast("TunnelUplink", b), now=0)
+    assert {picked(routes) for _ in range(4)} == {a, c}
+    routes.detach("s", cast("TunnelUplink", a), now=0)
+    assert picked(routes) is c
+    assert routes.route("s", now=0) is routes.route("s", now=0)  # made once, at attach
+
+
 def test_routing_ties_alternate() -> None:
     a, b = FakeUplink(), FakeUplink()
     routes = table(a, b)

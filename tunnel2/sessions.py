@@ -335,6 +335,8 @@ Route = Routed | Unknown | Disconnected
 @attrs.define
 class _Entry:
     uplinks: list[TunnelUplink] = attrs.Factory(list)
+    # routed[i] is Routed(uplinks[i]): made at attach, so a request allocates no result.
+    routed: list[Routed] = attrs.Factory(list)
     turn: int = 0
     deadline: float | None = None
     hold_until: float = -math.inf  # a draining agent left: wait for its replacement
@@ -357,6 +359,7 @@ class RouteTable:
         """Route ``session_id``'s requests to ``uplink`` too (several agents share it)."""
         entry = self._entries.setdefault(session_id, _Entry())
         entry.uplinks.append(uplink)
+        entry.routed.append(Routed(uplink))
         entry.deadline = None
         if entry.attached is not None:
             entry.attached.set()
@@ -369,6 +372,7 @@ class RouteTable:
         if entry is None:
             return
         if uplink in entry.uplinks:
+            del entry.routed[entry.uplinks.index(uplink)]
             entry.uplinks.remove(uplink)
             if uplink.peer_draining:
                 entry.hold_until = now + self.drain_hold
@@ -406,7 +410,7 @@ class RouteTable:
         An uplink whose heartbeat is late (a frozen or cut-off agent,
         :meth:`~tunnel2.uplink.TunnelUplink.heartbeat_late`) is chosen only if every
         accepting uplink of the session is late. Ties go round robin. One pass over the
-        session's uplinks, allocating nothing but the result.
+        session's uplinks, allocating nothing (each uplink's result is made at attach).
         """
         entry = self._entries.get(session_id)
         if entry is None:
@@ -416,16 +420,19 @@ class RouteTable:
             return UNKNOWN
         uplinks = entry.uplinks
         count = len(uplinks)
-        best: TunnelUplink | None = None
+        if count == 1:  # the common case: no choice to make, late or not
+            return entry.routed[0] if uplinks[0].accepting else DISCONNECTED
+        best = -1
         best_late = True
         best_load = 0
         start = entry.turn = (entry.turn + 1) % count if count else 0
         for i in range(count):
-            uplink = uplinks[(start + i) % count]
+            index = (start + i) % count
+            uplink = uplinks[index]
             if not uplink.accepting:
                 continue
             late = uplink.heartbeat_late(now)
             load = uplink.open_streams
-            if best is None or (best_late and not late) or (late == best_late and load < best_load):
-                best, best_late, best_load = uplink, late, load
-        return DISCONNECTED if best is None else Routed(best)
+            if best < 0 or (best_late and not late) or (late == best_late and load < best_load):
+                best, best_late, best_load = index, late, load
+        return DISCONNECTED if best < 0 else entry.routed[best]
