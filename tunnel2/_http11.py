@@ -201,6 +201,9 @@ _CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,19}")
 _CHUNK_LINE_RE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*+)?+")
 _TRAILER_LINE_RE: Final = re.compile(_FIELD)
 
+# The first blank line of a buffer: CRLF CRLF (preceded by CR) or a bare-LF one.
+_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
+
 _SUPPORTED_VERSIONS: Final = (b"1.1", b"1.0")
 _SHOW: Final = 64  # bytes of offending input quoted in an error message
 
@@ -235,6 +238,20 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
             ``\\n\\r\\n``), which h11 would accept and we do not; raising here answers such a
             client at once instead of waiting for the size limit.
     """
+    # One regex search for the first blank line (CRLF CRLF, or a bare-LF one): the common
+    # head costs one C call instead of three finds.
+    match = _BLANK_LINE_RE.search(buf, start)
+    if match is None:
+        return -1
+    lf = match.start()
+    if buf[lf + 1] == 0x0D and lf and buf[lf - 1] == 0x0D:  # CR LF CR LF
+        if lf > start:
+            return lf + 3
+        return _find_head_end(buf, start)  # a CRLF CRLF that began before `start`
+    raise _bad("bare LF line endings are not accepted")
+
+
+def _find_head_end(buf: bytes | bytearray, start: int) -> int:
     end = buf.find(b"\r\n\r\n", start)
     stop = len(buf) if end < 0 else end + 2
     if buf.find(b"\n\n", start, stop) >= 0:
