@@ -149,7 +149,7 @@ def test_find_head_end_agrees_with_the_step_by_step_search(parts: list[bytes], s
     # The one-regex search against the three-find form it replaced (kept for a CRLF CRLF
     # that began before `start`): the same index or the same error, for any start.
     buf = b"".join(parts)
-    results = []
+    results: list[int | str] = []
     for find in (find_head_end, _http11._find_head_end):
         try:
             results.append(find(buf, start))
