@@ -172,7 +172,22 @@ _STATUS_LINE_RE: Final = re.compile(
 # field-content's runs only SP/HTAB may come, so a value is any run of bytes other than NUL, CR,
 # LF, VT and FF (a third fewer steps than _FIELD_LINE per line; tests/test_http11.py checks the
 # two agree).
-_FIELD_BLOCK_RE: Final = re.compile(rb"(?:" + _TOKEN + rb":[^\x00\n\r\x0b\x0c]*+\r\n)*+")
+_FIELD_LINES: Final = rb"(?:" + _TOKEN + rb":[^\x00\n\r\x0b\x0c]*+\r\n)*+"
+_FIELD_BLOCK_RE: Final = re.compile(_FIELD_LINES)
+# A whole valid head in one C call: the start line, the field block and the blank line (the
+# parsers' fast path; anything it refuses goes through the step-by-step checks, which say
+# what is wrong). The same language as the start-line regex, then _FIELD_BLOCK_RE, then CRLF.
+_REQUEST_HEAD_RE: Final = re.compile(_REQUEST_LINE_RE.pattern + _FIELD_LINES + rb"\r\n")
+_RESPONSE_HEAD_RE: Final = re.compile(_STATUS_LINE_RE.pattern + _FIELD_LINES + rb"\r\n")
+# The fields the parsers look at, found in the lower-cased head in one pass (findall): each
+# match starts at a line's LF, and no value holds an LF, so each is one field line's name.
+_REQUEST_NAMES_RE: Final = re.compile(rb"\n(host|connection|content-length|transfer-encoding):")
+_HOST_ONLY: Final = [b"host"]
+# Responses: the value too (leading whitespace cut; trailing whitespace sends a Content-Length
+# to the general checks).
+_RESPONSE_FIELDS_RE: Final = re.compile(
+    rb"\n(connection|content-length|transfer-encoding):[ \t]*+([^\r]*+)"
+)
 _FIELD_LINE_RE: Final = re.compile(_FIELD_LINE)
 _TOKEN_RE: Final = re.compile(_TOKEN)
 _TARGET_RE: Final = re.compile(rb"[\x21-\x7e]+")
@@ -185,6 +200,9 @@ _CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]{1,19}")
 # 16 hex digits is 2**64.
 _CHUNK_LINE_RE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*+)?+")
 _TRAILER_LINE_RE: Final = re.compile(_FIELD)
+
+# The first blank line of a buffer: CRLF CRLF (preceded by CR) or a bare-LF one.
+_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
 
 _SUPPORTED_VERSIONS: Final = (b"1.1", b"1.0")
 _SHOW: Final = 64  # bytes of offending input quoted in an error message
@@ -220,6 +238,20 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
             ``\\n\\r\\n``), which h11 would accept and we do not; raising here answers such a
             client at once instead of waiting for the size limit.
     """
+    # One regex search for the first blank line (CRLF CRLF, or a bare-LF one): the common
+    # head costs one C call instead of three finds.
+    match = _BLANK_LINE_RE.search(buf, start)
+    if match is None:
+        return -1
+    lf = match.start()
+    if buf[lf + 1] == 0x0D and lf and buf[lf - 1] == 0x0D:  # CR LF CR LF
+        if lf > start:
+            return lf + 3
+        return _find_head_end(buf, start)  # a CRLF CRLF that began before `start`
+    raise _bad("bare LF line endings are not accepted")
+
+
+def _find_head_end(buf: bytes | bytearray, start: int) -> int:
     end = buf.find(b"\r\n\r\n", start)
     stop = len(buf) if end < 0 else end + 2
     if buf.find(b"\n\n", start, stop) >= 0:
@@ -244,24 +276,50 @@ def _get_all(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [value for key, value in headers if key.lower() == name]
 
 
+# The ``\nname:`` search keys of the names the data path asks for (two concatenations spared
+# per lookup); other names are built at the call.
+_KEYS: Final = {
+    name: b"\n" + name + b":"
+    for name in (
+        b"host",
+        b"connection",
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+        b"authorization",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    )
+}
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
 class _Head:
     """What request and response heads share: headers and their lookups."""
 
-    __slots__ = ("_framing", "_headers", "_lower", "_raw", "http_version")
+    __slots__ = ("_framing", "_headers", "_lower", "_raw", "_start", "_tokens", "http_version")
 
     http_version: bytes
     _framing: tuple[Framing, int] | None
     _headers: list[tuple[bytes, bytes]] | None
-    # Set by the parsers: b"\n" + the validated field lines, as received and lower-cased
-    # (the two are aligned byte for byte). A lookup is then a substring search in C, and
-    # the (name, value) list is only built if someone asks for it.
+    # Set by the parsers: the whole head as received and lower-cased (the two are aligned
+    # byte for byte), and where its field lines start (the index of the LF ending the start
+    # line). A lookup is then a substring search in C (no LF comes before ``_start``, and
+    # every field line starts after an LF), and the (name, value) list is only built if
+    # someone asks for it.
     _raw: bytes | None
     _lower: bytes | None
+    _start: int
+    # The Connection tokens, once known (the parsers set them when there is no such field).
+    _tokens: frozenset[bytes] | None
 
     def _set_fields(self, headers: list[tuple[bytes, bytes]]) -> None:
         self._headers = headers
         self._raw = self._lower = None
-        self._framing = None
+        self._start = 0
+        self._framing = self._tokens = None
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -269,7 +327,7 @@ class _Head:
         with leading and trailing whitespace stripped."""
         if self._headers is None:
             assert self._raw is not None
-            self._headers = _FIELD_LINE_RE.findall(self._raw, 1)
+            self._headers = _FIELD_LINE_RE.findall(self._raw, self._start + 1)
         return self._headers
 
     def get(self, name: bytes) -> bytes | None:
@@ -277,18 +335,21 @@ class _Head:
         lower = self._lower
         if lower is None:
             return _get(self.headers, name)
-        key = b"\n" + name + b":"
+        key = _KEYS.get(name) or b"\n" + name + b":"
         index = lower.find(key)
         if index < 0:
             return None
-        return self._value_at(index + len(key))
+        raw = self._raw
+        assert raw is not None
+        index += len(key)
+        return raw[index : raw.find(b"\r\n", index)].strip(b" \t")
 
     def get_all(self, name: bytes) -> list[bytes]:
         """Return every value of header ``name`` (given in lower case), in order."""
         lower = self._lower
         if lower is None:
             return _get_all(self.headers, name)
-        key = b"\n" + name + b":"
+        key = _KEYS.get(name) or b"\n" + name + b":"
         values = []
         index = lower.find(key)
         while index >= 0:
@@ -298,8 +359,8 @@ class _Head:
 
     def has_field_matching(self, names: re.Pattern[bytes]) -> bool:
         """Whether a field's lower-cased name matches ``names``: a constant pattern of the
-        form ``\\n(?:a|b):``, searched in the lower-cased field block in one C call (its
-        lines start with ``\\n``)."""
+        form ``\\n(?:a|b):``, searched in the lower-cased head in one C call (its field
+        lines start after ``\\n``)."""
         lower = self._lower
         if lower is None:
             return any(names.match(b"\n" + n.lower() + b":") for n, _ in self.headers)
@@ -309,7 +370,7 @@ class _Head:
         """The field lines as received (each ending in CRLF), less those whose lower-cased
         name ``names`` (a :func:`field_names_re`) matches.
 
-        The names are found in the lower-cased block and the lines cut from the block as
+        The names are found in the lower-cased head and the lines cut from the head as
         received (aligned byte for byte): a head without such a line costs one C search.
         """
         raw, lower = self._raw, self._lower
@@ -320,17 +381,17 @@ class _Head:
                 if names.match(b"\n" + n.lower() + b":") is None
             )
         # A match runs from a line's leading LF to its CR: cutting it leaves the lines around
-        # it whole, and raw[1:] drops the block's leading LF.
-        match = names.search(lower)
+        # it whole; the block runs from the start line's LF (dropped) to the blank line.
+        pos = self._start
+        match = names.search(lower, pos)
         if match is None:
-            return raw[1:]
+            return raw[pos + 1 : -2]
         parts = []
-        pos = 0
         while match is not None:
             parts.append(raw[pos : match.start()])
             pos = match.end()
             match = names.search(lower, pos)
-        parts.append(raw[pos:])
+        parts.append(raw[pos:-2])
         return b"".join(parts)[1:]
 
     def _value_at(self, start: int) -> bytes:
@@ -342,7 +403,9 @@ class _Head:
     def keep_alive(self) -> bool:
         """Whether the connection may carry another exchange after this one (RFC 9112
         §9.3). A response body framed by closing the connection ends it anyway."""
-        tokens = connection_tokens(self)
+        tokens = self._tokens
+        if tokens is None:
+            tokens = connection_tokens(self)
         if b"close" in tokens:
             return False
         # RFC 9112 §9.3: HTTP/1.1 persists by default, HTTP/1.0 only when asked to.
@@ -451,20 +514,10 @@ def _check_size(head: bytes, max_size: int, what: str) -> None:
         raise _bad(f"{what} head does not end with CRLF CRLF")
 
 
-def _parse_fields(message: _Head, head: bytes, start: int) -> None:
-    """Validate the field lines in ``head[start:-2]`` and give them to ``message``.
-
-    Both blocks start with ``\\n``, so ``lower.find(b"\\nhost:")`` finds exactly the lines
-    named Host: validated lines end in CRLF and no value contains LF. (The parsers use
-    ``find``, not ``in``: on bytes, ``x in b`` first tries ``x`` as an int and builds and
-    drops a TypeError, ~2,000 instructions, before it searches.)
-    """
-    block = head[start:-2]
+def _check_fields(block: bytes) -> None:
+    """Validate the field lines ``block`` (each ending in CRLF)."""
     if block and _FIELD_BLOCK_RE.fullmatch(block) is None:
         raise _diagnose_fields(block)
-    message._raw = raw = b"\n" + block
-    message._lower = raw.lower()
-    message._headers = None
 
 
 def _diagnose_fields(block: bytes) -> RemoteProtocolError:
@@ -491,9 +544,18 @@ def _diagnose_fields(block: bytes) -> RemoteProtocolError:
     return _bad(f"invalid header block {_show(block)}")  # pragma: no cover - defensive
 
 
+def _version_error(line: bytes) -> RemoteProtocolError:
+    return _bad(f"unsupported HTTP version in {_show(line)}; only 1.0 and 1.1", 505)
+
+
 def _check_version(version: bytes, line: bytes) -> None:
     if version not in _SUPPORTED_VERSIONS:
-        raise _bad(f"unsupported HTTP version in {_show(line)}; only 1.0 and 1.1", 505)
+        raise _version_error(line)
+
+
+# Parsed heads are made without their __init__ (a Python call per head): the parsers set
+# every slot themselves.
+_new: Final = object.__new__
 
 
 def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> RequestHead:
@@ -513,32 +575,59 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
             431 for a head over ``max_size``, 501 for a Transfer-Encoding other than chunked,
             505 for an HTTP version other than 1.0 and 1.1.
     """
-    _check_size(head, max_size, "request")
-    match = _REQUEST_LINE_RE.match(head)
+    # The hot path is inlined (a few C calls per head: one regex for the whole head, one
+    # lower(), one findall for the fields that matter); a head it refuses goes through the
+    # step-by-step checks, which raise the specific error.
+    if len(head) > max_size:
+        raise _bad(f"request head is {len(head)} bytes, limit {max_size}", 431)
+    match = _REQUEST_HEAD_RE.fullmatch(head)
     if match is None:
-        raise _diagnose_request_line(head[: head.find(b"\r\n")])
+        raise _request_head_error(head)
     method, target, version = match.groups()
-    _check_version(version, head[: match.end() - 2])
-    request = RequestHead(method, target, version, [])
-    _parse_fields(request, head, match.end())
-    lower = request._lower
-    assert lower is not None
+    if version != b"1.1" and version != b"1.0":
+        raise _version_error(head[: len(method) + len(target) + 10])
+    request: RequestHead = _new(RequestHead)
+    request.method = method
+    request.target = target
+    request.http_version = version
+    request._headers = None
+    request._raw = head
+    request._lower = lower = head.lower()
+    # METHOD SP target SP HTTP/x.y CR LF: the index of that LF.
+    request._start = start = len(method) + len(target) + 11
+    names = _REQUEST_NAMES_RE.findall(lower, start)
+    if names == _HOST_ONLY:  # the common request: one Host, no Connection, no body
+        request._framing = _NO_BODY
+        request._tokens = _NO_TOKENS
+        return request
+    request._framing = request._tokens = None
     # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
-    hosts = lower.count(b"\nhost:")
+    hosts = names.count(b"host")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
         raise _bad("missing Host header" if hosts == 0 else f"{hosts} Host headers, at most 1")
-    # Tokens are at most the head's commas plus its Connection fields: two C-level
-    # counts spare almost every message the exact check (no Python call on the hot path).
-    if (
-        lower.find(b"\nconnection:") >= 0
-        and lower.count(b",") + lower.count(b"\nconnection:") > MAX_CONNECTION_TOKENS
-    ):
-        connection_tokens(request)  # raises: too many
-    if lower.find(b"\ncontent-length:") >= 0 or lower.find(b"\ntransfer-encoding:") >= 0:
+    if b"connection" in names:
+        # Tokens are at most the head's commas plus its Connection fields: a C-level count
+        # spares almost every message the exact check.
+        if lower.count(b",", start) + names.count(b"connection") > MAX_CONNECTION_TOKENS:
+            connection_tokens(request)  # raises: too many
+    else:
+        request._tokens = _NO_TOKENS
+    if b"content-length" in names or b"transfer-encoding" in names:
         request._framing = _request_framing(request)
     else:
         request._framing = _NO_BODY
     return request
+
+
+def _request_head_error(head: bytes) -> RemoteProtocolError:
+    """The error for a request head the whole-head regex refused, found step by step."""
+    _check_size(head, len(head), "request")
+    match = _REQUEST_LINE_RE.match(head)
+    if match is None:
+        return _diagnose_request_line(head[: head.find(b"\r\n")])
+    _check_version(match[3], head[: match.end() - 2])
+    _check_fields(head[match.end() : -2])
+    return _bad("invalid request head")  # pragma: no cover - defensive
 
 
 def _diagnose_request_line(line: bytes) -> RemoteProtocolError:
@@ -573,36 +662,75 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
             for an HTTP version other than 1.0 and 1.1. The agent, not this module, turns
             these into a 502 for its client.
     """
-    _check_size(head, max_size, "response")
+    # Inlined as parse_request_head is; the framing fields come with their values from one
+    # findall, so the common Content-Length answer needs no lookup.
+    if len(head) > max_size:
+        raise _bad(f"response head is {len(head)} bytes, limit {max_size}", 431)
+    match = _RESPONSE_HEAD_RE.fullmatch(head)
+    if match is None:
+        raise _response_head_error(head)
+    version, status, reason = match.groups()
+    # HTTP/x.y SP 3DIGIT [SP reason] CR LF: the index of that LF.
+    start = 13 if reason is None else 14 + len(reason)
+    if version != b"1.1" and version != b"1.0":
+        raise _version_error(head[: start - 1])
+    code = int(status)
+    if code < 100:
+        raise _bad(f"invalid status code {code}, must be 100 to 999")
+    response: ResponseHead = _new(ResponseHead)
+    response.http_version = version
+    response.status = code
+    response.reason = reason or b""
+    response._headers = None
+    response._raw = head
+    response._lower = lower = head.lower()
+    response._start = start
+    response._framing = response._tokens = None
+    length: bytes | None = None
+    connection: list[bytes] = []
+    general = False  # repeats, Transfer-Encoding, odd values: the general checks decide
+    for name, value in _RESPONSE_FIELDS_RE.findall(lower, start):
+        if name == b"connection":
+            connection.append(value)
+        elif name == b"content-length" and length is None:
+            length = value
+        else:
+            general = True
+    if connection:
+        value = connection[0] if len(connection) == 1 else b",".join(connection)
+        if value.count(b",") >= MAX_CONNECTION_TOKENS:
+            connection_tokens(response)  # raises: too many
+        response._tokens = frozenset([token.strip() for token in value.split(b",")])
+    else:
+        response._tokens = _NO_TOKENS
+    if general:
+        response._framing = _response_header_framing(response)
+    elif length is None:
+        response._framing = _UNTIL_CLOSE
+    elif _CONTENT_LENGTH_RE.fullmatch(length) is None or int(length) > MAX_CONTENT_LENGTH:
+        response._framing = _response_header_framing(response)  # the general checks
+    else:
+        response._framing = (LENGTH, int(length))
+    return response
+
+
+def _response_head_error(head: bytes) -> RemoteProtocolError:
+    """The error for a response head the whole-head regex refused, found step by step."""
+    _check_size(head, len(head), "response")
     match = _STATUS_LINE_RE.match(head)
     if match is None:
         line = head[: head.find(b"\r\n")]
         if b"\n" in line:
-            raise _bad("bare LF line endings are not accepted")
+            return _bad("bare LF line endings are not accepted")
         if _VERSION_RE.match(line) is None:
-            raise _bad(f"invalid HTTP version in status line {_show(line)}")
-        raise _bad(f"invalid status line {_show(line)}")
-    version, status, reason = match.groups()
-    _check_version(version, head[: match.end() - 2])
-    code = int(status)
+            return _bad(f"invalid HTTP version in status line {_show(line)}")
+        return _bad(f"invalid status line {_show(line)}")
+    _check_version(match[1], head[: match.end() - 2])
+    code = int(match[2])
     if code < 100:
-        raise _bad(f"invalid status code {code}, must be 100 to 999")
-    response = ResponseHead(version, code, reason or b"", [])
-    _parse_fields(response, head, match.end())
-    lower = response._lower
-    assert lower is not None
-    # Tokens are at most the head's commas plus its Connection fields: two C-level
-    # counts spare almost every message the exact check (no Python call on the hot path).
-    if (
-        lower.find(b"\nconnection:") >= 0
-        and lower.count(b",") + lower.count(b"\nconnection:") > MAX_CONNECTION_TOKENS
-    ):
-        connection_tokens(response)  # raises: too many
-    if lower.find(b"\ncontent-length:") >= 0 or lower.find(b"\ntransfer-encoding:") >= 0:
-        response._framing = _response_header_framing(response)
-    else:
-        response._framing = _UNTIL_CLOSE
-    return response
+        return _bad(f"invalid status code {code}, must be 100 to 999")
+    _check_fields(head[match.end() : -2])
+    return _bad("invalid response head")  # pragma: no cover - defensive
 
 
 # --- changing heads at the byte level ------------------------------------------------------
@@ -646,22 +774,28 @@ def field_lines_re(names: Iterable[bytes]) -> re.Pattern[bytes]:
     return re.compile(rb"(?im)^(?:" + alternatives + rb"):[^\r\n]*\r\n")
 
 
-def connection_tokens(message: _Head) -> set[bytes]:
-    """The lower-cased tokens of every ``Connection`` field of ``message``.
+def connection_tokens(message: _Head) -> frozenset[bytes]:
+    """The lower-cased tokens of every ``Connection`` field of ``message`` (computed once
+    per head: the parsers know them already, or know there are none).
 
     Raises:
         RemoteProtocolError: (400) more than :data:`MAX_CONNECTION_TOKENS` of them; counted
             by their commas before any splitting. The parsers call this, so a parsed head
             never fails here.
     """
+    tokens = message._tokens
+    if tokens is not None:
+        return tokens
     values = message.get_all(b"connection")
     if not values:
-        return set()
+        message._tokens = _NO_TOKENS
+        return _NO_TOKENS
     value = values[0] if len(values) == 1 else b",".join(values)
     count = value.count(b",") + 1
     if count > MAX_CONNECTION_TOKENS:
         raise _bad(f"Connection header names {count} tokens, at most {MAX_CONNECTION_TOKENS}")
-    return {token.strip() for token in value.lower().split(b",")}
+    message._tokens = tokens = frozenset([token.strip() for token in value.lower().split(b",")])
+    return tokens
 
 
 def drop_fields(fields: bytes, names: set[bytes] | frozenset[bytes]) -> bytes:
