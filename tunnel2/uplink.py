@@ -99,6 +99,8 @@ _STRAY_FRAMES_PER_STREAM: Final = 3
 # WINDOWs each DATA frame we send lets through without charge: the peer returns its credit
 # on the stream and on the connection (PROTOCOL.md §6.1).
 _WINDOWS_PER_DATA_FRAME: Final = 2
+_TYPE_DATA: Final = frames.TYPE_DATA
+_TYPE_END: Final = frames.TYPE_END
 
 
 @final
@@ -950,17 +952,43 @@ class TunnelUplink:
     async def _reader_task(self) -> None:
         transport = self.transport
         decoder = self._decoder
+        streams = self._streams
         budget = _FRAMES_PER_CHECKPOINT
         try:
             while True:
-                # First round: frames the peer sent right behind its handshake frame.
-                while (item := decoder.next_item()) is not None:
+                # First round: frames the peer sent right behind its handshake frame. All the
+                # frames of one receive come in one list (one decoder call per receive, not
+                # one per frame); OPEN, DATA and END are handled inline (no call per frame).
+                for item in decoder.next_items():
                     if isinstance(item, tuple):  # OPEN, DATA, END: no frame objects
                         kind, stream_id, payload = item
-                        if kind == frames.TYPE_DATA:
-                            self._on_data(stream_id, payload)
-                        elif kind == frames.TYPE_END:
-                            self._on_end(stream_id)
+                        if kind == _TYPE_DATA:
+                            size = len(payload)
+                            self._local_window -= size
+                            stream = streams.get(stream_id)
+                            if (
+                                self._local_window < 0
+                                or stream is None
+                                or stream._remote_ended
+                                or stream._recv_window < size
+                            ):
+                                self._on_stray_data(stream, stream_id, size)
+                            else:
+                                stream._recv_window -= size
+                                stream._buffer.append(payload)
+                                stream._buffered += size
+                                if stream._waiter is not None:
+                                    stream._wake()
+                        elif kind == _TYPE_END:
+                            stream = streams.get(stream_id)
+                            if stream is None or stream._remote_ended:
+                                self._charge_stray("END")
+                            else:
+                                stream._remote_ended = True
+                                if stream._waiter is not None:
+                                    stream._wake()
+                                if stream._local_ended and not stream._buffer:
+                                    stream._finish()
                         else:
                             self._dispatch_open(stream_id, payload)
                     else:
@@ -972,6 +1000,8 @@ class TunnelUplink:
                         # Let other uplinks and streams run however fast frames arrive (§7.1).
                         budget = _FRAMES_PER_CHECKPOINT
                         await trio.lowlevel.checkpoint()
+                if decoder.error is not None:  # a bad frame behind the ones just handled
+                    raise decoder.error
                 if decoder.at_eof:
                     self.close("peer closed the connection")
                     return
@@ -988,36 +1018,21 @@ class TunnelUplink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost: {exc}")
 
-    def _on_data(self, stream_id: int, data: bytes) -> None:
-        size = len(data)
-        self._local_window -= size
+    def _on_stray_data(self, stream: TunnelStream | None, stream_id: int, size: int) -> None:
+        # The reader's DATA path for what is not a DATA frame for an open stream within its
+        # credit; the connection's credit was already taken.
         if self._local_window < 0:
             raise RemoteProtocolError(
                 f"peer overran the connection window by {-self._local_window} bytes",
                 code=ErrorCode.FLOW_CONTROL_ERROR,
             )
-        stream = self._streams.get(stream_id)
         if stream is None or stream._remote_ended:
             self._consumed(None, size)  # a late frame for a finished stream
             return
-        stream._recv_window -= size
-        if stream._recv_window < 0:
-            raise RemoteProtocolError(
-                f"peer overran stream {stream_id}'s window by {-stream._recv_window} bytes",
-                code=ErrorCode.FLOW_CONTROL_ERROR,
-            )
-        stream._buffer.append(data)
-        stream._buffered += size
-        stream._wake()
-
-    def _on_end(self, stream_id: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None or stream._remote_ended:
-            self._charge_stray("END")
-        else:
-            stream._remote_ended = True
-            stream._wake()
-            stream._maybe_finish()
+        raise RemoteProtocolError(
+            f"peer overran stream {stream_id}'s window by {size - stream._recv_window} bytes",
+            code=ErrorCode.FLOW_CONTROL_ERROR,
+        )
 
     def _dispatch(self, frame: frames.Frame) -> None:
         # The frames other than OPEN, DATA and END (the reader handles those itself).
