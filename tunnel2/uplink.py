@@ -282,7 +282,8 @@ class TunnelStream:
         if self._error is not None:
             raise self._error
         if self._remote_ended:
-            self._maybe_finish()
+            if self._local_ended:  # _maybe_finish (the buffer is empty)
+                self._finish()
             return b""
         raise trio.WouldBlock
 
@@ -311,9 +312,11 @@ class TunnelStream:
             trio.WouldBlock: ``body`` does not fit the credit or one frame; nothing was sent.
             StreamReset, UplinkClosed: the stream is gone.
         """
-        self._check_sendable()
+        if self._error is not None or self._send_error is not None or self._local_ended:
+            self._check_sendable()  # raises
         uplink = self._uplink
-        uplink._check_head_size(head, 502)
+        if len(head) > uplink._max_frame_size:
+            uplink._check_head_size(head, 502)
         wire = frames.encode_open(self.id, head)
         if body:
             wire += self._data_frame_nowait(body)
@@ -460,10 +463,12 @@ class TunnelStream:
             uplink._consumed(None, self._buffered)
             self._buffer.clear()
             self._buffered = 0
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
         if self._cancel_scope is not None and self._error is not None:
             self._cancel_scope.cancel()
-        uplink._wake_credit()
+        if uplink._credit_waiters:
+            uplink._wake_credit()
         if not uplink._streams:
             if uplink._idle_event is not None:
                 uplink._idle_event.set()
@@ -510,6 +515,7 @@ class TunnelUplink:
         decoder.max_frame_size = settings.max_frame_size
         self._max_frame_size = settings.max_frame_size
         self._initial_window = settings.initial_window
+        self._connection_window = settings.connection_window
         self._local_window = settings.connection_window
         self._remote_window = settings.connection_window
         self._conn_unacked = 0
@@ -545,6 +551,9 @@ class TunnelUplink:
         self._max_incoming = max_incoming
         self._acceptors: collections.deque[_Acceptor] = collections.deque()
         self._last_received = trio.current_time()
+        # The run's clock, read directly: trio.current_time() is four Python calls deep and
+        # the reader reads the time once per receive.
+        self._now = trio.lowlevel.current_clock().current_time
         interval = settings.ping_interval
         self.heartbeat_timeout = (
             heartbeat_timeout if heartbeat_timeout is not None else DEAD_AFTER_INTERVALS * interval
@@ -636,9 +645,10 @@ class TunnelUplink:
                 negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 431); no
                 stream was opened.
         """
-        if not self.accepting:
+        if self._closing or self._draining or self._peer_goaway is not None:  # not accepting
             raise self._close_error or UplinkClosed("uplink is draining")
-        self._check_head_size(head, 431)
+        if len(head) > self._max_frame_size:
+            self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
         wire = frames.encode_open(stream_id, head)
         self._last_stream_id = stream_id
@@ -853,7 +863,7 @@ class TunnelUplink:
                 self._queue(frames.encode(frames.Window(stream.id, stream._unacked)))
                 stream._unacked = 0
         self._conn_unacked += size
-        window = self.settings.connection_window
+        window = self._connection_window
         if (
             self._conn_unacked * _CREDIT_RETURN_FRACTION >= window
             # Unread streams may hold most of the window: return what was read at once
@@ -1009,7 +1019,7 @@ class TunnelUplink:
                     budget = _FRAMES_PER_CHECKPOINT
                     await trio.lowlevel.checkpoint()
                 data = await transport.receive()
-                self._last_received = trio.current_time()
+                self._last_received = self._now()
                 budget -= 1 + (len(data) >> _RECEIVE_BYTES_PER_UNIT_SHIFT)
                 decoder.receive_data(data)
         except ProtocolError as exc:
