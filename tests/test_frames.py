@@ -1005,15 +1005,15 @@ def test_frames_all_names_exist() -> None:
         assert hasattr(frames, name), name
 
 
-# --- the data path's shortcuts: encode_* and next_item ----------------------------------------
+# --- the data path's shortcuts: encode_* and next_items ---------------------------------------
 
 
 @pytest.mark.parametrize("frame", SAMPLES, ids=_sample_id)
-def test_next_item_is_next_frame_without_the_stream_frames_objects(frame: frames.Frame) -> None:
+def test_next_items_is_next_frame_without_the_stream_frames_objects(frame: frames.Frame) -> None:
     decoder = frames.FrameDecoder()
     decoder.receive_data(frames.encode(frame))
-    item = decoder.next_item()
-    assert decoder.next_item() is None
+    [item] = decoder.next_items()
+    assert decoder.next_items() == []
     if isinstance(frame, frames.Open):
         assert item == (frames.TYPE_OPEN, frame.stream_id, frame.head)
     elif isinstance(frame, frames.Data):
@@ -1035,13 +1035,86 @@ def test_next_item_is_next_frame_without_the_stream_frames_objects(frame: frames
         (raw(0x10, b"GET / HTTP/1.1\r\n\r\n", stream_id=0), "out of range"),
     ],
 )
-def test_next_item_refuses_what_the_constructors_refuse(wire: bytes, message: str) -> None:
+def test_next_items_refuses_what_the_constructors_refuse(wire: bytes, message: str) -> None:
     decoder = frames.FrameDecoder()
     decoder.receive_data(wire)
     with pytest.raises(RemoteProtocolError, match=message):
-        decoder.next_item()
+        decoder.next_items()
     with pytest.raises(RemoteProtocolError, match=message):  # and stays failed
         decoder.next_frame()
+    assert decoder.error is not None
+    assert message in str(decoder.error)
+
+
+@given(st.lists(st.sampled_from(SAMPLES), max_size=6), st.integers(1, 40))
+def test_next_items_gives_what_next_frame_gives_one_by_one(
+    batch: list[frames.Frame], cut: int
+) -> None:
+    wire = b"".join(frames.encode(frame) for frame in batch)
+    one_by_one = frames.FrameDecoder()
+    at_once = frames.FrameDecoder()
+    expected: list[frames.Frame] = []
+    got: list[frames.Frame] = []
+    for start in range(0, len(wire), cut):
+        one_by_one.receive_data(wire[start : start + cut])
+        at_once.receive_data(wire[start : start + cut])
+        while (frame := one_by_one.next_frame()) is not None:
+            expected.append(frame)
+        for item in at_once.next_items():
+            got.append(_as_frame(item))
+    assert got == expected == batch
+    assert at_once.buffered == 0
+
+
+def _as_frame(item: frames.StreamItem | frames.Frame) -> frames.Frame:
+    if not isinstance(item, tuple):
+        return item
+    kind, stream_id, payload = item
+    if kind == frames.TYPE_OPEN:
+        return frames.Open(stream_id, payload)
+    if kind == frames.TYPE_DATA:
+        return frames.Data(stream_id, payload)
+    return frames.End(stream_id)
+
+
+_GOOD: list[frames.Frame] = [
+    frames.Open(1, b"GET / HTTP/1.1\r\n\r\n"),
+    frames.Data(1, b"x"),
+    frames.End(1),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (raw(0x12, b"x", stream_id=1), "END frame with a 1-byte payload"),
+        (raw(0x11, b"x", stream_id=1, flags=1), "unknown flags"),
+        (raw(0x7F, b"", stream_id=0), "unknown frame type"),
+        (header(70000, 0x11, 0, 1), "exceeds max"),
+    ],
+)
+def test_next_items_gives_the_good_frames_before_a_bad_one_then_fails(
+    bad: bytes, message: str
+) -> None:
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(b"".join(frames.encode(frame) for frame in _GOOD) + bad)
+    assert [_as_frame(item) for item in decoder.next_items()] == _GOOD
+    assert decoder.error is not None
+    assert message in str(decoder.error)
+    with pytest.raises(RemoteProtocolError, match=message):
+        decoder.next_items()
+    with pytest.raises(RemoteProtocolError, match=message):
+        decoder.receive_data(b"more")
+
+
+def test_next_items_gives_the_frames_before_eof_inside_a_frame_then_fails() -> None:
+    decoder = frames.FrameDecoder()
+    decoder.receive_data(b"".join(frames.encode(frame) for frame in _GOOD) + b"\x00\x00\x01")
+    decoder.receive_data(b"")
+    assert [_as_frame(item) for item in decoder.next_items()] == _GOOD
+    assert decoder.error is not None
+    with pytest.raises(RemoteProtocolError, match="closed mid-frame"):
+        decoder.next_items()
 
 
 @given(stream_id=st.integers(-1, frames.MAX_STREAM_ID + 1), payload=st.binary(max_size=40))

@@ -444,6 +444,38 @@ def test_fast_path_refuses_what_wsproto_refuses(
         assert got[1] == expected[1]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    client_sends=st.booleans(),
+    message=st.binary(max_size=300) | st.sampled_from([b"x" * 125, b"x" * 126, b"x" * 65536]),
+    change=st.sampled_from(["none", "first byte", "mask bit", "long length"]),
+    byte=st.sampled_from([0x02, 0x80, 0x81, 0x83, 0x88, 0x89, 0xC2, 0x92]),
+)
+def test_a_whole_message_in_one_read_is_read_as_wsproto_reads_it(
+    client_sends: bool, message: bytes, change: str, byte: int
+) -> None:
+    """The reader's shortcut for one whole unfragmented frame in one read (the common small
+    message) gives wsproto's outcome, also with a wrong first byte, a flipped mask bit or a
+    length not in its shortest form."""
+    client, server = wsproto_connected()
+    sender, own = (client, server) if client_sends else (server, client)
+    wire = bytearray(sender.send(wsproto.events.BytesMessage(message)))
+    if change == "first byte":
+        wire[0] = byte
+    elif change == "mask bit":
+        wire[1] ^= 0x80
+    elif change == "long length" and len(message) < 126:
+        wire[1:2] = bytes((wire[1] & 0x80 | 126, 0, len(message)))
+    oracle = wsproto_connected()[1 if client_sends else 0]
+    expected = wsproto_outcome(oracle, bytes(wire))
+    got = fast_path_outcome(_WebSocketReader(masked=client_sends), own, bytes(wire))
+    assert got[0] == expected[0]
+    if not expected[0]:
+        assert got[1] == expected[1]
+    if change == "none":
+        assert got == (False, message)
+
+
 @pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 65535, 65536, 100_000])
 def test_xor_mask_round_trips_at_every_offset(size: int) -> None:
     data = bytes(range(256)) * (size // 256 + 1)

@@ -177,6 +177,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._closed = False
         self._unsent = b""  # what send_nowait could not send yet; goes out first
+        # True while _unsent holds bytes: a plain attribute, read per message on the data
+        # path (the uplink, the relay's client writes) where a property costs a call.
+        self.send_pending = False
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> FastSocketStream:
@@ -205,6 +208,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream is closed")
         if self._unsent:
             data, self._unsent = self._unsent + data, b""
+            self.send_pending = False
         sock = self.socket
         try:
             try:
@@ -245,11 +249,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(f"send failed: {exc}") from exc
         if sent < len(data):
             self._unsent = data[sent:]
-
-    @property
-    def send_pending(self) -> bool:
-        """True if bytes taken by :meth:`send_nowait` wait for the next :meth:`send_all`."""
-        return bool(self._unsent)
+            self.send_pending = True
 
     def peer_closed(self) -> bool:
         """True if the peer closed its side and nothing unread is left (a peek, no wait)."""

@@ -73,6 +73,7 @@ _U32: Final = struct.Struct("!I")
 _GOAWAY: Final = struct.Struct("!IH")
 
 _FLAG_NONE: Final = 0
+_NO_LIMIT: Final = -1  # FrameDecoder._take: every complete frame
 
 _TYPE_HELLO: Final = 0x01
 _TYPE_WELCOME: Final = 0x02
@@ -343,7 +344,7 @@ class GoAway:
 Frame: TypeAlias = (
     Hello | Welcome | Refuse | Open | Data | End | Reset | Window | Ping | Pong | GoAway
 )
-# An OPEN, DATA or END frame as FrameDecoder.next_item gives it: (type, stream id, payload).
+# An OPEN, DATA or END frame as FrameDecoder.next_items gives it: (type, stream id, payload).
 StreamItem: TypeAlias = tuple[int, int, bytes]
 
 _SESSION_ID_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-_")
@@ -639,7 +640,10 @@ class FrameDecoder:
             RemoteProtocolError: the bytes are not a valid frame (with ``code`` set), or EOF
                 came in the middle of a frame. The decoder stays failed.
         """
-        item = self.next_item()
+        items = self._take(1)
+        if not items:
+            return None
+        item = items[0]
         if not isinstance(item, tuple):
             return item
         kind, stream_id, payload = item
@@ -649,62 +653,90 @@ class FrameDecoder:
             return End(stream_id)
         return Open(stream_id, payload)
 
-    def next_item(self) -> StreamItem | Frame | None:
-        """:meth:`next_frame` without building the data path's frames: OPEN, DATA and END
-        come as ``(TYPE_OPEN | TYPE_DATA | TYPE_END, stream_id, payload)``, checked as their
-        constructors check; every other frame as its object.
+    def next_items(self) -> list[StreamItem | Frame]:
+        """Every complete frame buffered, in order, in one call (the uplink's reader makes
+        one per receive instead of one per frame): OPEN, DATA and END as
+        ``(TYPE_OPEN | TYPE_DATA | TYPE_END, stream_id, payload)``, checked as their
+        constructors check; every other frame as its object. An empty list means more bytes
+        are needed.
 
         Raises:
-            RemoteProtocolError: as :meth:`next_frame`.
+            RemoteProtocolError: as :meth:`next_frame`, when the first frame it would return
+                is bad. A bad frame behind good ones ends the list before it and fails the
+                decoder (:attr:`error`): the caller handles the good ones, then the error.
         """
+        return self._take(_NO_LIMIT)
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The error the decoder failed with (every later call raises it), or ``None``."""
+        return self._error
+
+    def _take(self, limit: int) -> list[StreamItem | Frame]:
         if self._error is not None:
             raise self._error
         buf = self._buffer
+        size = len(buf)
         start = self._offset
-        available = len(buf) - start
-        if available < HEADER_SIZE:
-            if self._eof and available:
-                self._raise(_fail(f"connection closed mid-frame ({available} bytes buffered)"))
-            return None
-        length, ftype, flags, sid = _HEADER.unpack_from(buf, start)
-        if length > self.max_frame_size:
-            self._raise(
-                _fail(
-                    f"frame length {length} exceeds max {self.max_frame_size}",
-                    ErrorCode.FRAME_SIZE_ERROR,
+        max_size = self.max_frame_size
+        items: list[StreamItem | Frame] = []
+        failure: LocalProtocolError | None = None
+        while limit:
+            available = size - start
+            if available < HEADER_SIZE:
+                if self._eof and available:
+                    failure = _fail(f"connection closed mid-frame ({available} bytes buffered)")
+                break
+            length, ftype, flags, sid = _HEADER.unpack_from(buf, start)
+            if length > max_size:
+                failure = _fail(
+                    f"frame length {length} exceeds max {max_size}", ErrorCode.FRAME_SIZE_ERROR
                 )
-            )
-        end = start + HEADER_SIZE + length
-        if end > len(buf):
-            if self._eof:
-                self._raise(_fail(f"connection closed mid-frame ({available} bytes buffered)"))
-            return None
-        if flags:
-            self._raise(_fail(f"frame type 0x{ftype:02x} has unknown flags 0x{flags:02x}"))
-        payload = bytes(buf[start + HEADER_SIZE : end])
-        frame: StreamItem | Frame
-        if 0 < sid <= MAX_STREAM_ID and (
-            (ftype == _TYPE_DATA and payload)
-            or (ftype == _TYPE_END and not payload)
-            or (ftype == _TYPE_OPEN and payload.endswith(b"\r\n\r\n"))
-        ):
-            frame = (ftype, sid, payload)
-        else:
-            try:
-                frame = _decode_payload(ftype, sid, payload)
-            except LocalProtocolError as exc:
-                self._raise(exc)
+                break
+            end = start + HEADER_SIZE + length
+            if end > size:
+                if self._eof:
+                    failure = _fail(f"connection closed mid-frame ({available} bytes buffered)")
+                break
+            if flags:
+                failure = _fail(f"frame type 0x{ftype:02x} has unknown flags 0x{flags:02x}")
+                break
+            payload = bytes(buf[start + HEADER_SIZE : end])
+            if 0 < sid <= MAX_STREAM_ID and (
+                (ftype == _TYPE_DATA and payload)
+                or (ftype == _TYPE_END and not payload)
+                or (ftype == _TYPE_OPEN and payload.endswith(b"\r\n\r\n"))
+            ):
+                items.append((ftype, sid, payload))
+            else:
+                try:
+                    items.append(_decode_payload(ftype, sid, payload))
+                except LocalProtocolError as exc:
+                    failure = exc
+                    break
+            start = end
+            limit -= 1
         # Compact lazily: drop consumed bytes once they dominate the buffer.
-        if end == len(buf):
-            buf.clear()
-            self._offset = 0
-        elif end > 65536 and end * 2 > len(buf):
-            del buf[:end]
-            self._offset = 0
-        else:
-            self._offset = end
-        return frame
+        if start == size:
+            if size:
+                buf.clear()
+            start = 0
+        elif start > 65536 and start * 2 > size:
+            del buf[:start]
+            start = 0
+        self._offset = start
+        if failure is not None:
+            if not items:
+                self._raise(failure)
+            self._error = self._remote_error(failure)
+        return items
 
     def _raise(self, exc: LocalProtocolError) -> Any:
-        self._error = RemoteProtocolError(str(exc), code=exc.code, status_hint=exc.status_hint)
+        self._error = self._remote_error(exc)
         raise self._error from exc
+
+    @staticmethod
+    def _remote_error(exc: LocalProtocolError) -> RemoteProtocolError:
+        error = RemoteProtocolError(str(exc), code=exc.code, status_hint=exc.status_hint)
+        error.__cause__ = exc
+        return error

@@ -99,6 +99,8 @@ _STRAY_FRAMES_PER_STREAM: Final = 3
 # WINDOWs each DATA frame we send lets through without charge: the peer returns its credit
 # on the stream and on the connection (PROTOCOL.md §6.1).
 _WINDOWS_PER_DATA_FRAME: Final = 2
+_TYPE_DATA: Final = frames.TYPE_DATA
+_TYPE_END: Final = frames.TYPE_END
 
 
 @final
@@ -280,7 +282,8 @@ class TunnelStream:
         if self._error is not None:
             raise self._error
         if self._remote_ended:
-            self._maybe_finish()
+            if self._local_ended:  # _maybe_finish (the buffer is empty)
+                self._finish()
             return b""
         raise trio.WouldBlock
 
@@ -309,9 +312,11 @@ class TunnelStream:
             trio.WouldBlock: ``body`` does not fit the credit or one frame; nothing was sent.
             StreamReset, UplinkClosed: the stream is gone.
         """
-        self._check_sendable()
+        if self._error is not None or self._send_error is not None or self._local_ended:
+            self._check_sendable()  # raises
         uplink = self._uplink
-        uplink._check_head_size(head, 502)
+        if len(head) > uplink._max_frame_size:
+            uplink._check_head_size(head, 502)
         wire = frames.encode_open(self.id, head)
         if body:
             wire += self._data_frame_nowait(body)
@@ -458,10 +463,12 @@ class TunnelStream:
             uplink._consumed(None, self._buffered)
             self._buffer.clear()
             self._buffered = 0
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
         if self._cancel_scope is not None and self._error is not None:
             self._cancel_scope.cancel()
-        uplink._wake_credit()
+        if uplink._credit_waiters:
+            uplink._wake_credit()
         if not uplink._streams:
             if uplink._idle_event is not None:
                 uplink._idle_event.set()
@@ -508,6 +515,7 @@ class TunnelUplink:
         decoder.max_frame_size = settings.max_frame_size
         self._max_frame_size = settings.max_frame_size
         self._initial_window = settings.initial_window
+        self._connection_window = settings.connection_window
         self._local_window = settings.connection_window
         self._remote_window = settings.connection_window
         self._conn_unacked = 0
@@ -543,6 +551,9 @@ class TunnelUplink:
         self._max_incoming = max_incoming
         self._acceptors: collections.deque[_Acceptor] = collections.deque()
         self._last_received = trio.current_time()
+        # The run's clock, read directly: trio.current_time() is four Python calls deep and
+        # the reader reads the time once per receive.
+        self._now = trio.lowlevel.current_clock().current_time
         interval = settings.ping_interval
         self.heartbeat_timeout = (
             heartbeat_timeout if heartbeat_timeout is not None else DEAD_AFTER_INTERVALS * interval
@@ -634,9 +645,10 @@ class TunnelUplink:
                 negotiated frame size (``code`` FRAME_SIZE_ERROR, ``status_hint`` 431); no
                 stream was opened.
         """
-        if not self.accepting:
+        if self._closing or self._draining or self._peer_goaway is not None:  # not accepting
             raise self._close_error or UplinkClosed("uplink is draining")
-        self._check_head_size(head, 431)
+        if len(head) > self._max_frame_size:
+            self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
         wire = frames.encode_open(stream_id, head)
         self._last_stream_id = stream_id
@@ -851,7 +863,7 @@ class TunnelUplink:
                 self._queue(frames.encode(frames.Window(stream.id, stream._unacked)))
                 stream._unacked = 0
         self._conn_unacked += size
-        window = self.settings.connection_window
+        window = self._connection_window
         if (
             self._conn_unacked * _CREDIT_RETURN_FRACTION >= window
             # Unread streams may hold most of the window: return what was read at once
@@ -950,17 +962,43 @@ class TunnelUplink:
     async def _reader_task(self) -> None:
         transport = self.transport
         decoder = self._decoder
+        streams = self._streams
         budget = _FRAMES_PER_CHECKPOINT
         try:
             while True:
-                # First round: frames the peer sent right behind its handshake frame.
-                while (item := decoder.next_item()) is not None:
+                # First round: frames the peer sent right behind its handshake frame. All the
+                # frames of one receive come in one list (one decoder call per receive, not
+                # one per frame); OPEN, DATA and END are handled inline (no call per frame).
+                for item in decoder.next_items():
                     if isinstance(item, tuple):  # OPEN, DATA, END: no frame objects
                         kind, stream_id, payload = item
-                        if kind == frames.TYPE_DATA:
-                            self._on_data(stream_id, payload)
-                        elif kind == frames.TYPE_END:
-                            self._on_end(stream_id)
+                        if kind == _TYPE_DATA:
+                            size = len(payload)
+                            self._local_window -= size
+                            stream = streams.get(stream_id)
+                            if (
+                                self._local_window < 0
+                                or stream is None
+                                or stream._remote_ended
+                                or stream._recv_window < size
+                            ):
+                                self._on_stray_data(stream, stream_id, size)
+                            else:
+                                stream._recv_window -= size
+                                stream._buffer.append(payload)
+                                stream._buffered += size
+                                if stream._waiter is not None:
+                                    stream._wake()
+                        elif kind == _TYPE_END:
+                            stream = streams.get(stream_id)
+                            if stream is None or stream._remote_ended:
+                                self._charge_stray("END")
+                            else:
+                                stream._remote_ended = True
+                                if stream._waiter is not None:
+                                    stream._wake()
+                                if stream._local_ended and not stream._buffer:
+                                    stream._finish()
                         else:
                             self._dispatch_open(stream_id, payload)
                     else:
@@ -972,6 +1010,8 @@ class TunnelUplink:
                         # Let other uplinks and streams run however fast frames arrive (§7.1).
                         budget = _FRAMES_PER_CHECKPOINT
                         await trio.lowlevel.checkpoint()
+                if decoder.error is not None:  # a bad frame behind the ones just handled
+                    raise decoder.error
                 if decoder.at_eof:
                     self.close("peer closed the connection")
                     return
@@ -979,7 +1019,7 @@ class TunnelUplink:
                     budget = _FRAMES_PER_CHECKPOINT
                     await trio.lowlevel.checkpoint()
                 data = await transport.receive()
-                self._last_received = trio.current_time()
+                self._last_received = self._now()
                 budget -= 1 + (len(data) >> _RECEIVE_BYTES_PER_UNIT_SHIFT)
                 decoder.receive_data(data)
         except ProtocolError as exc:
@@ -988,36 +1028,21 @@ class TunnelUplink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close(f"connection lost: {exc}")
 
-    def _on_data(self, stream_id: int, data: bytes) -> None:
-        size = len(data)
-        self._local_window -= size
+    def _on_stray_data(self, stream: TunnelStream | None, stream_id: int, size: int) -> None:
+        # The reader's DATA path for what is not a DATA frame for an open stream within its
+        # credit; the connection's credit was already taken.
         if self._local_window < 0:
             raise RemoteProtocolError(
                 f"peer overran the connection window by {-self._local_window} bytes",
                 code=ErrorCode.FLOW_CONTROL_ERROR,
             )
-        stream = self._streams.get(stream_id)
         if stream is None or stream._remote_ended:
             self._consumed(None, size)  # a late frame for a finished stream
             return
-        stream._recv_window -= size
-        if stream._recv_window < 0:
-            raise RemoteProtocolError(
-                f"peer overran stream {stream_id}'s window by {-stream._recv_window} bytes",
-                code=ErrorCode.FLOW_CONTROL_ERROR,
-            )
-        stream._buffer.append(data)
-        stream._buffered += size
-        stream._wake()
-
-    def _on_end(self, stream_id: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None or stream._remote_ended:
-            self._charge_stray("END")
-        else:
-            stream._remote_ended = True
-            stream._wake()
-            stream._maybe_finish()
+        raise RemoteProtocolError(
+            f"peer overran stream {stream_id}'s window by {size - stream._recv_window} bytes",
+            code=ErrorCode.FLOW_CONTROL_ERROR,
+        )
 
     def _dispatch(self, frame: frames.Frame) -> None:
         # The frames other than OPEN, DATA and END (the reader handles those itself).
