@@ -43,16 +43,14 @@ def main() -> None:
     length = http.Framing.LENGTH
     cases = {
         "common response, no request (Host form)": lambda: _response_head_for_tunnel(
-            common, COMMON, length
+            common, length
         ),
         "common response, path form (cheap check)": lambda: _response_head_for_tunnel(
-            common, COMMON, length, REQUEST
+            common, length, REQUEST
         ),
-        "redirect + cookie, no request": lambda: _response_head_for_tunnel(
-            redirect, REDIRECT, length
-        ),
+        "redirect + cookie, no request": lambda: _response_head_for_tunnel(redirect, length),
         "redirect + cookie, path form (rewritten)": lambda: _response_head_for_tunnel(
-            redirect, REDIRECT, length, REQUEST
+            redirect, length, REQUEST
         ),
         "per request: X-Forwarded-Prefix search": lambda: _PREFIX_FIELD in REQUEST,
     }
