@@ -34,6 +34,13 @@ def test_hop_by_hop_response_fields_are_cut_and_keep_alive_read() -> None:
         (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", False),
         (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: Keep-Alive\r\n\r\n", True),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: Close\r\n\r\n", False),
+        # Two Connection fields, each a single option on its own: together they close.
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n",
+            False,
+        ),
     ],
 )
 def test_keep_alive_follows_version_and_connection(head: bytes, keep_alive: bool) -> None:
