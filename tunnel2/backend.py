@@ -81,16 +81,8 @@ def _response_head_for_tunnel(
     """
     status = response.status
     fields = response.fields_without(_HOP_BY_HOP_101_RE if status == 101 else _HOP_BY_HOP_RE)
-    values = response.get_all(b"connection")
-    tokens: set[bytes] | frozenset[bytes]
-    if not values:
-        tokens = _NO_TOKENS
-    elif len(values) == 1 and (option := _OPTION_TOKENS.get(values[0].lower())) is not None:
-        # One common option (nginx's "keep-alive"): no split, strip and set of the general
-        # way (~-4k instructions per request); it names no field to cut.
-        tokens = option
-    else:
-        tokens = http.connection_tokens(response)
+    tokens = http.connection_tokens(response)  # (found by the parser: an attribute read)
+    if tokens:
         named = tokens - http.CONNECTION_OPTIONS
         if named:  # rare: fields the Connection header marks hop-by-hop
             fields = http.drop_fields(fields, named)
@@ -110,10 +102,6 @@ def _response_head_for_tunnel(
 
 
 _HOP_BY_HOP_RE: Final = http.field_names_re(http.HOP_BY_HOP)
-_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-_OPTION_TOKENS: Final = {
-    token: frozenset({token}) for token in (b"keep-alive", b"close", b"upgrade")
-}
 _HOP_BY_HOP_101_RE: Final = http.field_names_re(http.HOP_BY_HOP - {b"connection", b"upgrade"})
 
 
