@@ -1171,12 +1171,12 @@ def make_body_reader(
 
     Args:
         framing: the body's framing.
-        length: the Content-Length for :attr:`LENGTH`, else ignored.
+        length: the Content-Length for :data:`LENGTH`, else ignored.
         max_chunk_line: the longest chunk-size line accepted, extensions included.
         max_trailer_size: the largest trailer section accepted (trailers are discarded).
 
     Returns:
-        A fresh :class:`BodyReader`; for :attr:`NONE` it is already done.
+        A fresh :class:`BodyReader`; for :data:`NONE` it is already done.
     """
     if framing is LENGTH:
         return _LengthReader(length)

@@ -717,6 +717,7 @@ class ProxyEntry:
         framing: http.Framing,
         length: int,
         conn: _Connection,
+        *,
         upgrade: bytes | None,
         plain: bool,
     ) -> bytes:
@@ -777,7 +778,8 @@ class ProxyEntry:
             raise _Answer(413, f"request body is {length} bytes, limit {config.max_body_size}")
         if self.server.draining:  # a restart: the client may retry soon (PROTOCOL.md §6.3)
             raise _Answer(503, "the relay is shutting down", headers=b"Retry-After: 1\r\n")
-        # The request's one clock read: routing and the response head's deadline.
+        # One clock read for routing and the response head's deadline (another after a wait
+        # for a re-dialling agent or a 100 Continue the client was slow to take).
         now = self._now()
         routed = self.server.routes.route(session_id, now)
         if routed is DISCONNECTED and self.server.routes.holding(session_id, now):
@@ -796,8 +798,7 @@ class ProxyEntry:
                 )
             raise _Answer(404, f"session {session_id} is not connected to this relay")
         route = routed.uplink
-        # Refused here, never at the agent (the dict itself: policy_for is a call more).
-        access = self.server.access_policies.get(session_id)
+        access = self.server.policy_for(session_id)  # refused here, never at the agent
         drop = _DROP_RE if access is None else _admit(access, request, conn.peer)
         if route.open_streams >= config.max_streams_per_agent:
             raise _Answer(
@@ -808,7 +809,7 @@ class ProxyEntry:
         plain = not request.has_field_matching(_CONNECTION_OR_UPGRADE_RE)
         upgrade = None if plain or framing is not http.NONE else _upgrade_of(request)
         head = self._forward_head(
-            request, drop, target, prefix, framing, length, conn, upgrade, plain
+            request, drop, target, prefix, framing, length, conn, upgrade=upgrade, plain=plain
         )
         bodiless = upgrade is None and (
             framing is http.NONE or (framing is http.LENGTH and not length)
@@ -840,6 +841,7 @@ class ProxyEntry:
         try:
             if framing is not http.NONE and request.get(b"expect") == b"100-continue":
                 await conn.send(_CONTINUE)
+                exchange.deadline = self._now() + config.request_timeout
             if upgrade is not None:
                 # Keep our direction open: after a 101 it carries the new protocol's bytes.
                 response_head, response = await self._wait_response(conn, exchange)

@@ -664,6 +664,10 @@ class FrameDecoder:
             RemoteProtocolError: as :meth:`next_frame`, when the first frame it would return
                 is bad. A bad frame behind good ones ends the list before it and fails the
                 decoder (:attr:`error`): the caller handles the good ones, then the error.
+
+        The frames leave the buffer with this call: a caller that stops part-way through
+        the list drops the rest (the uplink's reader is the only consumer, and a reader
+        that stops ends its uplink).
         """
         return self._take(_NO_LIMIT)
 
