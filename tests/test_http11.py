@@ -213,6 +213,33 @@ def test_http10_request_needs_no_host() -> None:
     assert head.headers == []
 
 
+def _unset_slots(head: object) -> list[str]:
+    slots = [name for cls in type(head).__mro__ for name in getattr(cls, "__slots__", ())]
+    return [name for name in slots if not hasattr(head, name)]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [b"Host: a"],  # the parser's early return
+        [b"Host: a", b"Connection: close"],
+        [b"Host: a", b"Content-Length: 3"],
+        [b"Host: a", b"Transfer-Encoding: chunked"],
+        [b"Host: a", b"Connection: keep-alive, X-Hop", b"X-Hop: 1"],
+    ],
+)
+def test_parsed_heads_set_every_slot(fields: list[bytes]) -> None:
+    # The parsers build heads without __init__ (object.__new__) and set each slot by hand:
+    # a slot added later and missed on one path would fail only there.
+    assert _unset_slots(parse_request_head(request(*fields))) == []
+    response = parse_response_head(
+        b"HTTP/1.1 200 OK\r\n" + b"".join(f + b"\r\n" for f in fields[1:]) + b"\r\n"
+    )
+    assert _unset_slots(response) == []
+    for built in (RequestHead(b"GET", b"/", b"1.1", []), ResponseHead(b"1.1", 200, b"OK", [])):
+        assert _unset_slots(built) == []
+
+
 def test_request_head_equality_and_repr() -> None:
     a = parse_request_head(request(b"Host: a"))
     b = RequestHead(b"GET", b"/", b"1.1", [(b"Host", b"a")])
