@@ -1,7 +1,8 @@
 """Expose a local HTTP port through a tunnel2 relay.
 
 With no arguments it is self-contained: it starts a relay on 127.0.0.1:8000 and a tiny demo
-backend in this process, exposes the backend, prints the public URL and serves until Ctrl-C::
+backend in this process, exposes the backend, prints the public URL and serves until Ctrl-C
+(or SIGTERM)::
 
     python examples/expose_port.py
     curl http://127.0.0.1:8000/session/<id>/
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -65,6 +68,25 @@ async def run_remote(server: str, port: int, session: str | None) -> None:
         await trio.sleep_forever()
 
 
+async def until_stopped(fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Run ``fn(*args)`` until Ctrl-C (SIGINT) or SIGTERM cancels it.
+
+    The signals come through a receiver rather than as a KeyboardInterrupt: trio raises
+    KeyboardInterrupt wherever the program happens to be, and in the wrong place (a task half
+    way into ``Event.wait``) that breaks trio's own bookkeeping. A cancellation is always clean.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_on_signal)
+            await fn(*args)
+            nursery.cancel_scope.cancel()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="a relay URL; without it a relay runs in-process")
@@ -78,18 +100,19 @@ def main() -> int:
         parser.error("--server needs --port")
     try:
         if args.server:
-            trio.run(run_remote, args.server, args.port, args.session)
+            trio.run(until_stopped, run_remote, args.server, args.port, args.session)
         else:
-            trio.run(run_demo, args.relay_port)
+            trio.run(until_stopped, run_demo, args.relay_port)
     except BaseException as exc:  # trio wraps what its tasks raise in exception groups
         error = _lone(exc)
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the signal receiver is open
             print("expose_port: stopped", file=sys.stderr)
             return 0
         if isinstance(error, (tunnel2.TunnelError, OSError)):
             print(f"expose_port: {error}", file=sys.stderr)
             return 1
         raise
+    print("expose_port: stopped", file=sys.stderr)
     return 0
 
 

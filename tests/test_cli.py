@@ -19,6 +19,7 @@ from tunnel2.cli import build_parser
 
 CLI = (sys.executable, "-m", "tunnel2.cli")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SIGNAL_MID_WAIT = Path(__file__).resolve().parent / "apps" / "signal_mid_wait.py"
 
 
 @attrs.define
@@ -285,20 +286,97 @@ async def test_host_port_without_a_scheme_is_taken_as_http(spelling: str) -> Non
         assert "cannot connect to the relay" in stderr
 
 
+@asynccontextmanager
+async def serving_example(tmp_path: Path, *wrapper: str) -> AsyncIterator[Proc]:
+    """``examples/expose_port.py`` in demo mode (run by ``wrapper``, a script, if given), read
+    up to its ``Ctrl-C`` line."""
+    example = str(EXAMPLES / "expose_port.py")
+    async with run(
+        sys.executable, *wrapper, example, "--relay-port", "0", stderr=tmp_path / "ex.err"
+    ) as demo:
+        while not (await demo.readline()).startswith("Ctrl-C"):
+            pass
+        yield demo
+
+
+def assert_stopped_cleanly(demo: Proc) -> None:
+    stderr = demo.stderr()
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "expose_port: stopped"
+
+
 async def test_version_and_ctrl_c_on_the_readme_example(tmp_path: Path) -> None:
     with trio.fail_after(20):
         version = await trio.run_process([*CLI, "--version"], capture_stdout=True)
         assert version.stdout.decode().startswith("tunnel2 ")
-        example = EXAMPLES / "expose_port.py"
-        async with run(
-            sys.executable, str(example), "--relay-port", "0", stderr=tmp_path / "ex.err"
-        ) as demo:
-            while not (await demo.readline()).startswith("Ctrl-C"):
-                pass
+        async with serving_example(tmp_path) as demo:
             assert await demo.interrupt() == 0
-        stderr = demo.stderr()
-        assert "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1] == "expose_port: stopped"
+    assert_stopped_cleanly(demo)
+
+
+async def test_readme_example_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with serving_example(tmp_path) as demo:
+            demo.process.send_signal(signal.SIGTERM)
+            assert await demo.process.wait() == 0
+    assert_stopped_cleanly(demo)
+
+
+async def test_readme_example_stops_on_ctrl_c_while_still_connecting(tmp_path: Path) -> None:
+    # A "relay" that takes the connection and never answers: the example is still in
+    # open_tunnel when Ctrl-C comes, and stops there.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        with trio.fail_after(20):
+            async with run(
+                sys.executable,
+                str(EXAMPLES / "expose_port.py"),
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--port",
+                "9",
+                stderr=tmp_path / "ex.err",
+            ) as demo:
+                silent = await listeners[0].accept()
+                demo.process.send_signal(signal.SIGINT)
+                assert await demo.process.wait() == 0, demo.stderr()
+                await silent.aclose()
+    assert_stopped_cleanly(demo)
+
+
+async def test_readme_example_survives_ctrl_c_in_the_middle_of_an_event_wait(
+    tmp_path: Path,
+) -> None:
+    # A KeyboardInterrupt raised inside trio.Event.wait, between the task registering and
+    # parking, broke trio itself (TrioInternalError, exit 1: a CI run caught it once). The
+    # harness sends SIGINT at exactly that point (the uplink's writer waits on an event when
+    # it has sent what it had); the example takes signals from a receiver.
+    with trio.fail_after(20):
+        async with serving_example(tmp_path, str(SIGNAL_MID_WAIT)) as demo:
+            assert await demo.process.wait() == 0, demo.stderr()
+    assert "signal_mid_wait: SIGINT inside Event.wait" in demo.stderr()
+    assert_stopped_cleanly(demo)
+
+
+async def test_embed_asgi_example_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with run(*CLI, "server", "--port", "0", stderr=tmp_path / "relay.err") as relay:
+            relay_url = (await relay.readline()).split()[3]
+            async with run(
+                sys.executable, str(EXAMPLES / "embed_asgi.py"), relay_url,
+                stderr=tmp_path / "asgi.err",
+            ) as example:  # fmt: skip
+                line = await example.readline()
+                assert line.startswith(f"Serving the ASGI app at {relay_url}/session/"), line
+                result = await trio.run_process(
+                    ["curl", "-sS", "--max-time", "5", line.split()[-1] + "hi"],
+                    capture_stdout=True,
+                )
+                assert result.stdout.startswith(b"Hello from an in-process ASGI app at /")
+                assert await example.interrupt() == 0
+            assert "Traceback" not in example.stderr(), example.stderr()
+            assert await relay.interrupt() == 0
 
 
 def test_trusted_proxy_is_repeatable() -> None:
