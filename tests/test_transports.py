@@ -483,6 +483,7 @@ def test_xor_mask_round_trips_at_every_offset(size: int) -> None:
     key = b"\x01\x80\xff\x37"
     masked = _xor_mask(data, key)
     assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    assert _xor_mask(bytearray(data), key) == _xor_mask(memoryview(data), key) == masked
     for cut in {0, 1, 2, 3, size // 2}:
         if cut <= size:
             assert _xor_mask(masked[:cut], key) + _xor_mask(masked[cut:], key, cut % 4) == data
