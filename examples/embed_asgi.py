@@ -7,7 +7,6 @@ answers at the printed public URL, called in-process by the agent.
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -38,22 +37,13 @@ async def app(
     await send({"type": "http.response.body", "body": body})
 
 
-async def serve(server: str) -> None:
+async def main(server: str) -> None:
     async with tunnel2.open_tunnel(server, app) as tunnel:
         print(f"Serving the ASGI app at {tunnel.public_url}", flush=True)
         await trio.sleep_forever()
 
 
-async def main(server: str) -> None:
-    # Ctrl-C and SIGTERM come from a receiver and cancel, rather than a KeyboardInterrupt
-    # raised wherever the program is (why: until_stopped() in examples/expose_port.py).
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, server)
-            await signals.__anext__()
-            nursery.cancel_scope.cancel()
-
-
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the receiver is open
-        trio.run(main, sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000")
+        server = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000"
+        trio.run(tunnel2.until_signalled, main, server)  # until Ctrl-C or SIGTERM

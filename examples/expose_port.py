@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -68,25 +66,6 @@ async def run_remote(server: str, port: int, session: str | None) -> None:
         await trio.sleep_forever()
 
 
-async def until_stopped(fn: Callable[..., Awaitable[object]], *args: object) -> None:
-    """Run ``fn(*args)`` until Ctrl-C (SIGINT) or SIGTERM cancels it.
-
-    The signals come through a receiver rather than as a KeyboardInterrupt: trio raises
-    KeyboardInterrupt wherever the program happens to be, and in the wrong place (a task half
-    way into ``Event.wait``) that breaks trio's own bookkeeping. A cancellation is always clean.
-    """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def cancel_on_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(cancel_on_signal)
-            await fn(*args)
-            nursery.cancel_scope.cancel()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="a relay URL; without it a relay runs in-process")
@@ -98,11 +77,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.server and args.port is None:
         parser.error("--server needs --port")
+    # Ctrl-C and SIGTERM reach the run through a signal receiver, and cancel it
+    # (tunnel2.until_signalled): never as a KeyboardInterrupt raised wherever the program is.
     try:
         if args.server:
-            trio.run(until_stopped, run_remote, args.server, args.port, args.session)
+            trio.run(tunnel2.until_signalled, run_remote, args.server, args.port, args.session)
         else:
-            trio.run(until_stopped, run_demo, args.relay_port)
+            trio.run(tunnel2.until_signalled, run_demo, args.relay_port)
     except BaseException as exc:  # trio wraps what its tasks raise in exception groups
         error = _lone(exc)
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C before the signal receiver is open

@@ -4,6 +4,7 @@ from __future__ import annotations
 import __future__
 
 import json
+import signal
 import types
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from httpbackend import Backend, serve_backend
 
 import tunnel2
@@ -234,3 +236,31 @@ async def test_open_tunnel_to_a_bad_url_raises_value_error(relay: TunnelServer) 
     with trio.fail_after(5), pytest.raises(ValueError, match="ftp"):
         async with tunnel2.open_tunnel(relay.base_url, "ftp://x"):
             pytest.fail("opened a tunnel to an ftp URL")
+
+
+# --- until_signalled ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_until_signalled_returns_the_result_or_none_once_a_signal_cancels(
+    signum: int,
+) -> None:
+    async def double(x: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return 2 * x
+
+    assert await tunnel2.until_signalled(double, 21) == 42
+    cancelled = False
+
+    async def forever() -> int:
+        nonlocal cancelled
+        signal.raise_signal(signum)  # to the receiver, which is open while this runs
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled = True
+            raise
+
+    with trio.fail_after(5):
+        assert await tunnel2.until_signalled(forever) is None
+    assert cancelled

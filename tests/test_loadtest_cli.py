@@ -75,6 +75,35 @@ def test_backend_serves_and_stops_on_interrupt(backend: BackendProcess) -> None:
     assert backend.proc.wait(timeout=10) == 0
 
 
+def test_backend_stops_on_sigterm(backend: BackendProcess) -> None:
+    backend.proc.send_signal(signal.SIGTERM)
+    assert backend.proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_loadtest_stops_on_ctrl_c_or_sigterm(backend: BackendProcess, signum: int) -> None:
+    # 10 requests a second for a minute: interrupted long before the end, once a progress
+    # line (printed a second into the run) says the run is on.
+    command = [*CLI, "loadtest", f"{backend.url}/loadtest/ping", "--stages", "10x60"]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            for _ in range(2):
+                ready, _, _ = select.select([proc.stderr], [], [], 30)
+                assert ready, "tunnel2 loadtest printed nothing in 30 s"
+                line = proc.stderr.readline()
+            assert line.startswith("[   1s] stage 1/1"), line
+            proc.send_signal(signum)
+            assert proc.wait(timeout=15) == 130
+            rest = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert "tunnel2 loadtest: interrupted" in rest
+    assert "Traceback" not in rest, rest
+
+
 def test_backend_port_in_use(backend: BackendProcess) -> None:
     port = backend.url.rsplit(":", 1)[1]
     result = run_cli("backend", "--port", port)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tunnel2 import aio as aio
 from tunnel2 import sync as sync
+from tunnel2._util import until_signalled
 from tunnel2.access import AccessPolicy
 from tunnel2.agent import Agent, AgentConfig
 from tunnel2.api import open_tunnel, open_tunnel_server, serve_tunnel_server
@@ -60,6 +61,7 @@ __all__ = [
     "open_tunnel_server",
     "serve_tunnel_server",
     "start_relay",
+    "until_signalled",
 ]
 
 __version__ = "0.1.0"

@@ -1,15 +1,17 @@
 """Small helpers shared by the layers that own nurseries, and by the command lines.
 
-Layer: bottom. Imports trio and sniffio only.
+Layer: bottom. Imports trio and sniffio only. :func:`until_signalled` is public
+(``tunnel2.until_signalled``).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, TypeVar
 
 import sniffio
 import trio
@@ -22,8 +24,32 @@ __all__ = [
     "positive_float",
     "positive_int",
     "require_async_library",
+    "until_signalled",
     "unwrap_lone_error",
 ]
+
+_T = TypeVar("_T")
+
+
+async def until_signalled(fn: Callable[..., Awaitable[_T]], *args: object) -> _T | None:
+    """``await fn(*args)``, or ``None`` once SIGINT (Ctrl-C) or SIGTERM cancelled it.
+
+    For a command's ``trio.run``. The signals come from a receiver: while it is open, trio
+    raises no KeyboardInterrupt, which lands wherever the program happens to be and there can
+    break trio's own bookkeeping (a task half way into ``Event.wait``: ``TrioInternalError``).
+    """
+    result: list[_T] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_on_signal)
+            result.append(await fn(*args))
+            nursery.cancel_scope.cancel()
+    return result[0] if result else None
 
 
 @contextmanager

@@ -671,7 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for warning in warnings:
         print(warning, file=sys.stderr)
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own signal handling is in place
+        return FORCED_EXIT
     return status
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from tunnel2._util import port_number, positive_float, positive_int
+from tunnel2._util import port_number, positive_float, positive_int, until_signalled
 from tunnel2.loadtest.backend import BackendConfig, serve_backend
 from tunnel2.loadtest.baseline import (
     check_comparable,
@@ -35,7 +35,7 @@ from tunnel2.loadtest.profiles import PROFILES, parse_stages, profile_stages, to
 from tunnel2.loadtest.report import Thresholds, Tolerances, render_text, write_html, write_json
 
 if TYPE_CHECKING:
-    from tunnel2.loadtest.report import Baseline, LoadReport
+    from tunnel2.loadtest.report import Baseline
 
 __all__ = ["add_parsers"]
 
@@ -280,16 +280,17 @@ async def _run_backend(host: str, port: int, config: BackendConfig) -> None:
             f"(GET {backend.url}/loadtest/info lists the endpoints)",
             flush=True,
         )
+        await trio.sleep_forever()  # until a signal (until_signalled) cancels it
 
 
 def _backend_main(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     config = BackendConfig(max_body_size=args.max_body_size)
     try:
-        trio.run(_run_backend, args.host, args.port, config)
+        trio.run(until_signalled, _run_backend, args.host, args.port, config)
     except BaseException as exc:
         error = _single(exc)
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, KeyboardInterrupt):  # before the signal receiver is open
             return 0
         if isinstance(error, OSError):
             print(
@@ -414,20 +415,22 @@ def _loadtest_main(args: argparse.Namespace) -> int:
     )
     printer = None if args.quiet else _ProgressPrinter(sys.stderr, config.url)
     try:
-        report: LoadReport = trio.run(functools.partial(run_load, config, on_progress=printer))
+        report = trio.run(until_signalled, functools.partial(run_load, config, on_progress=printer))
     except BaseException as exc:
-        if printer:
-            printer.finish()
         error = _single(exc)
-        if isinstance(error, KeyboardInterrupt):
-            print("tunnel2 loadtest: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(error, OSError):
-            print(f"tunnel2 loadtest: {error}", file=sys.stderr)
-            return 2
-        raise
+        if not isinstance(error, KeyboardInterrupt):  # (that one: before the receiver is open)
+            if printer:
+                printer.finish()
+            if isinstance(error, OSError):
+                print(f"tunnel2 loadtest: {error}", file=sys.stderr)
+                return 2
+            raise
+        report = None
     if printer:
         printer.finish()
+    if report is None:  # Ctrl-C or SIGTERM
+        print("tunnel2 loadtest: interrupted", file=sys.stderr)
+        return 130
     if baseline is not None:
         saved, tolerances = baseline
         report = with_baseline(
