@@ -34,9 +34,12 @@ _T = TypeVar("_T")
 async def until_signalled(fn: Callable[..., Awaitable[_T]], *args: object) -> _T | None:
     """``await fn(*args)``, or ``None`` once SIGINT (Ctrl-C) or SIGTERM cancelled it.
 
-    For a command's ``trio.run``. The signals come from a receiver: while it is open, trio
-    raises no KeyboardInterrupt, which lands wherever the program happens to be and there can
-    break trio's own bookkeeping (a task half way into ``Event.wait``: ``TrioInternalError``).
+    Made for ``trio.run(tunnel2.until_signalled, main)`` (``tunnel2 backend`` and ``tunnel2
+    loadtest`` run so; ``server`` and ``http`` take the signals the same way, to drain). The
+    signals come from a receiver: while it is open, trio raises no KeyboardInterrupt,
+    which lands wherever the program happens to be and there can break trio's own bookkeeping
+    (a task half way into ``Event.wait``: ``TrioInternalError``). What ``fn`` raises propagates;
+    a ``fn`` that returns ``None`` itself cannot be told from a cancelled one.
     """
     result: list[_T] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
