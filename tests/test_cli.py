@@ -15,7 +15,8 @@ import attrs
 import pytest
 import trio
 
-from tunnel2.cli import build_parser
+import tunnel2.loadtest.cli
+from tunnel2.cli import build_parser, main
 
 CLI = (sys.executable, "-m", "tunnel2.cli")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -399,3 +400,18 @@ async def test_server_with_a_bad_trusted_proxy_exits_2() -> None:
     assert result.returncode == 2
     assert "'10.0.0.0/33' is not an IP network" in stderr
     assert "Traceback" not in stderr
+
+
+def test_ctrl_c_before_a_commands_signal_handling_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # E.g. while `tunnel2 loadtest` prints its first line, before its run takes the signals.
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tunnel2.loadtest.cli, "_loadtest_main", interrupted)
+    try:
+        status = main(["loadtest", "http://127.0.0.1:9/"])
+    except KeyboardInterrupt:  # (it would stop pytest itself)
+        pytest.fail("the KeyboardInterrupt left main(): a traceback for the user")
+    assert status == 130
