@@ -73,7 +73,7 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def test_module_imports_only_stdlib_and_errors() -> None:
-    tree = ast.parse(Path(_http11.__file__).read_text())
+    tree = ast.parse(Path(_http11.__file__).with_name("_http11.py").read_text())  # or compiled
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

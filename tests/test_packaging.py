@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import tomllib
@@ -10,9 +11,12 @@ from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 import tunnel2
+from tunnel2._util import compiled_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+_COMPILED = ", ".join(name.removeprefix("tunnel2.") for name in compiled_modules())
+COMPILED_SUFFIX = f" (compiled: {_COMPILED})" if _COMPILED else ""
 
 
 def _declared(requirements: list[str]) -> set[str]:
@@ -28,7 +32,18 @@ def _declared(requirements: list[str]) -> set[str]:
 def _third_party_imports() -> set[str]:
     modules: set[str] = set()
     for path in (ROOT / "tunnel2").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` are for mypy (and mypyc) only.
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for statement in node.body
+            for inner in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -64,7 +79,24 @@ def test_version_flag_and_python_dash_m() -> None:
     ):
         result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == f"tunnel2 {tunnel2.__version__}"
+        assert result.stdout.strip() == f"tunnel2 {tunnel2.__version__}" + COMPILED_SUFFIX
+
+
+def _setup_py_compiled() -> list[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "COMPILED":
+            paths: list[str] = ast.literal_eval(node.value)
+            return sorted(path.removesuffix(".py").replace("/", ".") for path in paths)
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+def test_the_build_is_the_one_asked_for() -> None:
+    # .ci/run installs one build with TUNNEL2_COMPILE=1 and runs the suite against it with
+    # that variable still set: this test makes sure those runs did test compiled modules
+    # (and that the others did not).
+    expected = _setup_py_compiled() if os.environ.get("TUNNEL2_COMPILE") == "1" else []
+    assert compiled_modules() == expected
 
 
 def test_license_file_and_lowest_constraints_match_the_lower_bounds() -> None:

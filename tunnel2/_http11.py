@@ -553,9 +553,9 @@ def _check_version(version: bytes, line: bytes) -> None:
         raise _version_error(line)
 
 
-# Parsed heads are made without their __init__ (a Python call per head): the parsers set
-# every slot themselves.
-_new: Final = object.__new__
+# What the parsers pass their heads' constructors for the fields (never mutated: they set
+# ``_headers`` back to None, the field list being built only if someone asks for it).
+_NO_FIELDS: Final[list[tuple[bytes, bytes]]] = []
 
 
 def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> RequestHead:
@@ -586,10 +586,7 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
     method, target, version = match.groups()
     if version != b"1.1" and version != b"1.0":
         raise _version_error(head[: len(method) + len(target) + 10])
-    request: RequestHead = _new(RequestHead)
-    request.method = method
-    request.target = target
-    request.http_version = version
+    request = RequestHead(method, target, version, _NO_FIELDS)
     request._headers = None
     request._raw = head
     request._lower = lower = head.lower()
@@ -600,7 +597,6 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
         request._framing = _NO_BODY
         request._tokens = _NO_TOKENS
         return request
-    request._framing = request._tokens = None
     # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
     hosts = names.count(b"host")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
@@ -677,15 +673,11 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
     code = int(status)
     if code < 100:
         raise _bad(f"invalid status code {code}, must be 100 to 999")
-    response: ResponseHead = _new(ResponseHead)
-    response.http_version = version
-    response.status = code
-    response.reason = reason or b""
+    response = ResponseHead(version, code, reason or b"", _NO_FIELDS)
     response._headers = None
     response._raw = head
     response._lower = lower = head.lower()
     response._start = start
-    response._framing = response._tokens = None
     length: bytes | None = None
     connection: list[bytes] = []
     general = False  # repeats, Transfer-Encoding, odd values: the general checks decide

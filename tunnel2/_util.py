@@ -7,19 +7,50 @@ Layer: bottom. Imports trio and sniffio only. :func:`until_signalled` is public
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import re
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Final, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import sniffio
 import trio
 
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    from mypy_extensions import mypyc_attr as mypyc_attr
+else:
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Callable[[_T], _T]:
+        """mypyc's class options (read by ``TUNNEL2_COMPILE=1`` builds at compile time);
+        a no-op at run time, so that mypy_extensions is not a dependency."""
+        return lambda cls: cls
+
+
+def compiled_modules() -> list[str]:
+    """The names of tunnel2's modules that run compiled (a ``TUNNEL2_COMPILE=1`` build),
+    sorted; empty for the pure-Python build.
+
+    A module is compiled when an extension module sits beside its source: Python's import
+    system loads the extension first.
+    """
+    package = Path(__file__).parent
+    return sorted(
+        f"tunnel2.{path.name.partition('.')[0]}"
+        for path in package.iterdir()
+        if path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    )
+
+
 _LABEL_RE: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 __all__ = [
+    "compiled_modules",
     "domain_name",
+    "mypyc_attr",
     "port_number",
     "positive_float",
     "positive_int",
@@ -27,8 +58,6 @@ __all__ = [
     "until_signalled",
     "unwrap_lone_error",
 ]
-
-_T = TypeVar("_T")
 
 
 async def until_signalled(fn: Callable[..., Awaitable[_T]], *args: object) -> _T | None:

@@ -21,6 +21,7 @@ import trio
 from tunnel2 import __version__, _config
 from tunnel2._tls import server_context
 from tunnel2._util import (
+    compiled_modules,
     domain_name,
     non_negative_int,
     port_number,
@@ -414,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel2", description="An embeddable HTTP tunnel for Python, built on trio."
     )
-    parser.add_argument("--version", action="version", version=f"tunnel2 {__version__}")
+    compiled = ", ".join(name.removeprefix("tunnel2.") for name in compiled_modules())
+    version = f"tunnel2 {__version__}" + (f" (compiled: {compiled})" if compiled else "")
+    parser.add_argument("--version", action="version", version=version)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = subparsers.add_parser("server", help="run a relay (public entry + agent endpoint)")

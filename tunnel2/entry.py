@@ -591,8 +591,9 @@ class ProxyEntry:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)
             except ProtocolError as exc:
-                answer = http.plain_response(exc.status_hint, str(exc), close=True, head=is_head)
-                await conn.send(answer)
+                await conn.send(
+                    http.plain_response(exc.status_hint, str(exc), close=True, head=is_head)
+                )
                 return
             if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"

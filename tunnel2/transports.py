@@ -34,6 +34,7 @@ except ImportError:  # a build without the C extension: its pure-Python twin
     from websockets.utils import apply_mask
 
 from tunnel2._sockets import can_send_nowait
+from tunnel2._util import mypyc_attr
 
 __all__ = [
     "FrameTransport",
@@ -48,6 +49,7 @@ __all__ = [
 _RECEIVE_SIZE: Final = 65536
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a public base class
 class FrameTransport(trio.abc.AsyncResource):
     """Sends and receives byte strings holding whole frames.
 
