@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import metadata, packages_distributions, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,8 @@ def test_the_build_is_the_one_asked_for() -> None:
 
 def test_license_file_and_lowest_constraints_match_the_lower_bounds() -> None:
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    # An SPDX expression, not the TOML table setuptools stops accepting in 2027.
+    assert metadata("tunnel2")["License-Expression"] == "MIT"
     pins: dict[str, str] = {}
     for line in (ROOT / ".ci" / "lowest-constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
