@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
 import tomllib
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import metadata, packages_distributions, version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import tunnel2
 from tunnel2._util import compiled_modules
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -101,6 +106,8 @@ def test_the_build_is_the_one_asked_for() -> None:
 
 def test_license_file_and_lowest_constraints_match_the_lower_bounds() -> None:
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    # An SPDX expression, not the TOML table setuptools stops accepting in 2027.
+    assert metadata("tunnel2")["License-Expression"] == "MIT"
     pins: dict[str, str] = {}
     for line in (ROOT / ".ci" / "lowest-constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -110,3 +117,30 @@ def test_license_file_and_lowest_constraints_match_the_lower_bounds() -> None:
         name, _, lowest = requirement.partition(">=")
         assert pins.get(name) is not None, f"{name} is not tested at its lower bound"
         assert pins[name].startswith(lowest), f"{name}: tested {pins[name]}, declared {lowest}"
+
+
+def _backend() -> Any:
+    path = ROOT / "_build" / "backend.py"
+    spec = importlib.util.spec_from_file_location("_tunnel2_backend", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_backend_asks_for_mypyc_only_when_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = _backend()
+    assert PYPROJECT["build-system"]["build-backend"] == "backend"
+    assert PYPROJECT["build-system"]["backend-path"] == ["_build"]
+    monkeypatch.setenv("TUNNEL2_COMPILE", "1")
+    compiling = [backend.MYPYC, *PYPROJECT["project"]["dependencies"]]
+    assert backend.MYPYC.startswith("mypy>=")
+    assert backend.get_requires_for_build_wheel() == compiling
+    assert backend.get_requires_for_build_editable() == compiling
+    # Otherwise setuptools' own answers, untouched (stubbed: they would run setup.py here).
+    monkeypatch.delenv("TUNNEL2_COMPILE")
+    monkeypatch.setattr(backend._setuptools, "get_requires_for_build_wheel", lambda _: ["w"])
+    monkeypatch.setattr(backend._setuptools, "get_requires_for_build_editable", lambda _: ["e"])
+    assert backend.get_requires_for_build_wheel() == ["w"]
+    assert backend.get_requires_for_build_editable() == ["e"]
