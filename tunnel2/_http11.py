@@ -553,8 +553,11 @@ def _check_version(version: bytes, line: bytes) -> None:
         raise _version_error(line)
 
 
-# What the parsers pass their heads' constructors for the fields (never mutated: they set
-# ``_headers`` back to None, the field list being built only if someone asks for it).
+# Parsed heads come from their class's ``__new__`` with the constructor's arguments. In
+# Python that is ``object.__new__``, which ignores them and skips ``__init__`` (a Python call
+# per head); in a compiled build (mypyc) it runs ``__init__`` with them. Either way the
+# parser then sets every slot. ``_NO_FIELDS`` is never mutated: ``_headers`` is set back to
+# None, the field list being built only if someone asks for it.
 _NO_FIELDS: Final[list[tuple[bytes, bytes]]] = []
 
 
@@ -586,7 +589,10 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
     method, target, version = match.groups()
     if version != b"1.1" and version != b"1.0":
         raise _version_error(head[: len(method) + len(target) + 10])
-    request = RequestHead(method, target, version, _NO_FIELDS)
+    request = RequestHead.__new__(RequestHead, method, target, version, _NO_FIELDS)  # type: ignore[call-arg]
+    request.method = method
+    request.target = target
+    request.http_version = version
     request._headers = None
     request._raw = head
     request._lower = lower = head.lower()
@@ -597,6 +603,7 @@ def parse_request_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Request
         request._framing = _NO_BODY
         request._tokens = _NO_TOKENS
         return request
+    request._framing = request._tokens = None
     # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host and for any with several.
     hosts = names.count(b"host")
     if hosts != 1 and (hosts > 1 or version == b"1.1"):
@@ -673,11 +680,15 @@ def parse_response_head(head: bytes, *, max_size: int = MAX_HEAD_SIZE) -> Respon
     code = int(status)
     if code < 100:
         raise _bad(f"invalid status code {code}, must be 100 to 999")
-    response = ResponseHead(version, code, reason or b"", _NO_FIELDS)
+    response = ResponseHead.__new__(ResponseHead, version, code, reason or b"", _NO_FIELDS)  # type: ignore[call-arg]
+    response.http_version = version
+    response.status = code
+    response.reason = reason or b""
     response._headers = None
     response._raw = head
     response._lower = lower = head.lower()
     response._start = start
+    response._framing = response._tokens = None
     length: bytes | None = None
     connection: list[bytes] = []
     general = False  # repeats, Transfer-Encoding, odd values: the general checks decide
