@@ -201,6 +201,55 @@ async def test_wsproto_transport_close_is_idempotent_and_frees_the_socket() -> N
             assert stream.socket.fileno() == -1
 
 
+async def test_a_client_masks_each_message_with_the_next_key_of_a_drawn_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Masking keys come from os.urandom 1,024 at a time (not a getrandom system call per
+    message), each used once, in the order drawn; a server draws none."""
+    draws: list[int] = []
+    real_urandom = os.urandom
+
+    def urandom(size: int) -> bytes:
+        if size != 4096:
+            return real_urandom(size)
+        start = len(draws) * 1024
+        draws.append(size)  # distinct, recognisable keys: 0, 1, 2, ... as 4-byte integers
+        return b"".join(i.to_bytes(4, "big") for i in range(start, start + 1024))
+
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            monkeypatch.setattr(os, "urandom", urandom)
+            messages = [b"message %d" % i for i in range(1030)]
+            raw = bytearray()
+            keys: list[int] = []
+
+            async def read_raw() -> None:  # what the server's socket gets, unparsed
+                stream = server._stream
+                for message in messages:
+                    while len(raw) < 6 + len(message):
+                        raw.extend(await stream.receive_some(65536))
+                    assert raw[0] == 0x82
+                    assert raw[1] == 0x80 | len(message)
+                    key = bytes(raw[2:6])
+                    keys.append(int.from_bytes(key, "big"))
+                    masked = raw[6 : 6 + len(message)]
+                    assert websockets.utils.apply_mask(masked, key) == message
+                    del raw[: 6 + len(message)]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_raw)
+                for i, message in enumerate(messages):
+                    if i % 2 and not client.pending:
+                        assert client.send_nowait(message)
+                    else:
+                        await client.send(message)
+                await client.flush()
+            await server.send(b"unmasked")
+            assert await client.receive() == b"unmasked"
+            assert draws == [4096, 4096]
+            assert keys == list(range(1030))
+
+
 def is_pending(transport: WsprotoTransport) -> bool:
     return transport.pending
 
@@ -310,7 +359,7 @@ def test_fast_path_frames_decode_in_wsproto(
     for i, message in enumerate(messages):
         if i in slots:
             wire.append(sender.send(wsproto.events.Ping(slots[i])))
-        frame = _binary_frame(message, mask=client_sends)
+        frame = _binary_frame(message, os.urandom(4) if client_sends else b"")
         assert bool(frame[1] & 0x80) is client_sends
         wire.append(frame)
     receiver.receive_data(b"".join(wire))
