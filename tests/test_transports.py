@@ -38,10 +38,12 @@ from tunnel2.transports import (
     lockstep_transport_pair,
     memory_transport_pair,
 )
-from tunnel2.uplink import open_uplink
+from tunnel2.uplink import _PROBE_AFTER_MIN, TunnelStream, TunnelUplink, open_uplink
 
 # Bounds hangs only: each test takes milliseconds.
 TIMEOUT: Final = 2
+REQUEST: Final = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+RESPONSE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 
 
 async def receive_exactly(transport: StreamTransport, size: int) -> bytes:
@@ -636,6 +638,118 @@ async def test_uplink_writes_a_small_exchange_from_the_calling_task() -> None:
             assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
             assert await stream.receive_data() == b"hi"
             assert await stream.receive_data() == b""
+
+
+class CountingTransport(FrameTransport):
+    """Delegates to a WsprotoTransport; counts the writes made from the calling task
+    (``send_nowait``) and by the uplink's writer task (``send``)."""
+
+    def __init__(self, inner: WsprotoTransport) -> None:
+        self.inner = inner
+        self.direct = 0
+        self.by_writer = 0
+
+    async def send(self, data: bytes) -> None:
+        self.by_writer += 1
+        await self.inner.send(data)
+
+    def send_nowait(self, data: bytes) -> bool:
+        sent = self.inner.send_nowait(data)
+        self.direct += sent
+        return sent
+
+    @property
+    def pending(self) -> bool:
+        return self.inner.pending
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def receive(self) -> bytes | bytearray:
+        return await self.inner.receive()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def counted_uplinks() -> AsyncIterator[
+    tuple[TunnelUplink, CountingTransport, TunnelUplink, CountingTransport]
+]:
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    async with wsproto_pair() as (client, server):
+        relay_side, agent_side = CountingTransport(server), CountingTransport(client)
+        async with (
+            open_uplink(relay_side, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(agent_side, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            await trio.testing.wait_all_tasks_blocked()
+            yield relay, relay_side, agent, agent_side
+
+
+async def test_uplink_coalesces_the_writes_of_one_scheduler_pass_under_load() -> None:
+    """With other streams open, tasks that send in the same scheduler pass share writes:
+    after at most _PROBE_AFTER_MIN - 1 direct writes the uplink waits for its writer, which
+    sends what the rest of the pass queued in one write (under a real load: one system call
+    for many requests, not one each)."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, agent, agent_side):
+            for _ in range(2):  # open, unanswered
+                relay.open_stream(REQUEST, end=True)
+                await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            writes_before = relay_side.direct + relay_side.by_writer
+            opened: list[TunnelStream] = []
+
+            async def open_one() -> None:
+                opened.append(relay.open_stream(REQUEST, end=True))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(12):  # all start, and send, in one pass
+                    nursery.start_soon(open_one)
+            await trio.testing.wait_all_tasks_blocked()
+            writes = relay_side.direct + relay_side.by_writer - writes_before
+            assert writes <= _PROBE_AFTER_MIN
+            assert relay_side.by_writer == 1
+            incoming = [await agent.accept_stream() for _ in opened]
+            assert sorted(stream.id for stream in incoming) == sorted(s.id for s in opened)
+
+            writes_before = agent_side.direct + agent_side.by_writer
+
+            async def answer(stream: TunnelStream) -> None:
+                stream.send_head(RESPONSE, b"hi", end=True)
+
+            async with trio.open_nursery() as nursery:
+                for stream in incoming:
+                    nursery.start_soon(answer, stream)
+            for stream in opened:
+                assert await stream.receive_head() == RESPONSE
+                assert await stream.receive_data() == b"hi"
+                assert await stream.receive_data() == b""
+            assert agent_side.direct + agent_side.by_writer - writes_before <= _PROBE_AFTER_MIN
+
+
+async def test_lone_requests_beside_a_stream_that_stays_open_are_written_directly() -> None:
+    """A stream that stays open (a WebSocket, an event stream) keeps two streams open, so
+    the uplink probes for coalescing; each probe that finds nothing else in its pass makes
+    the next one wait twice as long: 100 one-at-a-time exchanges wake the writer 5 times."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, agent, _):
+            relay.open_stream(REQUEST, end=False)  # held open all along
+            await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            direct_before, woken_before = relay_side.direct, relay_side.by_writer
+            for _ in range(100):
+                stream = relay.open_stream(REQUEST, end=True)
+                incoming = await agent.accept_stream()
+                incoming.send_head(RESPONSE, b"hi", end=True)
+                assert await stream.receive_head() == RESPONSE
+                assert await stream.receive_data() == b"hi"
+                assert await stream.receive_data() == b""
+                await trio.testing.wait_all_tasks_blocked()
+            # Probes at the 4th, 8th, 16th, 32nd and 64th request (then every 64th).
+            assert relay_side.by_writer - woken_before == 5
+            assert relay_side.direct - direct_before == 95
 
 
 class _FlakyListener(socket.socket):

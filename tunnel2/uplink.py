@@ -13,7 +13,11 @@ Tasks (all in the nursery of :func:`open_uplink`):
   has finished a message (a bodiless request, a small complete response, an END) while the
   writer is idle and nothing is queued writes it itself with ``transport.send_nowait()``
   (``_send_now``): no task switch for the common small exchange; under load, when the
-  writer is busy, frames queue and coalesce as before.
+  writer is busy, frames queue and coalesce as before. With more than one stream open, a
+  direct write now and then is a probe instead: it queues for the writer and, if other tasks
+  of the same scheduler pass queued frames too (many requests at once), the uplink keeps
+  coalescing, one write per pass for all of them; a probe that finds its frame alone switches
+  back to direct writes, the next probe waiting twice as long (``_stop_coalescing``).
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
@@ -78,6 +82,11 @@ Role = Literal["relay", "agent"]
 _MAX_BATCH: Final = 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
+# Write coalescing under load (TunnelUplink._send_now): with more than one stream open, every
+# this many direct writes (doubling after each failed probe, up to the maximum) one waits for
+# the writer instead, to see whether other tasks queue frames in the same scheduler pass.
+_PROBE_AFTER_MIN: Final = 4
+_PROBE_AFTER_MAX: Final = 64
 # A heartbeat is late (the uplink takes no new streams while its session has others) once
 # nothing arrived for this many ping intervals: a PING went out after one interval of
 # silence and its PONG has not come back within half an interval more (PROTOCOL.md §6.2).
@@ -538,6 +547,11 @@ class TunnelUplink:
         self._closed_event = trio.Event()
         self._writer_done = trio.Event()
         self._writer_sending = False
+        # Coalescing (_send_now, _stop_coalescing): while on, frames wait for the writer,
+        # which sends everything the tasks of one scheduler pass queued in one write.
+        self._coalescing = False
+        self._probe_after = _PROBE_AFTER_MIN
+        self._probe_in = _PROBE_AFTER_MIN
         self._closing = False
         self._close_error: UplinkClosed | None = None
         self._peer_goaway: frames.GoAway | None = None
@@ -799,10 +813,17 @@ class TunnelUplink:
     def _send_now(self, data: bytes) -> None:
         # What a task that holds frames does when it is done for now: if the writer is idle
         # with nothing queued, write them from this task, without waking the writer (one
-        # task switch less per message); else queue them behind the rest.
-        if self._out or self._writer_sending or self._closing:
+        # task switch less per message); else queue them behind the rest. While coalescing
+        # (see _probe_coalescing), queue them anyway.
+        if self._out or self._writer_sending or self._closing or self._coalescing:
             self._queue(data)
             return
+        if len(self._streams) > 1:
+            self._probe_in -= 1
+            if self._probe_in <= 0:
+                self._coalescing = True
+                self._queue(data)
+                return
         try:
             sent = self.transport.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -907,7 +928,13 @@ class TunnelUplink:
             else:
                 batch = self._take_batch()
             self._taken += len(batch)
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            if len(batch) == 1:
+                data = batch[0]
+                if self._coalescing:
+                    self._stop_coalescing()
+            else:
+                data = b"".join(batch)
+                self._probe_after = _PROBE_AFTER_MIN
             self._wake_drained()
             self._sends += 1
             self._writer_sending = True
@@ -918,6 +945,16 @@ class TunnelUplink:
             await transport.send(data)
             self._writer_sending = False
             self._sent = self._taken
+
+    def _stop_coalescing(self) -> None:
+        # The writer woke for one frame: nothing else came in that scheduler pass, so the
+        # wake-up cost a pass (~50,000 instructions) and saved no system call. Write
+        # directly again, and probe later, each failed probe doubling the wait (a stream
+        # that stays open, like a WebSocket or an event stream, keeps two open and would
+        # otherwise make every lone request probe).
+        self._coalescing = False
+        self._probe_in = self._probe_after
+        self._probe_after = min(self._probe_after * 2, _PROBE_AFTER_MAX)
 
     def _take_batch(self) -> collections.deque[bytes]:
         # O(frames taken), however long the backlog (a list's del out[:n] is not).
