@@ -38,10 +38,12 @@ from tunnel2.transports import (
     lockstep_transport_pair,
     memory_transport_pair,
 )
-from tunnel2.uplink import open_uplink
+from tunnel2.uplink import _PROBE_AFTER_MIN, TunnelStream, TunnelUplink, open_uplink
 
 # Bounds hangs only: each test takes milliseconds.
 TIMEOUT: Final = 2
+REQUEST: Final = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+RESPONSE: Final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 
 
 async def receive_exactly(transport: StreamTransport, size: int) -> bytes:
@@ -201,6 +203,55 @@ async def test_wsproto_transport_close_is_idempotent_and_frees_the_socket() -> N
             assert stream.socket.fileno() == -1
 
 
+async def test_a_client_masks_each_message_with_the_next_key_of_a_drawn_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Masking keys come from os.urandom 1,024 at a time (not a getrandom system call per
+    message), each used once, in the order drawn; a server draws none."""
+    draws: list[int] = []
+    real_urandom = os.urandom
+
+    def urandom(size: int) -> bytes:
+        if size != 4096:
+            return real_urandom(size)
+        start = len(draws) * 1024
+        draws.append(size)  # distinct, recognisable keys: 0, 1, 2, ... as 4-byte integers
+        return b"".join(i.to_bytes(4, "big") for i in range(start, start + 1024))
+
+    with trio.fail_after(TIMEOUT):
+        async with wsproto_pair() as (client, server):
+            monkeypatch.setattr(os, "urandom", urandom)
+            messages = [b"message %d" % i for i in range(1030)]
+            raw = bytearray()
+            keys: list[int] = []
+
+            async def read_raw() -> None:  # what the server's socket gets, unparsed
+                stream = server._stream
+                for message in messages:
+                    while len(raw) < 6 + len(message):
+                        raw.extend(await stream.receive_some(65536))
+                    assert raw[0] == 0x82
+                    assert raw[1] == 0x80 | len(message)
+                    key = bytes(raw[2:6])
+                    keys.append(int.from_bytes(key, "big"))
+                    masked = raw[6 : 6 + len(message)]
+                    assert websockets.utils.apply_mask(masked, key) == message
+                    del raw[: 6 + len(message)]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_raw)
+                for i, message in enumerate(messages):
+                    if i % 2 and not client.pending:
+                        assert client.send_nowait(message)
+                    else:
+                        await client.send(message)
+                await client.flush()
+            await server.send(b"unmasked")
+            assert await client.receive() == b"unmasked"
+            assert draws == [4096, 4096]
+            assert keys == list(range(1030))
+
+
 def is_pending(transport: WsprotoTransport) -> bool:
     return transport.pending
 
@@ -310,7 +361,7 @@ def test_fast_path_frames_decode_in_wsproto(
     for i, message in enumerate(messages):
         if i in slots:
             wire.append(sender.send(wsproto.events.Ping(slots[i])))
-        frame = _binary_frame(message, mask=client_sends)
+        frame = _binary_frame(message, os.urandom(4) if client_sends else b"")
         assert bool(frame[1] & 0x80) is client_sends
         wire.append(frame)
     receiver.receive_data(b"".join(wire))
@@ -587,6 +638,123 @@ async def test_uplink_writes_a_small_exchange_from_the_calling_task() -> None:
             assert await stream.receive_head() == b"HTTP/1.1 200 OK\r\n\r\n"
             assert await stream.receive_data() == b"hi"
             assert await stream.receive_data() == b""
+
+
+class CountingTransport(FrameTransport):
+    """Delegates to a WsprotoTransport; counts the writes made from the calling task
+    (``send_nowait``) and by the uplink's writer task (``send``)."""
+
+    def __init__(self, inner: WsprotoTransport) -> None:
+        self.inner = inner
+        self.direct = 0
+        self.by_writer = 0
+
+    async def send(self, data: bytes) -> None:
+        self.by_writer += 1
+        await self.inner.send(data)
+
+    def send_nowait(self, data: bytes) -> bool:
+        sent = self.inner.send_nowait(data)
+        self.direct += sent
+        return sent
+
+    @property
+    def pending(self) -> bool:
+        return self.inner.pending
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def receive(self) -> bytes | bytearray:
+        return await self.inner.receive()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def counted_uplinks() -> AsyncIterator[
+    tuple[TunnelUplink, CountingTransport, TunnelUplink, CountingTransport]
+]:
+    settings = frames.Welcome(session_id="s1", public_urls=("http://x/",), ping_interval=0)
+    async with wsproto_pair() as (client, server):
+        relay_side, agent_side = CountingTransport(server), CountingTransport(client)
+        async with (
+            open_uplink(relay_side, frames.FrameDecoder(), settings, role="relay") as relay,
+            open_uplink(agent_side, frames.FrameDecoder(), settings, role="agent") as agent,
+        ):
+            await trio.testing.wait_all_tasks_blocked()
+            yield relay, relay_side, agent, agent_side
+
+
+async def test_uplink_coalesces_the_writes_of_one_scheduler_pass_under_load() -> None:
+    """With other streams open, tasks that send in the same scheduler pass share writes:
+    after at most _PROBE_AFTER_MIN - 1 direct writes the uplink waits for its writer, which
+    sends what the rest of the pass queued in one write (under a real load: one system call
+    for many requests, not one each)."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, agent, agent_side):
+            for _ in range(2):  # open, unanswered
+                relay.open_stream(REQUEST, end=True)
+                await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            writes_before = relay_side.direct + relay_side.by_writer
+            opened: list[TunnelStream] = []
+
+            async def open_one() -> None:
+                opened.append(relay.open_stream(REQUEST, end=True))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(12):  # all start, and send, in one pass
+                    nursery.start_soon(open_one)
+            await trio.testing.wait_all_tasks_blocked()
+            writes = relay_side.direct + relay_side.by_writer - writes_before
+            assert writes <= _PROBE_AFTER_MIN
+            assert relay_side.by_writer == 1
+            incoming = [await agent.accept_stream() for _ in opened]
+            assert sorted(stream.id for stream in incoming) == sorted(s.id for s in opened)
+
+            writes_before = agent_side.direct + agent_side.by_writer
+
+            async def answer(stream: TunnelStream) -> None:
+                stream.send_head(RESPONSE, b"hi", end=True)
+
+            async with trio.open_nursery() as nursery:
+                for stream in incoming:
+                    nursery.start_soon(answer, stream)
+            for stream in opened:
+                assert await stream.receive_head() == RESPONSE
+                assert await stream.receive_data() == b"hi"
+                assert await stream.receive_data() == b""
+            assert agent_side.direct + agent_side.by_writer - writes_before <= _PROBE_AFTER_MIN
+
+
+async def test_lone_requests_beside_a_stream_that_stays_open_are_written_directly() -> None:
+    """A stream that stays open (a WebSocket, an event stream) keeps two streams open, so
+    the uplink probes for coalescing; each probe that finds no other task sending in its
+    pass (here one task writes OPEN, DATA and END, each at once) makes the next one wait
+    twice as long: 100 one-at-a-time exchanges (300 writes) wake the writer 8 times."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, agent, _):
+            relay.open_stream(REQUEST, end=False)  # held open all along
+            await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            direct_before, woken_before = relay_side.direct, relay_side.by_writer
+            for _ in range(100):
+                stream = relay.open_stream(REQUEST)
+                stream.send_data_nowait(b"x")
+                stream.send_end()
+                incoming = await agent.accept_stream()
+                assert await incoming.receive_data() == b"x"
+                incoming.send_head(RESPONSE, b"hi", end=True)
+                assert await stream.receive_head() == RESPONSE
+                assert await stream.receive_data() == b"hi"
+                assert await stream.receive_data() == b""
+                await trio.testing.wait_all_tasks_blocked()
+            # Probes after 4, 4, 8, 16, 32, 64, 64, 64 direct writes; the writer's write
+            # for a probe carries what its task sent behind it.
+            assert relay_side.by_writer - woken_before == 8
+            assert relay_side.direct - direct_before >= 300 - 3 * 8
 
 
 class _FlakyListener(socket.socket):

@@ -153,6 +153,7 @@ _WS_OP_TEXT: Final = 0x1
 _WS_OP_BINARY: Final = 0x2
 _WS_OP_CLOSE: Final = 0x8
 _WS_CONTROL: Final = frozenset({0x8, 0x9, 0xA})
+_MASK_KEYS_DRAWN: Final = 1024  # masking keys per os.urandom call
 
 
 class _WebSocketError(Exception):
@@ -168,21 +169,43 @@ def _xor_mask(data: bytes | bytearray | memoryview, key: bytes, offset: int = 0)
     return apply_mask(data, key)
 
 
-def _binary_frame(data: bytes, *, mask: bool) -> bytes:
-    """One unfragmented binary WebSocket frame holding ``data``; masked if ``mask`` (a
-    client's frames must be, with a fresh unpredictable key each: RFC 6455 §5.3)."""
+def _binary_frame(data: bytes, key: bytes = b"") -> bytes:
+    """One unfragmented binary WebSocket frame holding ``data``, masked with the 4-byte
+    ``key`` if one is given (a client's frames must be, with a fresh unpredictable key each:
+    RFC 6455 §5.3; see :class:`_MaskKeys`)."""
     size = len(data)
-    bit = _WS_MASK_BIT if mask else 0
+    bit = _WS_MASK_BIT if key else 0
     if size < 126:
         header = bytes((_WS_BINARY_FIN, size | bit))
     elif size < 65536:
         header = _WS_HEAD16.pack(_WS_BINARY_FIN, 126 | bit, size)
     else:
         header = _WS_HEAD64.pack(_WS_BINARY_FIN, 127 | bit, size)
-    if not mask:
+    if not key:
         return header + data
-    key = os.urandom(4)
     return b"".join((header, key, _xor_mask(data, key)))
+
+
+class _MaskKeys:
+    """A client's masking keys, 4 bytes each from the system's CSPRNG, drawn 1,024 at a
+    time: ``os.urandom(4)`` per frame is a ``getrandom`` system call per message (about one
+    per request on the agent). Each key is used once, and none tells anything about the next
+    (RFC 6455 §5.3 asks for no more). One per transport: a transport lives in one trio run,
+    so no lock."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool = os.urandom(_MASK_KEYS_DRAWN * 4)
+            at = 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
 
 
 class _WebSocketReader:
@@ -352,7 +375,8 @@ class WsprotoTransport(FrameTransport):
         # ``ws`` (its ``state`` is a property chain, read twice per message otherwise).
         self._open = ws.state is ConnectionState.OPEN
         client = ws.client
-        self._mask = client  # a client masks what it sends; a server gets masked frames
+        # A client masks what it sends; a server gets masked frames.
+        self._keys = _MaskKeys() if client else None
         self._reader = _WebSocketReader(masked=not client)
         self._initial = initial  # bytes that came right behind the handshake
         # Sent ahead of the next write: the PONG to the latest PING only (RFC 6455 §5.5.3
@@ -367,7 +391,8 @@ class WsprotoTransport(FrameTransport):
     def _message(self, data: bytes) -> bytes:
         if not self._open:
             raise trio.BrokenResourceError(f"websocket is closing ({self._ws.state.name})")
-        out = _binary_frame(data, mask=self._mask)
+        keys = self._keys
+        out = _binary_frame(data, keys.next() if keys is not None else b"")
         if self._control or self._pong:
             out = b"".join([self._pong, *self._control, out])
             self._control.clear()
@@ -384,7 +409,8 @@ class WsprotoTransport(FrameTransport):
         if self._control or self._pong:
             stream.send_nowait(self._message(data))
         else:  # _message's common case, inlined (a call less per message)
-            stream.send_nowait(_binary_frame(data, mask=self._mask))
+            keys = self._keys
+            stream.send_nowait(_binary_frame(data, keys.next() if keys is not None else b""))
         return True
 
     @property

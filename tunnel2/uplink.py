@@ -13,7 +13,11 @@ Tasks (all in the nursery of :func:`open_uplink`):
   has finished a message (a bodiless request, a small complete response, an END) while the
   writer is idle and nothing is queued writes it itself with ``transport.send_nowait()``
   (``_send_now``): no task switch for the common small exchange; under load, when the
-  writer is busy, frames queue and coalesce as before.
+  writer is busy, frames queue and coalesce as before. With more than one stream open, a
+  direct write now and then is a probe instead: it queues for the writer and, if other tasks
+  of the same scheduler pass queued frames too (many requests at once), the uplink keeps
+  coalescing, one write per pass for all of them; a probe that finds its frame alone switches
+  back to direct writes, the next probe waiting twice as long (``_check_coalescing``).
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
@@ -78,6 +82,11 @@ Role = Literal["relay", "agent"]
 _MAX_BATCH: Final = 1024 * 1024
 _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
+# Write coalescing under load (TunnelUplink._send_now): with more than one stream open, every
+# this many direct writes (doubling after each failed probe, up to the maximum) one waits for
+# the writer instead, to see whether other tasks queue frames in the same scheduler pass.
+_PROBE_AFTER_MIN: Final = 4
+_PROBE_AFTER_MAX: Final = 64
 # A heartbeat is late (the uplink takes no new streams while its session has others) once
 # nothing arrived for this many ping intervals: a PING went out after one interval of
 # silence and its PONG has not come back within half an interval more (PROTOCOL.md §6.2).
@@ -538,6 +547,13 @@ class TunnelUplink:
         self._closed_event = trio.Event()
         self._writer_done = trio.Event()
         self._writer_sending = False
+        # Coalescing (_send_now, _check_coalescing): while on, frames wait for the writer,
+        # which sends everything the tasks of one scheduler pass queued in one write.
+        self._coalescing = False
+        self._probe_after = _PROBE_AFTER_MIN
+        self._probe_in = _PROBE_AFTER_MIN
+        self._senders = 0  # tasks that queued frames through _send_now since the last batch
+        self._last_sender: trio.lowlevel.Task | None = None
         self._closing = False
         self._close_error: UplinkClosed | None = None
         self._peer_goaway: frames.GoAway | None = None
@@ -799,10 +815,26 @@ class TunnelUplink:
     def _send_now(self, data: bytes) -> None:
         # What a task that holds frames does when it is done for now: if the writer is idle
         # with nothing queued, write them from this task, without waking the writer (one
-        # task switch less per message); else queue them behind the rest.
+        # task switch less per message); else queue them behind the rest. While coalescing
+        # (see _check_coalescing), queue them anyway.
+        if self._coalescing:
+            task = trio.lowlevel.current_task()
+            if task is not self._last_sender:  # (the writer counts tasks, not frames)
+                self._last_sender = task
+                self._senders += 1
+            self._queue(data)
+            return
         if self._out or self._writer_sending or self._closing:
             self._queue(data)
             return
+        if len(self._streams) > 1:
+            self._probe_in -= 1
+            if self._probe_in <= 0:
+                self._coalescing = True
+                self._senders = 1
+                self._last_sender = trio.lowlevel.current_task()
+                self._queue(data)
+                return
         try:
             sent = self.transport.send_nowait(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -908,6 +940,8 @@ class TunnelUplink:
                 batch = self._take_batch()
             self._taken += len(batch)
             data = batch[0] if len(batch) == 1 else b"".join(batch)
+            if self._coalescing:
+                self._check_coalescing()
             self._wake_drained()
             self._sends += 1
             self._writer_sending = True
@@ -918,6 +952,21 @@ class TunnelUplink:
             await transport.send(data)
             self._writer_sending = False
             self._sent = self._taken
+
+    def _check_coalescing(self) -> None:
+        # The writer took a batch while coalescing. If one task at most sent in that
+        # scheduler pass, waiting for the writer cost a pass (~50,000 instructions) and
+        # saved no system call: write directly again, and probe later, each failed probe
+        # doubling the wait (a stream that stays open, like a WebSocket or an event
+        # stream, keeps two open and would otherwise make every lone request probe).
+        if self._senders > 1:
+            self._probe_after = _PROBE_AFTER_MIN
+        else:
+            self._coalescing = False
+            self._probe_in = self._probe_after
+            self._probe_after = min(self._probe_after * 2, _PROBE_AFTER_MAX)
+        self._senders = 0
+        self._last_sender = None
 
     def _take_batch(self) -> collections.deque[bytes]:
         # O(frames taken), however long the backlog (a list's del out[:n] is not).
