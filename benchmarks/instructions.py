@@ -227,17 +227,3 @@ def measure(
         cost = second[proc.role] - first[proc.role] - rate * (second_s - first_s)
         figures.per_request[proc.role] = cost / extra
     return figures
-
-
-def wait_for_port(port: int, alive: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
-    """Wait until 127.0.0.1:PORT accepts connections, while ALIVE() holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise CallgrindError("the process under valgrind exited while starting")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise CallgrindError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
