@@ -6,8 +6,11 @@ small static file, the ``tunnel2 backend`` test server, a tunnel2 relay + agent 
 the nginx backend, a second nginx as a plain reverse proxy and an OpenSSH reverse tunnel,
 then drives each path at each connection count and prints req/s, p50, p99, mean, errors,
 the ratio to the direct rate and the CPU microseconds per request of the relay and agent
-processes (from ``/proc/PID/stat``). ``--aggressive`` then runs ``tunnel2 loadtest
---profile aggressive`` through the tunnel against the direct backend.
+processes (from ``/proc/PID/stat``). ``--instructions`` then counts the user-space
+instructions per request of tunnel2's relay and agent and of the nginx proxy under callgrind
+(``benchmarks/instructions.py``: the figure that does not swing with the machine's load).
+``--aggressive`` then runs ``tunnel2 loadtest --profile aggressive`` through the tunnel
+against the direct backend.
 
 Loads (``--loads``, one or more):
 
@@ -57,6 +60,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+import instructions
+
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 20.0
 """Seconds any started process gets to report readiness."""
@@ -75,6 +80,7 @@ APT_PACKAGES = {
     "ab": "apache2-utils",
     "hey": "hey",
 }
+CALLGRIND_PACKAGES = {"valgrind": "valgrind", "vgdb": "valgrind"}
 
 
 class FatalError(Exception):
@@ -345,10 +351,12 @@ def find_binary(name: str) -> str | None:
     return None
 
 
-def ensure_tools() -> dict[str, str | None]:
-    """Paths of the tools; apt-get installs missing ones when running as root on Debian."""
-    tools = {name: find_binary(name) for name in APT_PACKAGES}
-    missing = sorted({APT_PACKAGES[name] for name, path in tools.items() if path is None})
+def ensure_tools(*, callgrind: bool = False) -> dict[str, str | None]:
+    """Paths of the tools; apt-get installs missing ones when running as root on Debian
+    (valgrind only with ``callgrind``)."""
+    packages = {**APT_PACKAGES, **(CALLGRIND_PACKAGES if callgrind else {})}
+    tools = {name: find_binary(name) for name in packages}
+    missing = sorted({packages[name] for name, path in tools.items() if path is None})
     if missing and os.geteuid() == 0 and find_binary("apt-get"):
         log(f"installing {' '.join(missing)} with apt-get")
         # Keep the packages' init scripts from starting system nginx/sshd services.
@@ -370,7 +378,9 @@ def ensure_tools() -> dict[str, str | None]:
         finally:
             if created_policy:
                 policy.unlink(missing_ok=True)
-        tools = {name: find_binary(name) for name in APT_PACKAGES}
+        tools = {name: find_binary(name) for name in packages}
+    if callgrind and (tools["valgrind"] is None or tools["vgdb"] is None):
+        raise FatalError("--instructions needs valgrind and vgdb (apt-get install valgrind)")
     if tools["wrk"] is None or tools["nginx"] is None:
         raise FatalError(
             "wrk and nginx are required (as root on Debian this script installs them: "
@@ -405,9 +415,16 @@ def _nginx_temp_paths(nginx: str, tmp: Path) -> str:
 
 
 def start_nginx(
-    procs: Processes, nginx: str, name: str, server: Callable[[int], str]
+    procs: Processes,
+    nginx: str,
+    name: str,
+    server: Callable[[int], str],
+    *,
+    wrapper: Sequence[str] = (),
+    start_timeout: float = 10.0,
 ) -> tuple[Proc, int]:
-    """Start nginx (master + 1 worker, daemon off) with SERVER(port) in ``http {}``."""
+    """Start nginx (master + 1 worker, daemon off) with SERVER(port) in ``http {}``; with a
+    WRAPPER command (valgrind), as one process (``master_process off``)."""
     prefix = procs.workdir / name
     prefix.mkdir()
     (prefix / "www").mkdir()
@@ -420,6 +437,7 @@ def start_nginx(
         conf.write_text(
             f"""worker_processes 1;
 daemon off;
+{"master_process off;" if wrapper else ""}
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
@@ -436,10 +454,11 @@ http {{
 """
         )
         proc = procs.start(
-            name, [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log"]
+            name,
+            [*wrapper, nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/error.log"],
         )
         try:
-            wait_for_port(port, [proc], timeout=10)
+            wait_for_port(port, [proc], timeout=start_timeout)
             return proc, port
         except StartError as exc:
             error_log = prefix / "error.log"
@@ -994,9 +1013,11 @@ def machine_info(tools: dict[str, str | None], args: argparse.Namespace) -> list
         f"kernel: {platform.system()} {platform.release()}; Python {platform.python_version()}",
         f"load average at start: {load}",
         f"tunnel2 {version} (git {commit}); wrk {wrk}; nginx {nginx}; {ssh}",
-        f"method: {args.duration} s per path and load (keepalive: wrk -t{args.threads} -cN "
-        f"--latency; close: ab -cN without -k; burst: hey -cN -q at {args.burst_rate:g} req/s "
-        f"in all) after a {args.warmup} s unmeasured wrk warm-up; {args.rounds} round(s), "
+        "method: callgrind only (--instructions-only); loopback; all processes on this machine"
+        if args.instructions_only
+        else f"method: {args.duration} s per path and load (keepalive: wrk -t{args.threads} "
+        f"-cN --latency; close: ab -cN without -k; burst: hey -cN -q at {args.burst_rate:g} "
+        f"req/s in all) after a {args.warmup} s unmeasured wrk warm-up; {args.rounds} round(s), "
         "paths interleaved in each, the median round shown; loopback; all processes on this "
         "machine",
     ]
@@ -1019,6 +1040,8 @@ class Stack:
     aggressive_url: str | None = None
     """tunnel2 public URL of the tunnel2 backend's /loadtest/ping."""
     aggressive_pids: list[int] = field(default_factory=list)
+    backend_port: int | None = None
+    """The nginx backend every path leads to."""
 
     def note(self, text: str) -> None:
         """Log TEXT in full; the report gets its first and last lines."""
@@ -1060,6 +1083,7 @@ def setup(procs: Processes, tools: dict[str, str | None], args: argparse.Namespa
         check_url(f"http://127.0.0.1:{backend_port}/", STATIC_BODY)
     except StartError as exc:
         raise FatalError(str(exc)) from None
+    stack.backend_port = backend_port
     if "direct" in wanted:
         stack.targets.append(Target("direct", f"http://127.0.0.1:{backend_port}/"))
 
@@ -1143,6 +1167,146 @@ def setup(procs: Processes, tools: dict[str, str | None], args: argparse.Namespa
     return stack
 
 
+# --- instructions per request (callgrind) ----------------------------------------------------
+
+
+@dataclass
+class InstructionRow:
+    path: str
+    figures: instructions.Figures | None = None
+    failure: str | None = None
+
+
+def run_instructions(
+    procs: Processes, tools: dict[str, str | None], args: argparse.Namespace, stack: Stack
+) -> list[InstructionRow]:
+    """Count instructions per request of tunnel2 (relay + agent) and the nginx proxy under
+    callgrind, at each of ``--instr-connections``; fresh processes, stopped afterwards."""
+    assert stack.backend_port is not None
+    settings = instructions.Settings()
+    cg_dir = procs.workdir / "callgrind"
+    cg_dir.mkdir(exist_ok=True)
+    cg_dir.chmod(0o1777)  # nginx writes its dumps as the worker user
+    vgdb_prefix = cg_dir / "vgdb"
+    rows: list[InstructionRow] = []
+
+    def wrap(role: str) -> list[str]:
+        return instructions.valgrind_argv(cg_dir, vgdb_prefix, role)
+
+    def counted(role: str, proc: Proc) -> instructions.Counted:
+        return instructions.Counted(role, proc.pid, cg_dir / f"{role}.{proc.pid}")
+
+    def measure_path(path: str, url: str, processes: list[instructions.Counted]) -> None:
+        for connections in args.instr_connections:
+            log(f"callgrind: {path}, C={connections}")
+            row = InstructionRow(f"{path}, C={connections}")
+            try:
+                row.figures = instructions.measure(
+                    url, processes, vgdb_prefix, connections, settings, log=log
+                )
+            except instructions.CallgrindError as exc:
+                row.failure = str(exc)
+                stack.note(f"callgrind: {row.path} failed: {exc}")
+            rows.append(row)
+
+    if "tunnel2" in args.paths:
+        log("starting tunnel2 relay and agent under callgrind")
+        started: list[Proc] = []
+        try:
+            relay = procs.start(
+                "tunnel2-server-callgrind",
+                [*wrap("relay"), args.python, "-m", "tunnel2.cli", "server", "--port", "0", "-q"],
+                cwd=REPO,
+            )
+            started.append(relay)
+            relay_url = wait_for_line(
+                relay, r"^tunnel2 relay on (http://\S+)", instructions.START_TIMEOUT
+            ).group(1)
+            agent = procs.start(
+                "tunnel2-http-callgrind",
+                [
+                    *wrap("agent"),
+                    args.python,
+                    "-m",
+                    "tunnel2.cli",
+                    "http",
+                    str(stack.backend_port),
+                    "--server",
+                    relay_url,
+                    "-q",
+                ],
+                cwd=REPO,
+            )
+            started.append(agent)
+            url = wait_for_line(
+                agent, r"^Forwarding (\S+) -> \S+$", instructions.START_TIMEOUT
+            ).group(1)
+            measure_path("tunnel2", url, [counted("relay", relay), counted("agent", agent)])
+        except StartError as exc:
+            rows.append(InstructionRow("tunnel2", failure=str(exc)))
+            stack.note(f"callgrind: tunnel2 did not start: {exc}")
+        finally:
+            for proc in reversed(started):
+                procs.stop(proc)
+
+    if "nginx-proxy" in args.paths:
+        log("starting the nginx reverse proxy under callgrind")
+        nginx = tools["nginx"]
+        assert nginx is not None
+        try:
+            proxy, port = start_nginx(
+                procs,
+                nginx,
+                "nginx-proxy-callgrind",
+                proxy_server(stack.backend_port),
+                wrapper=wrap("nginx"),
+                start_timeout=instructions.START_TIMEOUT,
+            )
+        except StartError as exc:
+            rows.append(InstructionRow("nginx-proxy", failure=str(exc)))
+            stack.note(f"callgrind: nginx-proxy did not start: {exc}")
+        else:
+            try:
+                measure_path("nginx-proxy", f"http://127.0.0.1:{port}/", [counted("nginx", proxy)])
+            finally:
+                procs.stop(proxy)
+    return rows
+
+
+def instructions_table(rows: list[InstructionRow], markdown: bool) -> str:
+    headers = [
+        "path, connections",
+        "relay instr/req",
+        "agent instr/req",
+        "total instr/req",
+        "idle relay / agent Ir/s",
+        "ms/req under valgrind",
+    ]
+    body = []
+    for row in rows:
+        figures = row.figures
+        if figures is None:
+            body.append([row.path, "failed", *["-"] * (len(headers) - 2)])
+            continue
+        per = figures.per_request
+        relay = per.get("relay", per.get("nginx"))
+        agent = per.get("agent")
+        idle = [figures.idle_per_second.get(r) for r in ("relay", "agent")]
+        if "nginx" in per:
+            idle[0] = figures.idle_per_second["nginx"]
+        body.append(
+            [
+                row.path,
+                "-" if relay is None else f"{relay:,.0f}",
+                "-" if agent is None else f"{agent:,.0f}",
+                f"{sum(per.values()):,.0f}",
+                " / ".join("-" if v is None else f"{v:,.0f}" for v in idle),
+                f"{figures.seconds_per_request * 1000:.1f}",
+            ]
+        )
+    return render(headers, body, markdown)
+
+
 def stage_seconds(stages: str | None) -> float:
     """Seconds one URL takes under ``--stages`` (or the aggressive profile: 6 x 30 s)."""
     if not stages:
@@ -1194,7 +1358,11 @@ def run_aggressive(procs: Processes, args: argparse.Namespace, stack: Stack) -> 
 
 
 def build_report(
-    info: list[str], results: dict[str, list[Row]], notes: list[str], markdown: bool
+    info: list[str],
+    results: dict[str, list[Row]],
+    notes: list[str],
+    markdown: bool,
+    instruction_rows: list[InstructionRow] | None = None,
 ) -> str:
     out: list[str] = []
     if markdown:
@@ -1211,7 +1379,12 @@ def build_report(
         title = "tunnel2 entry (relay) and agent: CPU per request, memory after the run"
         out += ["", f"### {title}" if markdown else f"{title}:"]
         out += ["", t2] if markdown else [t2]
-    legend = [
+    if instruction_rows:
+        title = "instructions per request (callgrind, user space, keep-alive)"
+        table = instructions_table(instruction_rows, markdown)
+        out += ["", f"### {title}" if markdown else f"{title}:"]
+        out += ["", table] if markdown else [table]
+    wall_clock = [
         "relay CPU: tunnel2 entry process / nginx proxy (master+worker) / sshd (listener+session); "
         "agent CPU: tunnel2 agent / ssh client; utime+stime over the measured window divided by "
         "the requests wrk completed. The backend's and wrk's CPU are not counted.",
@@ -1221,6 +1394,20 @@ def build_report(
         "loads: keepalive = wrk on kept-alive connections; close = ab without -k, a new "
         "connection per request; burst = hey -q at a fixed total rate, added mean ms = the "
         "path's mean latency minus direct's.",
+    ]
+    legend = [
+        *(wall_clock if results else []),
+        *(
+            [
+                "instructions: callgrind's Ir of each process between dumps, (N2 segment - N1 "
+                "segment - idle rate x their time difference) / (N2 - N1), N1=300 and N2=1500 "
+                "keep-alive requests over C fresh connections (benchmarks/instructions.py); "
+                "user space only, the kernel's work in system calls is not in it; the nginx "
+                "proxy's figure is in the relay column."
+            ]
+            if instruction_rows
+            else []
+        ),
         *notes,
     ]
     out += [""]
@@ -1229,13 +1416,14 @@ def build_report(
 
 
 def run(args: argparse.Namespace, procs: Processes) -> int:
-    tools = ensure_tools()
+    tools = ensure_tools(callgrind=args.instructions)
     info = machine_info(tools, args)
     for line in info:
         log(line)
     stack = setup(procs, tools, args)
     per_run = args.warmup + args.duration
-    estimate = len(stack.targets) * len(args.connections) * len(args.loads) * per_run
+    loads = [] if args.instructions_only else args.loads
+    estimate = len(stack.targets) * len(args.connections) * len(loads) * per_run
     log(
         f"measuring {', '.join(t.name for t in stack.targets)} with {' '.join(args.loads)} at "
         f"{' '.join(map(str, args.connections))} connections, {args.rounds} round(s): "
@@ -1244,7 +1432,7 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     measured: dict[str, dict[str, list[Row]]] = {}
     failed = stack.tunnel2_failed
     for round_number in range(1, args.rounds + 1):  # rounds interleaved: each path once
-        for load in args.loads:
+        for load in loads:
             for connections in args.connections:
                 label = f"{load}, {connections} connections"
                 if load == "burst":
@@ -1266,10 +1454,12 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
         label: [median_row(rows, burst=label.startswith("burst")) for rows in by_path.values()]
         for label, by_path in measured.items()
     }
+    instruction_rows = run_instructions(procs, tools, args, stack) if args.instructions else []
+    failed = failed or any(row.figures is None for row in instruction_rows)
     info.append("load average at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print()
-    print(build_report(info, results, stack.notes, markdown=False), flush=True)
-    markdown = build_report(info, results, stack.notes, markdown=True)
+    print(build_report(info, results, stack.notes, False, instruction_rows), flush=True)
+    markdown = build_report(info, results, stack.notes, True, instruction_rows)
     if args.markdown:
         args.markdown.write_text(markdown)
         log(f"wrote {args.markdown}")
@@ -1386,6 +1576,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --aggressive: keep the loadtest's JSON report here",
     )
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="then count user-space instructions per request under callgrind (tunnel2 relay "
+        "and agent, nginx proxy; needs valgrind; ~1.5 min per path and connection count)",
+    )
+    parser.add_argument(
+        "--instructions-only",
+        action="store_true",
+        help="--instructions without the wall-clock loads",
+    )
+    parser.add_argument(
+        "--instr-connections",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 10],
+        metavar="C",
+        help="with --instructions: concurrent keep-alive connections (default: 1 10)",
+    )
+    parser.add_argument(
         "--markdown", type=Path, metavar="FILE", help="also write the results as Markdown"
     )
     parser.add_argument(
@@ -1399,6 +1608,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be 0 or more")
+    if args.instructions_only:
+        args.instructions = True
+    if max(args.instr_connections) > instructions.Settings().n1:
+        parser.error(f"--instr-connections must be at most {instructions.Settings().n1}")
     return args
 
 

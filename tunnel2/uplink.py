@@ -16,8 +16,9 @@ Tasks (all in the nursery of :func:`open_uplink`):
   writer is busy, frames queue and coalesce as before. With more than one stream open, a
   direct write now and then is a probe instead: it queues for the writer and, if other tasks
   of the same scheduler pass queued frames too (many requests at once), the uplink keeps
-  coalescing, one write per pass for all of them; a probe that finds its frame alone switches
-  back to direct writes, the next probe waiting twice as long (``_check_coalescing``).
+  coalescing, one write per pass for all of them; a probe whose task was the only one to send
+  in its pass switches back to direct writes, the next probe waiting twice as long
+  (``_check_coalescing``).
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
