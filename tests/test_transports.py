@@ -25,6 +25,7 @@ from wsproto.connection import ConnectionType
 
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream, serve_socket
+from tunnel2.errors import UplinkClosed
 from tunnel2.transports import (
     FrameTransport,
     StreamTransport,
@@ -38,7 +39,13 @@ from tunnel2.transports import (
     lockstep_transport_pair,
     memory_transport_pair,
 )
-from tunnel2.uplink import _PROBE_AFTER_MIN, TunnelStream, TunnelUplink, open_uplink
+from tunnel2.uplink import (
+    _EARLY_FLUSH_FRAMES,
+    _PROBE_AFTER_MIN,
+    TunnelStream,
+    TunnelUplink,
+    open_uplink,
+)
 
 # Bounds hangs only: each test takes milliseconds.
 TIMEOUT: Final = 2
@@ -254,6 +261,10 @@ async def test_a_client_masks_each_message_with_the_next_key_of_a_drawn_pool(
 
 def is_pending(transport: WsprotoTransport) -> bool:
     return transport.pending
+
+
+def is_closed(uplink: TunnelUplink) -> bool:  # (a call: mypy does not narrow it)
+    return uplink.closed
 
 
 async def test_wsproto_send_nowait_hands_the_unsent_rest_to_flush() -> None:
@@ -648,12 +659,17 @@ class CountingTransport(FrameTransport):
         self.inner = inner
         self.direct = 0
         self.by_writer = 0
+        self.broken = False  # then every write fails as on a reset connection
 
     async def send(self, data: bytes) -> None:
         self.by_writer += 1
+        if self.broken:
+            raise trio.BrokenResourceError("connection reset")
         await self.inner.send(data)
 
     def send_nowait(self, data: bytes) -> bool:
+        if self.broken:
+            raise trio.BrokenResourceError("connection reset")
         sent = self.inner.send_nowait(data)
         self.direct += sent
         return sent
@@ -729,9 +745,64 @@ async def test_uplink_coalesces_the_writes_of_one_scheduler_pass_under_load() ->
             assert agent_side.direct + agent_side.by_writer - writes_before <= _PROBE_AFTER_MIN
 
 
+async def test_a_connection_reset_while_frames_wait_to_coalesce_closes_the_uplink_cleanly() -> None:
+    """With coalescing on, a burst queues frames while the writer waits for its turn; when
+    the connection breaks, the early flush of that burst fails. Callers that only queued get
+    their streams (or UplinkClosed once the uplink is closed), close() finishes, and the
+    uplink closes through its writer: no BrokenResourceError escapes to them or out of
+    open_uplink (the agent would stop instead of dialling again)."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, _agent, _):
+            relay.open_stream(REQUEST)
+            relay.open_stream(REQUEST)
+            relay._probe_in = 1  # the next direct write is a probe: coalescing starts
+            relay_side.broken = True
+            opened = [relay.open_stream(REQUEST, end=True) for _ in range(_EARLY_FLUSH_FRAMES)]
+            assert len(opened) == _EARLY_FLUSH_FRAMES  # the flush failed; nothing raised
+            assert not is_closed(relay)
+            relay.close("closing with a burst queued")  # its GOAWAY makes one more flush
+            assert is_closed(relay)
+            with pytest.raises(UplinkClosed):
+                relay.open_stream(REQUEST)
+            for stream in opened:
+                with pytest.raises(UplinkClosed):
+                    await stream.receive_head()
+
+
+async def test_two_tasks_writing_for_one_stream_in_a_pass_are_one_exchange() -> None:
+    """What counts as load is several streams sending in one pass, not several tasks: the
+    relay's connection task and its body pump write for the same request (OPEN, then END),
+    so a probe that finds only them turns coalescing off again."""
+    with trio.fail_after(TIMEOUT):
+        async with counted_uplinks() as (relay, relay_side, agent, _):
+            relay.open_stream(REQUEST)  # held open: two streams
+            await agent.accept_stream()
+            stream = relay.open_stream(REQUEST)
+            incoming = await agent.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            relay._probe_in = 1  # the next direct write is a probe
+
+            async def send(data: bytes) -> None:
+                stream.send_data_nowait(data)
+
+            woken_before = relay_side.by_writer
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, b"x")
+                nursery.start_soon(send, b"y")
+            await trio.testing.wait_all_tasks_blocked()
+            assert relay_side.by_writer == woken_before + 1  # both in the probe's write
+            direct_before = relay_side.direct
+            stream.send_end()
+            assert relay_side.direct == direct_before + 1  # written at once again
+            received = b""
+            while (chunk := await incoming.receive_data()) != b"":
+                received += chunk
+            assert sorted(received) == sorted(b"xy")
+
+
 async def test_lone_requests_beside_a_stream_that_stays_open_are_written_directly() -> None:
     """A stream that stays open (a WebSocket, an event stream) keeps two streams open, so
-    the uplink probes for coalescing; each probe that finds no other task sending in its
+    the uplink probes for coalescing; each probe that finds no other stream sending in its
     pass (here one task writes OPEN, DATA and END, each at once) makes the next one wait
     twice as long: 100 one-at-a-time exchanges (300 writes) wake the writer 8 times."""
     with trio.fail_after(TIMEOUT):

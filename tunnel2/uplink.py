@@ -14,11 +14,11 @@ Tasks (all in the nursery of :func:`open_uplink`):
   writer is idle and nothing is queued writes it itself with ``transport.send_nowait()``
   (``_send_now``): no task switch for the common small exchange; under load, when the
   writer is busy, frames queue and coalesce as before. With more than one stream open, a
-  direct write now and then is a probe instead: it queues for the writer and, if other tasks
-  of the same scheduler pass queued frames too (many requests at once), the uplink keeps
-  coalescing, one write per pass for all of them; a probe whose task was the only one to send
-  in its pass switches back to direct writes, the next probe waiting twice as long
-  (``_check_coalescing``).
+  direct write now and then is a probe instead: it queues for the writer and, if frames of
+  other streams were queued in the same scheduler pass too (many requests at once), the
+  uplink keeps coalescing, one write per pass for all of them; a probe whose stream was the
+  only one to send in its pass switches back to direct writes, the next probe waiting twice
+  as long (``_check_coalescing``).
 * ``_keepalive_task`` pings a peer it has heard nothing from for ``ping_interval`` and closes
   the uplink when nothing arrived for ``heartbeat_timeout`` (PROTOCOL.md §6.2).
 * ``_watchdog_task`` closes the uplink when a write makes no progress for
@@ -85,7 +85,7 @@ _CLOSE_FLUSH_TIMEOUT: Final = 2.0
 _EARLY_FLUSH_FRAMES: Final = 16
 # Write coalescing under load (TunnelUplink._send_now): with more than one stream open, every
 # this many direct writes (doubling after each failed probe, up to the maximum) one waits for
-# the writer instead, to see whether other tasks queue frames in the same scheduler pass.
+# the writer instead, to see whether other streams queue frames in the same scheduler pass.
 _PROBE_AFTER_MIN: Final = 4
 _PROBE_AFTER_MAX: Final = 64
 # A heartbeat is late (the uplink takes no new streams while its session has others) once
@@ -333,7 +333,7 @@ class TunnelStream:
         if end:
             self._local_ended = True
             wire += frames.encode_end(self.id)
-        uplink._send_now(wire)
+        uplink._send_now(wire, self.id)
         if end:
             self._maybe_finish()
 
@@ -388,7 +388,7 @@ class TunnelStream:
             self._local_ended = True
             wire += frames.encode_end(self.id)
         if wire:
-            self._uplink._send_now(wire)
+            self._uplink._send_now(wire, self.id)
         if end:
             self._maybe_finish()
 
@@ -414,7 +414,7 @@ class TunnelStream:
             return
         self._check_sendable()
         self._local_ended = True
-        self._uplink._send_now(frames.encode_end(self.id))
+        self._uplink._send_now(frames.encode_end(self.id), self.id)
         self._maybe_finish()
 
     def reset(self, code: int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -553,8 +553,10 @@ class TunnelUplink:
         self._coalescing = False
         self._probe_after = _PROBE_AFTER_MIN
         self._probe_in = _PROBE_AFTER_MIN
-        self._senders = 0  # tasks that queued frames through _send_now since the last batch
-        self._last_sender: trio.lowlevel.Task | None = None
+        # Streams whose frames _send_now queued since the last batch (several frames of one
+        # stream, from one task or two, are one exchange), and the latest of them.
+        self._senders = 0
+        self._last_sender = 0
         self._closing = False
         self._close_error: UplinkClosed | None = None
         self._peer_goaway: frames.GoAway | None = None
@@ -675,7 +677,7 @@ class TunnelUplink:
         if end:
             stream._local_ended = True
             wire += frames.encode_end(stream_id)
-        self._send_now(wire)
+        self._send_now(wire, stream_id)
         return stream
 
     @_ki_protected
@@ -807,21 +809,28 @@ class TunnelUplink:
             # have now, so the peer starts on it while we queue the rest, instead of the
             # whole burst waiting for the writer's turn (the pipeline overlaps).
             data = b"".join(out)
-            if self.transport.send_nowait(data):
+            try:
+                sent = self.transport.send_nowait(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # Left for the writer, whose send fails the same way and closes the uplink:
+                # raising here would fail a caller that only queued (or close() midway).
+                return
+            if sent:
                 self._taken += len(out)
                 self._sent = self._taken
                 out.clear()
                 self._out_size = 0
+                if self._coalescing:
+                    self._check_coalescing()
 
-    def _send_now(self, data: bytes) -> None:
-        # What a task that holds frames does when it is done for now: if the writer is idle
-        # with nothing queued, write them from this task, without waking the writer (one
-        # task switch less per message); else queue them behind the rest. While coalescing
-        # (see _check_coalescing), queue them anyway.
+    def _send_now(self, data: bytes, stream_id: int) -> None:
+        # What a task that holds frames (of stream ``stream_id``) does when it is done for
+        # now: if the writer is idle with nothing queued, write them from this task, without
+        # waking the writer (one task switch less per message); else queue them behind the
+        # rest. While coalescing (see _check_coalescing), queue them anyway.
         if self._coalescing:
-            task = trio.lowlevel.current_task()
-            if task is not self._last_sender:  # (the writer counts tasks, not frames)
-                self._last_sender = task
+            if stream_id != self._last_sender:  # (the writer counts streams, not frames)
+                self._last_sender = stream_id
                 self._senders += 1
             self._queue(data)
             return
@@ -833,7 +842,7 @@ class TunnelUplink:
             if self._probe_in <= 0:
                 self._coalescing = True
                 self._senders = 1
-                self._last_sender = trio.lowlevel.current_task()
+                self._last_sender = stream_id
                 self._queue(data)
                 return
         try:
@@ -955,8 +964,8 @@ class TunnelUplink:
             self._sent = self._taken
 
     def _check_coalescing(self) -> None:
-        # The writer took a batch while coalescing. If one task at most sent in that
-        # scheduler pass, waiting for the writer cost a pass (~50,000 instructions) and
+        # A batch left while coalescing. If one stream at most sent in that scheduler
+        # pass, waiting for the writer cost a pass (~50,000 instructions) and
         # saved no system call: write directly again, and probe later, each failed probe
         # doubling the wait (a stream that stays open, like a WebSocket or an event
         # stream, keeps two open and would otherwise make every lone request probe).
@@ -967,7 +976,7 @@ class TunnelUplink:
             self._probe_in = self._probe_after
             self._probe_after = min(self._probe_after * 2, _PROBE_AFTER_MAX)
         self._senders = 0
-        self._last_sender = None
+        self._last_sender = 0
 
     def _take_batch(self) -> collections.deque[bytes]:
         # O(frames taken), however long the backlog (a list's del out[:n] is not).
