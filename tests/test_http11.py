@@ -586,6 +586,47 @@ def test_response_head_refused(data: bytes, hint: int, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("data", "status", "tokens", "framing"),
+    [
+        # The parser's shortcuts (status by a table, common Connection values tokenised once,
+        # Content-Length by isdigit) give what the general path gives.
+        (response(start=b"HTTP/1.1 100"), 100, frozenset(), (Framing.NONE, 0)),
+        (response(start=b"HTTP/1.1 999 Odd"), 999, frozenset(), (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: keep-alive"), 200, {b"keep-alive"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: Keep-Alive"), 200, {b"keep-alive"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close"), 200, {b"close"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: upgrade"), 200, {b"upgrade"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close "), 200, {b"close"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close, x"), 200, {b"close", b"x"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Content-Length: 0015"), 200, frozenset(), (Framing.LENGTH, 15)),
+        (
+            response(b"Content-Length: 9223372036854775807"),
+            200,
+            frozenset(),
+            (Framing.LENGTH, 2**63 - 1),
+        ),
+        (response(b"Content-Length:\t7\t"), 200, frozenset(), (Framing.LENGTH, 7)),
+    ],
+)
+def test_response_head_shortcuts(
+    data: bytes, status: int, tokens: set[bytes], framing: tuple[Framing, int]
+) -> None:
+    head = parse_response_head(data)
+    assert head.status == status
+    assert _http11.connection_tokens(head) == tokens
+    assert response_framing(head, b"GET") == framing
+
+
+@pytest.mark.parametrize(
+    "value", [b"1" * 20, b"0" * 20, b"+5", b"5 5", b"\xd9\xa1", b"", b"0x5", b"\xef\xbc\x95"]
+)
+def test_response_content_length_shortcut_refuses(value: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="Content-Length") as info:
+        parse_response_head(response(b"Content-Length: " + value))
+    assert info.value.status_hint == 400
+
+
+@pytest.mark.parametrize(
     ("status", "lines", "method", "expected"),
     [
         (b"200", [b"Content-Length: 5"], b"GET", (Framing.LENGTH, 5)),
