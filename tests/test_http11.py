@@ -333,6 +333,23 @@ def test_fields_without_agrees_with_drop_fields(
     assert parsed.fields_without(_http11.field_names_re(names or {b"none"})) == expected
 
 
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        # One line to cut, where it may stand (the single-match shortcut), and two.
+        (b"Connection: close\r\n", b""),
+        (b"Connection: close\r\nA: 1\r\n", b"A: 1\r\n"),
+        (b"A: 1\r\nConnection: close\r\nB: 2\r\n", b"A: 1\r\nB: 2\r\n"),
+        (b"A: 1\r\nB: 2\r\nConnection: close\r\n", b"A: 1\r\nB: 2\r\n"),
+        (b"TE: x\r\nA: 1\r\nConnection: close\r\n", b"A: 1\r\n"),
+        (b"A: 1\r\n", b"A: 1\r\n"),
+    ],
+)
+def test_fields_without_cuts_one_line_anywhere(block: bytes, expected: bytes) -> None:
+    parsed = parse_response_head(b"HTTP/1.1 200 OK\r\n" + block + b"\r\n")
+    assert parsed.fields_without(_http11.field_names_re({b"connection", b"te"})) == expected
+
+
 # --- request heads: refused ---------------------------------------------------------------------
 
 

@@ -393,6 +393,13 @@ class _Head:
         match = names.search(lower, pos)
         if match is None:
             return raw[pos + 1 : -2]
+        cut = match.end()
+        after = names.search(lower, cut)
+        if after is None:  # one such line (a backend's Connection): no list, one copy less
+            first = match.start()
+            if first == pos:  # the first field line: what follows it, less its LF
+                return raw[cut + 1 : -2]
+            return raw[pos + 1 : first] + raw[cut:-2]
         parts = []
         while match is not None:
             parts.append(raw[pos : match.start()])
