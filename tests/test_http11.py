@@ -333,6 +333,23 @@ def test_fields_without_agrees_with_drop_fields(
     assert parsed.fields_without(_http11.field_names_re(names or {b"none"})) == expected
 
 
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        # One line to cut, where it may stand (the single-match shortcut), and two.
+        (b"Connection: close\r\n", b""),
+        (b"Connection: close\r\nA: 1\r\n", b"A: 1\r\n"),
+        (b"A: 1\r\nConnection: close\r\nB: 2\r\n", b"A: 1\r\nB: 2\r\n"),
+        (b"A: 1\r\nB: 2\r\nConnection: close\r\n", b"A: 1\r\nB: 2\r\n"),
+        (b"TE: x\r\nA: 1\r\nConnection: close\r\n", b"A: 1\r\n"),
+        (b"A: 1\r\n", b"A: 1\r\n"),
+    ],
+)
+def test_fields_without_cuts_one_line_anywhere(block: bytes, expected: bytes) -> None:
+    parsed = parse_response_head(b"HTTP/1.1 200 OK\r\n" + block + b"\r\n")
+    assert parsed.fields_without(_http11.field_names_re({b"connection", b"te"})) == expected
+
+
 # --- request heads: refused ---------------------------------------------------------------------
 
 
@@ -583,6 +600,47 @@ def test_response_head_refused(data: bytes, hint: int, message: str) -> None:
     with pytest.raises(RemoteProtocolError, match=message) as info:
         parse_response_head(data)
     assert info.value.status_hint == hint
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "tokens", "framing"),
+    [
+        # The parser's shortcuts (status by a table, common Connection values tokenised once,
+        # Content-Length by isdigit) give what the general path gives.
+        (response(start=b"HTTP/1.1 100"), 100, frozenset(), (Framing.NONE, 0)),
+        (response(start=b"HTTP/1.1 999 Odd"), 999, frozenset(), (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: keep-alive"), 200, {b"keep-alive"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: Keep-Alive"), 200, {b"keep-alive"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close"), 200, {b"close"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: upgrade"), 200, {b"upgrade"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close "), 200, {b"close"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Connection: close, x"), 200, {b"close", b"x"}, (Framing.UNTIL_CLOSE, 0)),
+        (response(b"Content-Length: 0015"), 200, frozenset(), (Framing.LENGTH, 15)),
+        (
+            response(b"Content-Length: 9223372036854775807"),
+            200,
+            frozenset(),
+            (Framing.LENGTH, 2**63 - 1),
+        ),
+        (response(b"Content-Length:\t7\t"), 200, frozenset(), (Framing.LENGTH, 7)),
+    ],
+)
+def test_response_head_shortcuts(
+    data: bytes, status: int, tokens: set[bytes], framing: tuple[Framing, int]
+) -> None:
+    head = parse_response_head(data)
+    assert head.status == status
+    assert _http11.connection_tokens(head) == tokens
+    assert response_framing(head, b"GET") == framing
+
+
+@pytest.mark.parametrize(
+    "value", [b"1" * 20, b"0" * 20, b"+5", b"5 5", b"\xd9\xa1", b"", b"0x5", b"\xef\xbc\x95"]
+)
+def test_response_content_length_shortcut_refuses(value: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="Content-Length") as info:
+        parse_response_head(response(b"Content-Length: " + value))
+    assert info.value.status_hint == 400
 
 
 @pytest.mark.parametrize(

@@ -872,3 +872,71 @@ async def test_serve_socket_serves_each_connection_and_closes_the_listener(
             nursery.cancel_scope.cancel()
     assert listener.failures == []
     assert listener.fileno() == -1  # closed by serve_socket
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    return client, accepted
+
+
+async def test_fast_socket_stream_moves_bytes_both_ways_and_sees_the_peer_close() -> None:
+    left, right = _tcp_pair()
+    a, b = FastSocketStream(left), FastSocketStream(right)
+    big = os.urandom(4 * 1024 * 1024)  # more than the socket buffers: send_all must wait
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.send_all, big)
+            got = bytearray()
+            while len(got) < len(big):
+                got += await b.receive_some()
+        assert got == big
+        a.send_nowait(b"tail")
+        assert await b.receive_some(100) == b"tail"
+        await a.send_eof()
+        assert await b.receive_some(100) == b""  # the peer's EOF
+        await a.aclose()
+        await b.aclose()
+
+
+async def _send_until_refused(stream: FastSocketStream) -> None:
+    for _ in range(100):  # the first write after a reset may still be taken
+        await stream.send_all(b"x" * 65536)
+
+
+async def test_fast_socket_stream_failures_are_trio_errors() -> None:
+    left, right = _tcp_pair()
+    a, b = FastSocketStream(left), FastSocketStream(right)
+    # A reset by the peer (SO_LINGER 0): receiving and sending raise BrokenResourceError.
+    right.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    b.close()
+    with trio.fail_after(10):
+        with pytest.raises(trio.BrokenResourceError, match="receive failed"):
+            await a.receive_some(100)
+        with pytest.raises(trio.BrokenResourceError, match="send failed"):
+            await _send_until_refused(a)
+        a.close()
+        with pytest.raises(trio.ClosedResourceError):
+            await a.receive_some(100)
+        with pytest.raises(trio.ClosedResourceError):
+            await a.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            a.send_nowait(b"x")
+
+
+async def test_fast_socket_stream_closed_while_a_task_waits_to_receive() -> None:
+    left, right = _tcp_pair()
+    a = FastSocketStream(left)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def close_soon() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                a.close()
+
+            nursery.start_soon(close_soon)
+            with pytest.raises(trio.ClosedResourceError):
+                await a.receive_some(100)
+    assert left.fileno() == -1
+    right.close()

@@ -50,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RECEIVE_SIZE: Final = 65536
+_read: Final = os.read
+_write: Final = os.write
 # accept(2) errors after which accepting goes on: the connection was lost before we took it
 # (retried at once, as trio's SocketListener does) or the system is short of descriptors or
 # memory (retried after _ACCEPT_PAUSE seconds, as trio.serve_listeners does).
@@ -175,6 +177,11 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             # No Nagle: we batch writes ourselves (DESIGN.md: Nagle + delayed ACK = 40 ms).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
+        # Data moves with os.read/os.write on the descriptor (Linux: read(2) and write(2) on
+        # a socket are recv and send without flags): their arguments are parsed by Argument
+        # Clinic, where socket.recv/send parse a format string (~500 instructions a call, ~3
+        # calls a request on each side). The socket owns the descriptor and closes it.
+        self._fd = sock.fileno()
         self._closed = False
         self._unsent = b""  # what send_nowait could not send yet; goes out first
         # True while _unsent holds bytes: a plain attribute, read per message on the data
@@ -209,10 +216,10 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         if self._unsent:
             data, self._unsent = self._unsent + data, b""
             self.send_pending = False
-        sock = self.socket
+        fd = self._fd
         try:
             try:
-                sent = sock.send(data)
+                sent = _write(fd, data)
             except BlockingIOError:
                 sent = 0
             if sent == len(data):
@@ -220,9 +227,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             view = memoryview(data)
             while sent < len(view):
                 try:
-                    sent += sock.send(view[sent:])
+                    sent += _write(fd, view[sent:])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+                    await trio.lowlevel.wait_writable(fd)
         except OSError as exc:
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed") from None
@@ -242,7 +249,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             self._unsent += data
             return
         try:
-            sent = self.socket.send(data)
+            sent = _write(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -283,13 +290,13 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
-        sock = self.socket
+        fd = self._fd
         size = max_bytes or _RECEIVE_SIZE
         while True:
             try:
-                return sock.recv(size)
+                return _read(fd, size)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(fd)
             except OSError as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
