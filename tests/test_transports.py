@@ -6,6 +6,7 @@ StreamTransport runs over trio's memory streams; WsprotoTransport over a connect
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -939,4 +940,74 @@ async def test_fast_socket_stream_closed_while_a_task_waits_to_receive() -> None
             with pytest.raises(trio.ClosedResourceError):
                 await a.receive_some(100)
     assert left.fileno() == -1
+    right.close()
+
+
+@pytest.mark.parametrize("direction", ["receive", "send"])
+async def test_fast_socket_stream_closed_between_wake_up_and_resume(
+    direction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Woken by the kernel, then closed by another task before it resumes: the descriptor may
+    # already belong to a new connection, whose bytes must be neither read nor written.
+    left, right = _tcp_pair()
+    stream = FastSocketStream(left)
+    newcomers: list[socket.socket] = []  # the pair whose first socket got our descriptor
+    spare: list[socket.socket] = []
+    name = "wait_readable" if direction == "receive" else "wait_writable"
+    real_wait = getattr(trio.lowlevel, name)
+
+    async def wait_then_lose_the_fd(fd: int) -> None:
+        await real_wait(fd)
+        stream.close()  # another task, in the same batch
+        for _ in range(10):  # new connections take the lowest free descriptors
+            pair = socket.socketpair()
+            spare.extend(pair)
+            if fd in (pair[0].fileno(), pair[1].fileno()):
+                newcomers.extend(pair if pair[0].fileno() == fd else pair[::-1])
+                break
+        assert newcomers, "no new socket took the freed descriptor"
+        newcomers[1].send(b"another connection's secret")
+
+    monkeypatch.setattr(trio.lowlevel, name, wait_then_lose_the_fd)
+    try:
+        with trio.fail_after(10):
+            if direction == "receive":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_send_later, right, b"for this stream")
+                    with pytest.raises(trio.ClosedResourceError):
+                        await stream.receive_some(100)
+                assert newcomers[0].recv(100) == b"another connection's secret"  # unread
+            else:
+                right.setblocking(False)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_drain_later, right)
+                    with pytest.raises(trio.ClosedResourceError):
+                        await stream.send_all(b"x" * (8 * 1024 * 1024))
+                newcomers[1].setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    newcomers[1].recv(100)  # nothing of ours reached the newcomer
+    finally:
+        right.close()
+        for sock in spare:
+            sock.close()
+
+
+async def _send_later(sock: socket.socket, data: bytes) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    sock.send(data)
+
+
+async def _drain_later(sock: socket.socket) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(1 << 20):
+            pass
+
+
+async def test_fast_socket_stream_refuses_a_negative_size() -> None:
+    left, right = _tcp_pair()
+    stream = FastSocketStream(left)
+    with pytest.raises(ValueError, match="at least 1"):
+        await stream.receive_some(-1)
+    stream.close()
     right.close()

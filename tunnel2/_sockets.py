@@ -230,6 +230,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                     sent += _write(fd, view[sent:])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(fd)
+                    self._check_open_after_wait()
         except OSError as exc:
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed") from None
@@ -297,10 +298,20 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 return _read(fd, size)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
+                self._check_open_after_wait()
             except OSError as exc:
+                if size < 1:
+                    raise ValueError(f"max_bytes must be at least 1, not {max_bytes}") from None
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+    def _check_open_after_wait(self) -> None:
+        # Woken, then closed by another task in the same batch (notify_closing found no
+        # waiter): the descriptor may already be another connection's, so it must not be
+        # read or written again.
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
 
     async def send_eof(self) -> None:
         if self._closed:
