@@ -5,6 +5,7 @@ All over in-memory transports; every test bounded with ``trio.fail_after``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -265,6 +267,69 @@ async def test_access_log_line_per_request_on_relay_and_agent(
         assert fields["event"] == "RequestFinished"
         assert {"side", "session_id", "method", "path", "status", "duration"} <= set(fields)
         assert fields["session_id"] == session
+
+
+FINISHED = RequestFinished("relay", "24370e4994b1c557", "GET", "/api/items", 0, 200, 43, 0.014)
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_access_log_stream_writes_what_the_cli_formatters_would(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, json_lines: bool
+) -> None:
+    """Written to a stream, a line is the one the CLI's logging formatter (text) or
+    JsonFormatter would have made of the logger's record at the same instant, and no record
+    is made at all."""
+    caplog.set_level(logging.INFO, logger="tunnel2.requests")
+    out = io.StringIO()
+    observer = AccessLogObserver(out, json=json_lines)
+    formatter = (
+        JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    expected = []
+    # Two instants in one second (the stamp is cached), then the next second.
+    for now in (1764594558.25, 1764594558.0, 1764594559.977):
+        monkeypatch.setattr("tunnel2.observe.time.time", lambda now=now: now)
+        observer.on_event(FINISHED)
+        observer.on_event(RequestStarted("relay", "x", "GET", "/", 0))  # not a line
+        AccessLogObserver().on_event(FINISHED)  # the logging path, for the expected line
+        record = caplog.records.pop()
+        record.created, record.msecs = now, int((now - int(now)) * 1000)
+        expected.append(formatter.format(record) + "\n")
+    assert caplog.records == []
+    assert out.getvalue() == "".join(expected)
+    assert expected[0].count("relay 24370e49 GET /api/items -> 200 (14.0 ms)") == 1
+    if json_lines:
+        assert json.loads(expected[0])["time"] == "2025-12-01T13:09:18.250Z"
+
+
+def test_access_log_stream_that_fails_is_removed_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = io.StringIO()
+    out.close()
+    observers: list[Observer] = [AccessLogObserver(out)]
+    observe.emit(observers, FINISHED)
+    assert observers == []
+    assert [r.exc_info is not None for r in caplog.records if "observer" in r.getMessage()] == [
+        True
+    ]
+
+
+def test_event_fields_are_the_attributes_of_every_event_class() -> None:
+    events: list[Event] = [
+        RequestStarted("agent", "s", "POST", "/p", None),
+        FINISHED,
+        AgentJoined("s", "agent-1", "ci", 2),
+        AgentLeft("s", "agent-1", "ci", "gone"),
+        DrainStarted(1, 2),
+        Refused("agent-2", 4403, "token", "bad token"),
+        Reconnected("s", "http://x/session/s/", 3),
+    ]
+    for event in events:
+        assert observe.event_fields(event) == {"event": type(event).__name__, **attrs.asdict(event)}
+        assert list(observe.event_fields(event))[1:] == [f.name for f in attrs.fields(type(event))]
 
 
 def test_json_formatter_plain_record_and_exception() -> None:
