@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 import time
 from typing import Final, Literal, Protocol, TextIO, final
 
@@ -230,8 +232,7 @@ class AccessLogObserver:
     def __init__(self, stream: TextIO | None = None, *, json: bool = False) -> None:
         self._stream = stream
         self._json = json
-        self._second = -1  # the second _stamp is for: one strftime a second
-        self._stamp = ""
+        self._stamp = (math.nan, "")  # (second, its strftime): one strftime a second
 
     def __repr__(self) -> str:
         return (
@@ -259,24 +260,37 @@ class AccessLogObserver:
             return
         message = (
             f"{event.side} {event.session_id[:8] or '-'} {event.method} {event.path}"
-            f" -> {event.status} ({event.duration * 1000:.1f} ms)"
+            f" -> {int(event.status)} ({event.duration * 1000:.1f} ms)"
         )
-        created = time.time()
-        second = int(created)
-        msecs = int((created - second) * 1000)  # as logging.LogRecord.msecs
-        if second != self._second:  # JSON in UTC, text in local time, as the formatters
-            self._second = second
-            self._stamp = (
+        created, msecs = _now_and_msecs()
+        second = math.floor(created)  # the second localtime()/gmtime() format
+        cached_second, stamp = self._stamp
+        if second != cached_second:  # JSON in UTC, text in local time, as the formatters
+            stamp = (
                 time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
                 if self._json
                 else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
             )
+            self._stamp = (second, stamp)  # one store: an observer may serve two threads
         if self._json:
-            stamp = f"{self._stamp}.{msecs:03d}Z"
+            stamp = f"{stamp}.{msecs:03d}Z"
             line = _json_line(stamp, "INFO", request_logger.name, message, event_fields(event))
         else:
-            line = f"{self._stamp},{msecs:03d} INFO tunnel2.requests: {message}"
+            line = f"{stamp},{msecs:03d} INFO tunnel2.requests: {message}"
         stream.write(line + "\n")
+
+
+def _now_and_msecs() -> tuple[float, int]:
+    """The time and its milliseconds, as ``logging.LogRecord`` takes them."""
+    if sys.version_info >= (3, 13):  # from time_ns(), rounding to the second kept
+        ns = time.time_ns()
+        created = ns / 1e9
+        msecs = (ns % 1_000_000_000) // 1_000_000
+        if msecs == 999 and int(created) != ns // 1_000_000_000:
+            msecs = 0
+        return created, msecs
+    created = time.time()
+    return created, int((created - int(created)) * 1000)
 
 
 def _json_line(stamp: str, level: str, name: str, message: str, fields: dict[str, object]) -> str:
