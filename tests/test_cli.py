@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -136,6 +137,23 @@ async def test_server_and_http_end_to_end(tmp_path: Path) -> None:
                 assert "Traceback" not in agent.stderr(), agent.stderr()
             assert await relay.interrupt() == 0
             assert "Traceback" not in relay.stderr(), relay.stderr()
+    # One access-log line per request on each side, in the format of the other log lines
+    # (as when they went through logging: the observer writes them to stderr itself now).
+    session = public_url.rstrip("/").rsplit("/", 1)[1][:8]
+    for side, err in (("relay", relay.stderr()), ("agent", agent.stderr())):
+        lines = [line for line in err.splitlines() if " tunnel2.requests: " in line]
+        assert len(lines) == 1, err
+        assert re.fullmatch(
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tunnel2.requests: "
+            rf"{side} {session} GET /hello.txt -> 200 \(\d+\.\d ms\)",
+            lines[0],
+        ), lines[0]
+        other = next(
+            line
+            for line in err.splitlines()
+            if " INFO tunnel2." in line and " tunnel2.requests: " not in line
+        )
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tunnel2\.", other)
 
 
 async def test_http_against_an_unreachable_relay_exits_1(tmp_path: Path) -> None:

@@ -5,14 +5,18 @@ All over in-memory transports; every test bounded with ``trio.fail_after``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import socket
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -265,6 +269,89 @@ async def test_access_log_line_per_request_on_relay_and_agent(
         assert fields["event"] == "RequestFinished"
         assert {"side", "session_id", "method", "path", "status", "duration"} <= set(fields)
         assert fields["session_id"] == session
+
+
+FINISHED = RequestFinished("relay", "24370e4994b1c557", "GET", "/api/items", 0, 200, 43, 0.014)
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_access_log_stream_writes_what_the_cli_formatters_would(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, json_lines: bool
+) -> None:
+    """Written to a stream, a line is the one the CLI's logging formatter (text, local time)
+    or JsonFormatter (UTC) would have made of the logger's record at the same instant, to
+    the millisecond as this Python's LogRecord takes it, and no record is made at all."""
+    caplog.set_level(logging.INFO, logger="tunnel2.requests")
+    out = io.StringIO()
+    observer = AccessLogObserver(out, json=json_lines)
+    formatter = (
+        JsonFormatter()
+        if json_lines
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    expected = []
+    zone = os.environ.get("TZ")
+    os.environ["TZ"] = "TST-05:30"  # POSIX: UTC+05:30, no zone files needed
+    time.tzset()
+    try:
+        # Instants in one second (the stamp is cached), then the next one; just above a
+        # millisecond (where float seconds and integer nanoseconds disagree), and just below
+        # a second (where nanoseconds / 1e9 rounds up).
+        for ns in (
+            1764594558_250000000,
+            1764594558_000000000,
+            1764594558_001000000,
+            1764594559_977000000,
+            1764594559_999999900,
+        ):
+            monkeypatch.setattr("tunnel2.observe.time.time_ns", lambda ns=ns: ns)
+            # time.time() as CPython makes it from the same reading: float(ns) / 1e9
+            monkeypatch.setattr("tunnel2.observe.time.time", lambda ns=ns: ns / 1e9)
+            observer.on_event(FINISHED)
+            observer.on_event(RequestStarted("relay", "x", "GET", "/", 0))  # not a line
+            AccessLogObserver().on_event(FINISHED)  # the logging path: the expected line
+            expected.append(formatter.format(caplog.records.pop()) + "\n")
+    finally:
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
+    assert caplog.records == []
+    assert out.getvalue() == "".join(expected)
+    assert expected[0].count("relay 24370e49 GET /api/items -> 200 (14.0 ms)") == 1
+    if json_lines:
+        assert json.loads(expected[0])["time"].startswith("2025-12-01T13:09:18.")
+    else:  # (the milliseconds: 249 before Python 3.13, 250 since; the comparison checks them)
+        assert expected[0].startswith("2025-12-01 18:39:18,")
+
+
+def test_access_log_stream_that_fails_is_removed_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = io.StringIO()
+    out.close()
+    observers: list[Observer] = [AccessLogObserver(out)]
+    observe.emit(observers, FINISHED)
+    assert observers == []
+    assert [r.exc_info is not None for r in caplog.records if "observer" in r.getMessage()] == [
+        True
+    ]
+
+
+def test_event_fields_are_the_attributes_of_every_event_class() -> None:
+    events: list[Event] = [
+        RequestStarted("agent", "s", "POST", "/p", None),
+        FINISHED,
+        AgentJoined("s", "agent-1", "ci", 2),
+        AgentLeft("s", "agent-1", "ci", "gone"),
+        DrainStarted(1, 2),
+        Refused("agent-2", 4403, "token", "bad token"),
+        Reconnected("s", "http://x/session/s/", 3),
+    ]
+    for event in events:
+        assert observe.event_fields(event) == {"event": type(event).__name__, **attrs.asdict(event)}
+        assert list(observe.event_fields(event))[1:] == [f.name for f in attrs.fields(type(event))]
 
 
 def test_json_formatter_plain_record_and_exception() -> None:

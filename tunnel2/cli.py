@@ -52,9 +52,13 @@ def _configure_logging(verbosity: int, log_format: str = "text") -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def _observers() -> list[Observer]:
-    """The access log, if its lines would show (not under -q: no events built then)."""
-    return [AccessLogObserver()] if request_logger.isEnabledFor(logging.INFO) else []
+def _observers(log_format: str) -> list[Observer]:
+    """The access log, if its lines would show (not under -q: no events built then), written
+    straight to stderr in the format of the other lines: a logging record per request cost
+    more instructions than the request itself (benchmarks/RESULTS.md)."""
+    if not request_logger.isEnabledFor(logging.INFO):
+        return []
+    return [AccessLogObserver(sys.stderr, json=log_format == "json")]
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -146,6 +150,7 @@ async def _run_server(
     config: ServerConfig,
     ssl_context: ssl.SSLContext | None,
     admin: tuple[str, int] | None,
+    observers: list[Observer],
     stop: trio.Event,
 ) -> None:
     async with trio.open_nursery() as nursery:
@@ -154,7 +159,7 @@ async def _run_server(
                 serve_tunnel_server,
                 config,
                 ssl_context=ssl_context,
-                observers=_observers(),
+                observers=observers,
                 admin=admin,
             )
         )
@@ -232,7 +237,14 @@ def _server(args: argparse.Namespace) -> int:
             print(f"tunnel2 server: {exc}", file=sys.stderr)
             return 2
     try:
-        return trio.run(_until_terminated, _run_server, config, ssl_context, args.admin)
+        return trio.run(
+            _until_terminated,
+            _run_server,
+            config,
+            ssl_context,
+            args.admin,
+            _observers(args.log_format),
+        )
     except KeyboardInterrupt:  # before the signal handlers are in place
         return FORCED_EXIT
     except OSError as exc:
@@ -256,7 +268,7 @@ async def _run_http(
         backend_ca_file=args.backend_ca_file,
         backend_insecure=args.backend_insecure,
         drain_timeout=args.drain_timeout,
-        observers=_observers(),
+        observers=_observers(args.log_format),
         admin=args.admin,
         host_header=args.host_header,  # --- host header ---
         # --- inspect ---

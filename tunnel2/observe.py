@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 import time
-from typing import Final, Literal, Protocol, final
+from typing import Final, Literal, Protocol, TextIO, final
 
 import attrs
 
@@ -201,32 +203,110 @@ def emit(observers: list[Observer], event: Event) -> None:
 
 def event_fields(event: Event) -> dict[str, object]:
     """The event as a flat dict: ``{"event": "RequestFinished", "status": 200, ...}``."""
-    return {"event": type(event).__name__, **attrs.asdict(event)}
+    kind = type(event)
+    names = _FIELD_NAMES.get(kind)
+    if names is None:  # once per class: attrs.asdict() costs ~20,000 instructions a call
+        names = _FIELD_NAMES[kind] = tuple(field.name for field in attrs.fields(kind))
+    fields: dict[str, object] = {"event": kind.__name__}
+    for name in names:
+        fields[name] = getattr(event, name)  # every field is a scalar: nothing to copy
+    return fields
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 @final
 class AccessLogObserver:
-    """Logs one INFO line per finished request to the ``tunnel2.requests`` logger.
+    """One line per finished request: ``side session METHOD /path -> status (N ms)``.
 
-    The record carries the event's fields in ``record.event`` (:class:`JsonFormatter` writes
-    them out); the message is ``side session METHOD /path -> status (N ms)``.
+    By default each line is an INFO record of the ``tunnel2.requests`` logger, which carries
+    the event's fields in ``record.event`` (:class:`JsonFormatter` writes them out). Given a
+    text ``stream`` (the CLI passes ``sys.stderr``), the observer writes each line there
+    itself, as the CLI's logging would have (``2026-12-01 13:09:18,977 INFO
+    tunnel2.requests: ...``; with ``json=True`` as :class:`JsonFormatter` does): no
+    ``LogRecord``, no handler, no caller lookup, about an eighth of the cost
+    (benchmarks/RESULTS.md); the logger's level and handlers then play no part.
     """
 
+    def __init__(self, stream: TextIO | None = None, *, json: bool = False) -> None:
+        self._stream = stream
+        self._json = json
+        self._stamp = (math.nan, "")  # (second, its strftime): one strftime a second
+
     def __repr__(self) -> str:
-        return "<AccessLogObserver>"
+        return (
+            "<AccessLogObserver>"
+            if self._stream is None
+            else f"<AccessLogObserver {self._stream!r}>"
+        )
 
     def on_event(self, event: Event) -> None:
-        if type(event) is RequestFinished and request_logger.isEnabledFor(logging.INFO):
-            request_logger.info(
-                "%s %s %s %s -> %d (%.1f ms)",
-                event.side,
-                event.session_id[:8] or "-",
-                event.method,
-                event.path,
-                event.status,
-                event.duration * 1000,
-                extra={"event": event_fields(event)},
+        if type(event) is not RequestFinished:
+            return
+        stream = self._stream
+        if stream is None:
+            if request_logger.isEnabledFor(logging.INFO):
+                request_logger.info(
+                    "%s %s %s %s -> %d (%.1f ms)",
+                    event.side,
+                    event.session_id[:8] or "-",
+                    event.method,
+                    event.path,
+                    event.status,
+                    event.duration * 1000,
+                    extra={"event": event_fields(event)},
+                )
+            return
+        message = (
+            f"{event.side} {event.session_id[:8] or '-'} {event.method} {event.path}"
+            f" -> {int(event.status)} ({event.duration * 1000:.1f} ms)"
+        )
+        created, msecs = _now_and_msecs()
+        second = math.floor(created)  # the second localtime()/gmtime() format
+        cached_second, stamp = self._stamp
+        if second != cached_second:  # JSON in UTC, text in local time, as the formatters
+            stamp = (
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+                if self._json
+                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
             )
+            self._stamp = (second, stamp)  # one store: an observer may serve two threads
+        if self._json:
+            stamp = f"{stamp}.{msecs:03d}Z"
+            line = _json_line(stamp, "INFO", request_logger.name, message, event_fields(event))
+        else:
+            line = f"{stamp},{msecs:03d} INFO tunnel2.requests: {message}"
+        stream.write(line + "\n")
+
+
+def _now_and_msecs() -> tuple[float, int]:
+    """The time and its milliseconds, as ``logging.LogRecord`` takes them."""
+    if sys.version_info >= (3, 13):  # from time_ns(), rounding to the second kept
+        ns = time.time_ns()
+        created = ns / 1e9
+        msecs = (ns % 1_000_000_000) // 1_000_000
+        if msecs == 999 and int(created) != ns // 1_000_000_000:
+            msecs = 0
+        return created, msecs
+    created = time.time()
+    return created, int((created - int(created)) * 1000)
+
+
+def _json_line(stamp: str, level: str, name: str, message: str, fields: dict[str, object]) -> str:
+    """The JSON object of one log line (:class:`JsonFormatter` and the access log's stream)."""
+    line: dict[str, object] = {
+        "time": stamp,
+        "level": level,
+        "logger": name,
+        "message": message,
+    }
+    if fields:
+        line.update(fields)
+    return _JSON.encode(line)
+
+
+_JSON: Final = json.JSONEncoder(default=str)  # json.dumps(default=) builds one per call
 
 
 @final
@@ -238,16 +318,15 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
         event = getattr(record, "event", None)
-        if isinstance(event, dict):
-            fields.update(event)
+        fields: dict[str, object] = dict(event) if isinstance(event, dict) else {}
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
-        return json.dumps(fields, default=str)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return _json_line(
+            f"{stamp}.{int(record.msecs):03d}Z",
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            fields,
+        )
