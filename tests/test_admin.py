@@ -10,13 +10,18 @@ import json
 from typing import Any
 
 import h11
+import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from test_observe import app, observed_tunnel
 
 import tunnel2
+from tunnel2 import admin
 from tunnel2.admin import AdminApp, PrometheusObserver, agent_admin, relay_admin
+from tunnel2.observe import RequestFinished, Side
 from tunnel2.server import ServerConfig
 
 
@@ -174,3 +179,88 @@ async def test_admin_over_real_sockets() -> None:
                 on_agent = samples((await get(agent.admin_url, "/metrics"))[1].decode())
                 assert on_agent["tunnel2_requests_total", (("code", "2xx"), ("side", "agent"))] == 3
             nursery.cancel_scope.cancel()
+
+
+def _reference_metrics(
+    events: list[RequestFinished], session_labels: int
+) -> tuple[CollectorRegistry, list[str]]:
+    """prometheus-client's own Counter and Histogram, fed as PrometheusObserver once did."""
+    registry = CollectorRegistry()
+    labels = ["side", "code"] + (["session"] if session_labels else [])
+    requests = Counter("tunnel2_requests", admin._REQUESTS_HELP, labels, registry=registry)
+    latency = Histogram(
+        "tunnel2_request_duration_seconds", admin._LATENCY_HELP, ["side"],
+        buckets=admin._LATENCY_BUCKETS, registry=registry,
+    )  # fmt: skip
+    body = Counter(
+        "tunnel2_request_body_bytes", admin._REQUEST_BYTES_HELP, ["side"], registry=registry
+    )
+    out = Counter("tunnel2_response_bytes", admin._RESPONSE_BYTES_HELP, registry=registry)
+    for side in ("relay", "agent"):
+        latency.labels(side)
+        body.labels(side)
+    labelled: list[str] = []
+    for event in events:
+        session = "other"
+        if event.session_id in labelled or len(labelled) < session_labels:
+            if event.session_id not in labelled:
+                labelled.append(event.session_id)
+            session = event.session_id
+        code = f"{event.status // 100}xx" if event.status else "0"
+        requests.labels(event.side, code, *[session][: bool(session_labels)]).inc()
+        latency.labels(event.side).observe(event.duration)
+        if event.request_body:
+            body.labels(event.side).inc(event.request_body)
+        if event.response_bytes:
+            out.inc(event.response_bytes)
+    return registry, labelled
+
+
+def _without_created_values(text: str) -> list[str]:
+    return [
+        line.rsplit(" ", 1)[0] if "_created" in line and not line.startswith("#") else line
+        for line in text.splitlines()
+    ]
+
+
+@pytest.mark.parametrize("session_labels", [0, 2])
+def test_request_metrics_are_what_prometheus_clients_own_types_expose(session_labels: int) -> None:
+    """The per-request series are plain counts made samples at scrape time: the same lines,
+    values and order as a Counter and a Histogram fed the same events (the ``_created``
+    timestamps aside), a duration on a bucket's bound included."""
+    bounds = admin._LATENCY_BUCKETS
+    cases: list[tuple[Side, int, float, int | None, int | None]] = [
+        ("relay", 200, 0.0012, 0, 150),
+        ("agent", 404, 0.3, None, None),
+        ("relay", 0, bounds[2], 3, None),
+        ("relay", 502, 0.0, None, 10),
+        ("agent", 200, 20.0, 7, None),
+        ("relay", 101, bounds[-1], 0, 5),
+        ("agent", 200, 1e-9, 0, None),
+    ]
+    events = [
+        RequestFinished(side, f"s{i % 3}", "GET", "/", body, status, sent, duration)
+        for i, (side, status, duration, body, sent) in enumerate(cases)
+    ]
+    ours = PrometheusObserver(session_labels=session_labels)
+    for event in events:
+        ours.on_event(event)
+    reference, _ = _reference_metrics(events, session_labels)
+    names = {
+        "tunnel2_requests",
+        "tunnel2_request_duration_seconds",
+        "tunnel2_request_body_bytes",
+        "tunnel2_response_bytes",
+    }
+    for generate in (generate_latest, openmetrics.generate_latest):
+        expected = _without_created_values(generate(reference).decode())
+        got = _without_created_values(generate(ours.registry).decode())
+        assert [line for line in got if any(name in line for name in names)] == [
+            line for line in expected if line != "# EOF"
+        ]
+    assert (
+        samples(generate_latest(ours.registry).decode())[
+            "tunnel2_request_duration_seconds_count", (("side", "relay"),)
+        ]
+        == 4
+    )
