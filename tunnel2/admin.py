@@ -25,6 +25,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from tunnel2._util import unwrap_lone_error
 from tunnel2.inspect import InspectorApp
@@ -128,7 +129,7 @@ _SIDES: Final = ("relay", "agent")
 
 
 @final
-class _RequestMetrics:
+class _RequestMetrics(Collector):  # (an ABC up to prometheus-client 0.20, a Protocol later)
     """The per-request metrics as plain counts, made samples only when scraped (a collector:
     ``collect()``). The same series, names and values as prometheus-client's ``Counter`` and
     ``Histogram`` (``_created`` included), at a tenth of the cost per request: those take a
@@ -154,8 +155,10 @@ class _RequestMetrics:
         if counted is None:
             counted = self._requests[key] = [0, time.time()]
         counted[0] += 1
-        self._buckets[side][bisect.bisect_left(_LATENCY_BUCKETS, event.duration)] += 1
-        self._sum[side] += event.duration
+        duration = event.duration
+        if duration == duration:  # a NaN goes into the sum and no bucket, as with Histogram
+            self._buckets[side][bisect.bisect_left(_LATENCY_BUCKETS, duration)] += 1
+        self._sum[side] += duration
         if event.request_body:
             self._request_bytes[side] += event.request_body
         if event.response_bytes:
