@@ -7,16 +7,24 @@ In memory (the admin ASGI app called directly) and over real sockets on 127.0.0.
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 
 import h11
+import prometheus_client.metrics
+import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from test_observe import app, observed_tunnel
 
 import tunnel2
+from tunnel2 import admin
 from tunnel2.admin import AdminApp, PrometheusObserver, agent_admin, relay_admin
+from tunnel2.observe import RequestFinished, Side
 from tunnel2.server import ServerConfig
 
 
@@ -174,3 +182,94 @@ async def test_admin_over_real_sockets() -> None:
                 on_agent = samples((await get(agent.admin_url, "/metrics"))[1].decode())
                 assert on_agent["tunnel2_requests_total", (("code", "2xx"), ("side", "agent"))] == 3
             nursery.cancel_scope.cancel()
+
+
+class _Reference:
+    """prometheus-client's own Counter and Histogram, fed as PrometheusObserver once did."""
+
+    def __init__(self, session_labels: int) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.session_labels = session_labels
+        labels = ["side", "code"] + (["session"] if session_labels else [])
+        self.requests = Counter("tunnel2_requests", admin._REQUESTS_HELP, labels, registry=registry)
+        self.latency = Histogram(
+            "tunnel2_request_duration_seconds", admin._LATENCY_HELP, ["side"],
+            buckets=admin._LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.body = Counter(
+            "tunnel2_request_body_bytes", admin._REQUEST_BYTES_HELP, ["side"], registry=registry
+        )
+        self.out = Counter("tunnel2_response_bytes", admin._RESPONSE_BYTES_HELP, registry=registry)
+        for side in ("relay", "agent"):
+            self.latency.labels(side)
+            self.body.labels(side)
+        self.labelled: list[str] = []
+
+    def on_event(self, event: RequestFinished) -> None:
+        session = "other"
+        if event.session_id in self.labelled or len(self.labelled) < self.session_labels:
+            if event.session_id not in self.labelled:
+                self.labelled.append(event.session_id)
+            session = event.session_id
+        code = f"{event.status // 100}xx" if event.status else "0"
+        self.requests.labels(event.side, code, *[session][: bool(self.session_labels)]).inc()
+        self.latency.labels(event.side).observe(event.duration)
+        if event.request_body:
+            self.body.labels(event.side).inc(event.request_body)
+        if event.response_bytes:
+            self.out.inc(event.response_bytes)
+
+
+@pytest.mark.parametrize("created", [True, False], ids=["created", "no-created"])
+@pytest.mark.parametrize("session_labels", [0, 2])
+def test_request_metrics_are_what_prometheus_clients_own_types_expose(
+    session_labels: int, created: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-request series are plain counts made samples at scrape time: the same lines,
+    values and order as a Counter and a Histogram fed the same events, ``_created``
+    timestamps included (a series is created when the Counter would create it), a duration
+    on a bucket's bound, +Inf and NaN included, and no ``_created`` lines when
+    prometheus-client is told to leave them out."""
+    clock = [1_700_000_000.25]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", created)
+    bounds = admin._LATENCY_BUCKETS
+    cases: list[tuple[Side, int, float, int | None, int | None]] = [
+        ("relay", 200, 0.0012, 0, 150),
+        ("agent", 404, 0.3, None, None),
+        ("relay", 0, bounds[2], 3, None),
+        ("relay", 502, 0.0, None, 10),
+        ("agent", 200, 20.0, 7, None),
+        ("relay", 101, bounds[-1], 0, 5),
+        ("agent", 200, 1e-9, 0, None),
+        ("relay", 200, math.inf, 0, None),
+        ("agent", 503, math.nan, 0, None),
+    ]
+    events = [
+        RequestFinished(side, f"s{i % 3}", "GET", "/", body, status, sent, duration)
+        for i, (side, status, duration, body, sent) in enumerate(cases)
+    ]
+    ours = PrometheusObserver(session_labels=session_labels)
+    reference = _Reference(session_labels)
+    for i, event in enumerate(events):
+        clock[0] = 1_700_000_100.5 + 7 * i
+        ours.on_event(event)
+        reference.on_event(event)
+    clock[0] = 1_700_009_999.0
+    names = {
+        "tunnel2_requests",
+        "tunnel2_request_duration_seconds",
+        "tunnel2_request_body_bytes",
+        "tunnel2_response_bytes",
+    }
+    for generate in (generate_latest, openmetrics.generate_latest):
+        expected = generate(reference.registry).decode().splitlines()
+        got = generate(ours.registry).decode().splitlines()
+        assert [line for line in got if any(name in line for name in names)] == [
+            line for line in expected if line != "# EOF"
+        ]
+        assert any("_created" in line for line in got) is created
+    scraped = samples(generate_latest(ours.registry).decode())
+    assert scraped["tunnel2_request_duration_seconds_count", (("side", "relay"),)] == 5
+    # The NaN is in the agent's sum and in none of its buckets.
+    assert scraped["tunnel2_request_duration_seconds_count", (("side", "agent"),)] == 3
