@@ -613,11 +613,14 @@ class ProxyEntry:
                     return
             # Counted in flight until the response is out, so a draining relay waits for it.
             self.server.request_started()
+            routing = self._route(request)
             observed = (
-                self._request_started(conn, request, length, framing) if self._observers else None
+                self._request_started(conn, request, length, framing, routing)
+                if self._observers
+                else None
             )
             try:
-                keep_alive = await self._proxy(conn, request, framing, length)
+                keep_alive = await self._proxy(conn, request, framing, length, routing)
             except _Answer as answer:
                 conn.status = answer.status
                 # Nothing of a response went out yet; the request body may be unread.
@@ -641,12 +644,14 @@ class ProxyEntry:
     # --- observe: request events, built only when someone listens ------------------------
 
     def _request_started(
-        self, conn: _Connection, request: http.RequestHead, length: int, framing: http.Framing
+        self,
+        conn: _Connection,
+        request: http.RequestHead,
+        length: int,
+        framing: http.Framing,
+        routing: tuple[str, bytes, bytes] | None,
     ) -> tuple[RequestStarted, float, int]:
-        try:
-            session_id, target, _ = self._route(request)
-        except _Answer:
-            session_id, target = "", request.target
+        session_id, target = routing[:2] if routing is not None else ("", request.target)
         path = target.partition(b"?")[0].decode("ascii", "replace")
         body = None if framing is http.CHUNKED else length
         started = RequestStarted("relay", session_id, request.method.decode(), path, body)
@@ -673,9 +678,10 @@ class ProxyEntry:
 
     # --- one request --------------------------------------------------------------------
 
-    def _route(self, request: http.RequestHead) -> tuple[str, bytes, bytes]:
-        """Return (session id, target for the backend, public path prefix) or raise _Answer
-        404. The prefix is ``/session/{id}`` on the path form, empty on the Host form."""
+    def _route(self, request: http.RequestHead) -> tuple[str, bytes, bytes] | None:
+        """Return (session id, target for the backend, public path prefix), or None if the
+        request names no session (_proxy answers 404). The prefix is ``/session/{id}`` on the
+        path form, empty on the Host form."""
         if self._domain_suffix is not None:
             # Host names are case-insensitive (browsers send them lower-cased): the label is
             # matched lower-cased, so a session id with capitals has no Host form (the relay
@@ -703,11 +709,7 @@ class ProxyEntry:
                     backend_target = b"/" + backend_target
                 session_id = target[start:end].decode("ascii", "replace")
                 return session_id, backend_target, target[:end]
-        raise _Answer(
-            404,
-            "no tunnel here: use /session/{id}/... "
-            + (f"or Host {{id}}.{self.config.domain}" if self.config.domain else ""),
-        )
+        return None
 
     def _forward_head(
         self,
@@ -767,10 +769,18 @@ class ProxyEntry:
         request: http.RequestHead,
         framing: http.Framing,
         length: int,
+        routing: tuple[str, bytes, bytes] | None,
     ) -> bool:
-        """Carry one request through the tunnel; return whether the connection stays open."""
+        """Carry one request through the tunnel (``routing``: what :meth:`_route` found in
+        it); return whether the connection stays open."""
         config = self.config
-        session_id, target, prefix = self._route(request)
+        if routing is None:
+            raise _Answer(
+                404,
+                "no tunnel here: use /session/{id}/... "
+                + (f"or Host {{id}}.{config.domain}" if config.domain else ""),
+            )
+        session_id, target, prefix = routing
         if (
             framing is http.LENGTH
             and config.max_body_size is not None
