@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.connection import ConnectionType
 
+import tunnel2._sockets
 from tunnel2 import frames
 from tunnel2._sockets import FastSocketStream, serve_socket
 from tunnel2.errors import UplinkClosed
@@ -943,14 +944,19 @@ async def test_fast_socket_stream_closed_while_a_task_waits_to_receive() -> None
     right.close()
 
 
-@pytest.mark.parametrize("direction", ["receive", "send"])
+@pytest.mark.parametrize(
+    ("direction", "primed"), [("receive", False), ("receive", True), ("send", False)]
+)
 async def test_fast_socket_stream_closed_between_wake_up_and_resume(
-    direction: str, monkeypatch: pytest.MonkeyPatch
+    direction: str, primed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Woken by the kernel, then closed by another task before it resumes: the descriptor may
     # already belong to a new connection, whose bytes must be neither read nor written.
+    # (primed: a read waited before, so this one polls before it waits.)
     left, right = _tcp_pair()
     stream = FastSocketStream(left)
+    if primed:
+        await _receive_after_a_wait(stream, right)
     newcomers: list[socket.socket] = []  # the pair whose first socket got our descriptor
     spare: list[socket.socket] = []
     name = "wait_readable" if direction == "receive" else "wait_writable"
@@ -990,6 +996,72 @@ async def test_fast_socket_stream_closed_between_wake_up_and_resume(
         right.close()
         for sock in spare:
             sock.close()
+
+
+async def _receive_after_a_wait(stream: FastSocketStream, peer: socket.socket) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_later, peer, b"first")
+            assert await stream.receive_some(100) == b"first"
+
+
+async def test_fast_socket_stream_polls_a_socket_whose_reads_wait_turn_by_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read that raises BlockingIOError costs ~7 times a zero-timeout poll: after one read
+    # had to wait, the next ones poll first, as long as they find nothing there; a read that
+    # finds its bytes there goes back to reading at once.
+    reads: list[str] = []
+    real_read = tunnel2._sockets._read
+
+    def counted_read(fd: int, size: int) -> bytes:
+        try:
+            data = real_read(fd, size)
+        except BlockingIOError:
+            reads.append("would block")
+            raise
+        reads.append("read")
+        return data
+
+    monkeypatch.setattr(tunnel2._sockets, "_read", counted_read)
+    left, right = _tcp_pair()
+    stream = FastSocketStream(left)
+    with trio.fail_after(10):
+        for turn in range(20):  # the peer answers only once the reader waits
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_later, right, b"turn %d" % turn)
+                assert await stream.receive_some(100) == b"turn %d" % turn
+        assert reads == ["would block"] + ["read"] * 20
+        reads.clear()
+        right.send(b"ready")  # there before the read: one poll finds it, the read follows
+        assert await stream.receive_some(100) == b"ready"
+        right.send(b"again")
+        assert await stream.receive_some(100) == b"again"  # read at once, no poll
+        assert reads == ["read", "read"]
+        # The peer's EOF and a reset while a read polls first.
+        await _receive_after_a_wait(stream, right)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_later, right, False)
+            assert await stream.receive_some(100) == b""
+    stream.close()
+    left, right = _tcp_pair()
+    stream = FastSocketStream(left)
+    with trio.fail_after(10):
+        await _receive_after_a_wait(stream, right)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_close_later, right, True)
+            with pytest.raises(trio.BrokenResourceError, match="receive failed"):
+                await stream.receive_some(100)
+        with pytest.raises(ValueError, match="at least 1"):
+            await stream.receive_some(-1)
+    stream.close()
+
+
+async def _close_later(sock: socket.socket, reset: bool) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    if reset:  # SO_LINGER 0: the close sends RST
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
 
 
 async def _send_later(sock: socket.socket, data: bytes) -> None:

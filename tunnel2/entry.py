@@ -50,7 +50,8 @@ __all__ = ["ProxyEntry"]
 logger = logging.getLogger(__name__)
 
 _RECEIVE_SIZE: Final = 65536
-_SESSION_PREFIX: Final = b"/session/"
+# The path form: the session id runs from the prefix to the first "/" or "?" (one C call).
+_SESSION_TARGET_RE: Final = re.compile(rb"/session/([^/?]+)")
 
 
 # Cut from the request on its way to the agent; the relay writes its own framing and
@@ -586,15 +587,16 @@ class ProxyEntry:
             if end < 0:
                 return  # the client closed, or its head was too large (answered 431)
             head = http.take(buf, end)
-            is_head = conn.head_request = head.startswith(b"HEAD ")
             try:
                 request = http.parse_request_head(head, max_size=config.max_head_size)
                 framing, length = http.request_framing(request)
             except ProtocolError as exc:
+                is_head = head.startswith(b"HEAD ")
                 await conn.send(
                     http.plain_response(exc.status_hint, str(exc), close=True, head=is_head)
                 )
                 return
+            is_head = conn.head_request = request.method == b"HEAD"
             if request.target.startswith(_AGENT_PATH) and (
                 (request.get(b"upgrade") or b"").lower() == b"websocket"
             ):
@@ -694,22 +696,14 @@ class ProxyEntry:
                     if label and b"." not in label:
                         return label.decode("ascii", "replace"), request.target, b""
         target = request.target
-        if target.startswith(_SESSION_PREFIX):
-            # The id runs to the first "/" or "?" after the prefix.
-            start = len(_SESSION_PREFIX)
-            end = target.find(b"/", start)
-            if end < 0:
-                end = len(target)
-            query = target.find(b"?", start, end)
-            if query >= 0:
-                end = query
-            if end > start:
-                backend_target = target[end:]
-                if not backend_target.startswith(b"/"):
-                    backend_target = b"/" + backend_target
-                session_id = target[start:end].decode("ascii", "replace")
-                return session_id, backend_target, target[:end]
-        return None
+        match = _SESSION_TARGET_RE.match(target)
+        if match is None:
+            return None
+        end = match.end()
+        backend_target = target[end:]
+        if backend_target[:1] != b"/":  # "/session/{id}" or "/session/{id}?query"
+            backend_target = b"/" + backend_target
+        return match[1].decode("ascii", "replace"), backend_target, target[:end]
 
     def _forward_head(
         self,
