@@ -284,7 +284,9 @@ def test_hello_payload_is_version_then_json_object() -> None:
 
 
 def test_welcome_payload_is_version_then_json_object() -> None:
-    welcome = frames.Welcome(session_id="s", public_urls=("u1", "u2"), resume_key="r")
+    welcome = frames.Welcome(
+        session_id="s", public_urls=("u1", "u2"), resume_key="r", capabilities=("end_stream",)
+    )
     payload = frames.encode(welcome)[frames.HEADER_SIZE :]
     assert payload[:2] == b"\x00\x01"
     assert json.loads(payload[2:]) == {
@@ -295,6 +297,7 @@ def test_welcome_payload_is_version_then_json_object() -> None:
         "initial_window": 262144,
         "connection_window": 4194304,
         "ping_interval": 15.0,
+        "capabilities": ["end_stream"],
     }
     assert welcome.public_url == "u1"
 

@@ -506,6 +506,7 @@ class Agent:
             session_id=known.session_id if known else config.session_id,
             resume_key=known.resume_key if known else None,
             max_frame_size=config.max_frame_size,
+            capabilities=frames.CAPABILITIES,
             access=config.access.to_json() if config.access is not None else None,
         )
         await transport.send(frames.encode(hello))

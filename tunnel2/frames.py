@@ -30,7 +30,9 @@ import attrs
 from tunnel2.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "CAPABILITIES",
     "DEFAULT_MAX_FRAME_SIZE",
+    "END_STREAM",
     "HEADER_SIZE",
     "MAX_STREAM_ID",
     "MAX_WINDOW",
@@ -73,6 +75,11 @@ _U32: Final = struct.Struct("!I")
 _GOAWAY: Final = struct.Struct("!IH")
 
 _FLAG_NONE: Final = 0
+_FLAG_END: Final = 0x01  # END_STREAM on OPEN and DATA, once negotiated (PROTOCOL.md §2.1)
+
+# The optional features this side speaks (HELLO/WELCOME ``capabilities``, PROTOCOL.md §3).
+END_STREAM: Final = "end_stream"
+CAPABILITIES: Final = (END_STREAM,)
 _NO_LIMIT: Final = -1  # FrameDecoder._take: every complete frame
 
 _TYPE_HELLO: Final = 0x01
@@ -175,6 +182,8 @@ class Welcome:
         initial_window: the per-stream credit each side starts with.
         connection_window: the per-connection credit each side starts with.
         ping_interval: seconds between keepalive pings (0 disables them).
+        capabilities: the optional features both sides use: those of the agent's HELLO the
+            relay speaks too.
     """
 
     session_id: str
@@ -185,6 +194,7 @@ class Welcome:
     initial_window: int = 256 * 1024
     connection_window: int = 4 * 1024 * 1024
     ping_interval: float = 15.0
+    capabilities: tuple[str, ...] = ()
 
     stream_id: ClassVar[int] = 0
 
@@ -228,10 +238,13 @@ class Refuse:
 @attrs.frozen
 class Open:
     """Opens a stream (from the relay, with a request head) or answers one (from the agent,
-    with a response head). ``head`` is a complete HTTP/1.1 head ending in CRLF CRLF."""
+    with a response head). ``head`` is a complete HTTP/1.1 head ending in CRLF CRLF.
+    ``end``: the sender's last frame on the stream, as if END followed (the END_STREAM flag,
+    once negotiated)."""
 
     stream_id: int
     head: bytes
+    end: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
@@ -242,10 +255,11 @@ class Open:
 
 @attrs.frozen
 class Data:
-    """Body bytes on a stream; they consume flow-control credit."""
+    """Body bytes on a stream; they consume flow-control credit. ``end`` as on :class:`Open`."""
 
     stream_id: int
     data: bytes
+    end: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.stream_id <= MAX_STREAM_ID:  # inlined: hot path
@@ -362,26 +376,26 @@ def _json_payload(version: int, fields: dict[str, Any]) -> bytes:
 # checks are the constructors'; they raise the constructors' errors).
 
 
-def encode_open(stream_id: int, head: bytes) -> bytes:
-    """``encode(Open(stream_id, head))``, without the object.
+def encode_open(stream_id: int, head: bytes, end: bool = False) -> bytes:
+    """``encode(Open(stream_id, head, end))``, without the object.
 
     Raises:
         LocalProtocolError: as :class:`Open` does.
     """
     if not 0 < stream_id <= MAX_STREAM_ID or not head.endswith(b"\r\n\r\n"):
         Open(stream_id, head)  # raises
-    return _HEADER.pack(len(head), _TYPE_OPEN, _FLAG_NONE, stream_id) + head
+    return _HEADER.pack(len(head), _TYPE_OPEN, _FLAG_END if end else 0, stream_id) + head
 
 
-def encode_data(stream_id: int, data: bytes) -> bytes:
-    """``encode(Data(stream_id, data))``, without the object.
+def encode_data(stream_id: int, data: bytes, end: bool = False) -> bytes:
+    """``encode(Data(stream_id, data, end))``, without the object.
 
     Raises:
         LocalProtocolError: as :class:`Data` does.
     """
     if not 0 < stream_id <= MAX_STREAM_ID or not data:
         Data(stream_id, data)  # raises
-    return _HEADER.pack(len(data), _TYPE_DATA, _FLAG_NONE, stream_id) + data
+    return _HEADER.pack(len(data), _TYPE_DATA, _FLAG_END if end else 0, stream_id) + data
 
 
 def encode_end(stream_id: int) -> bytes:
@@ -404,11 +418,11 @@ def encode(frame: Frame) -> bytes:
     """
     # Ordered by frequency on the data path.
     if type(frame) is Data:
-        return encode_data(frame.stream_id, frame.data)
+        return encode_data(frame.stream_id, frame.data, frame.end)
     if type(frame) is End:
         return encode_end(frame.stream_id)
     if type(frame) is Open:
-        return encode_open(frame.stream_id, frame.head)
+        return encode_open(frame.stream_id, frame.head, frame.end)
     payload: bytes
     sid = 0
     if isinstance(frame, Window):
@@ -448,6 +462,7 @@ def encode(frame: Frame) -> bytes:
                 "initial_window": frame.initial_window,
                 "connection_window": frame.connection_window,
                 "ping_interval": frame.ping_interval,
+                "capabilities": list(frame.capabilities),
             },
         )
     else:
@@ -532,6 +547,8 @@ def _decode_welcome(payload: bytes) -> Welcome:
         initial_window=_field(f, "initial_window", int, "WELCOME"),
         connection_window=_field(f, "connection_window", int, "WELCOME"),
         ping_interval=float(interval),
+        # Optional (absent from relays before it): none.
+        capabilities=_str_list(f, "capabilities", "WELCOME") if "capabilities" in f else (),
     )
 
 
@@ -595,6 +612,9 @@ class FrameDecoder:
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
+        # Whether OPEN and DATA may carry the END_STREAM flag: set once WELCOME agreed on
+        # it (PROTOCOL.md §2.1); any flag is an error until then.
+        self.end_stream = False
         self._buffer = bytearray()
         self._offset = 0
         self._eof = False
@@ -647,18 +667,20 @@ class FrameDecoder:
         if not isinstance(item, tuple):
             return item
         kind, stream_id, payload = item
+        end = len(items) > 1  # the END that an END_STREAM flag stands for
         if kind == TYPE_DATA:
-            return Data(stream_id, payload)
+            return Data(stream_id, payload, end)
         if kind == TYPE_END:
             return End(stream_id)
-        return Open(stream_id, payload)
+        return Open(stream_id, payload, end)
 
     def next_items(self) -> list[StreamItem | Frame]:
         """Every complete frame buffered, in order, in one call (the uplink's reader makes
         one per receive instead of one per frame): OPEN, DATA and END as
         ``(TYPE_OPEN | TYPE_DATA | TYPE_END, stream_id, payload)``, checked as their
-        constructors check; every other frame as its object. An empty list means more bytes
-        are needed.
+        constructors check; every other frame as its object. An OPEN or DATA with the
+        END_STREAM flag comes as its item followed by an END item. An empty list means more
+        bytes are needed.
 
         Raises:
             RemoteProtocolError: as :meth:`next_frame`, when the first frame it would return
@@ -702,7 +724,11 @@ class FrameDecoder:
                 if self._eof:
                     failure = _fail(f"connection closed mid-frame ({available} bytes buffered)")
                 break
-            if flags:
+            if flags and (
+                flags != _FLAG_END
+                or not self.end_stream
+                or (ftype != _TYPE_OPEN and ftype != _TYPE_DATA)
+            ):
                 failure = _fail(f"frame type 0x{ftype:02x} has unknown flags 0x{flags:02x}")
                 break
             payload = bytes(buf[start + HEADER_SIZE : end])
@@ -712,6 +738,8 @@ class FrameDecoder:
                 or (ftype == _TYPE_OPEN and payload.endswith(b"\r\n\r\n"))
             ):
                 items.append((ftype, sid, payload))
+                if flags:  # END_STREAM: the END it stands for
+                    items.append((_TYPE_END, sid, b""))
             else:
                 try:
                     items.append(_decode_payload(ftype, sid, payload))

@@ -569,6 +569,8 @@ class TunnelServer:
             initial_window=config.initial_window,
             connection_window=config.connection_window,
             ping_interval=config.ping_interval,
+            # What the agent asked for that this relay speaks too (PROTOCOL.md §3.2).
+            capabilities=tuple(c for c in frames.CAPABILITIES if c in hello.capabilities),
         )
         try:
             await transport.send(frames.encode(welcome))

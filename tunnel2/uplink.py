@@ -327,12 +327,14 @@ class TunnelStream:
         uplink = self._uplink
         if len(head) > uplink._max_frame_size:
             uplink._check_head_size(head, 502)
-        wire = frames.encode_open(self.id, head)
         if body:
-            wire += self._data_frame_nowait(body)
+            wire = frames.encode_open(self.id, head) + self._data_frame_nowait(body, end)
+        else:
+            wire = frames.encode_open(self.id, head, end and uplink._end_stream)
         if end:
             self._local_ended = True
-            wire += frames.encode_end(self.id)
+            if not uplink._end_stream:
+                wire += frames.encode_end(self.id)
         uplink._send_now(wire, self.id)
         if end:
             self._maybe_finish()
@@ -383,17 +385,19 @@ class TunnelStream:
             StreamReset, UplinkClosed: as :meth:`send_data`.
         """
         self._check_sendable()
-        wire = self._data_frame_nowait(data) if data else b""
+        wire = self._data_frame_nowait(data, end) if data else b""
         if end:
             self._local_ended = True
-            wire += frames.encode_end(self.id)
+            if not data or not self._uplink._end_stream:
+                wire += frames.encode_end(self.id)
         if wire:
             self._uplink._send_now(wire, self.id)
         if end:
             self._maybe_finish()
 
-    def _data_frame_nowait(self, data: bytes) -> bytes:
+    def _data_frame_nowait(self, data: bytes, end: bool = False) -> bytes:
         # A DATA frame for all of ``data``, its credit taken; or WouldBlock, nothing taken.
+        # ``end``: flagged END_STREAM if the uplink agreed on it (the caller sends END if not).
         uplink = self._uplink
         size = len(data)
         if (
@@ -406,7 +410,7 @@ class TunnelStream:
         self._send_window -= size
         uplink._remote_window -= size
         uplink._window_allowance += _WINDOWS_PER_DATA_FRAME
-        return frames.encode_data(self.id, data)
+        return frames.encode_data(self.id, data, end and uplink._end_stream)
 
     def send_end(self) -> None:
         """Queue END: we send nothing more. Does not block; idempotent."""
@@ -524,6 +528,9 @@ class TunnelUplink:
         self._decoder = decoder
         decoder.max_frame_size = settings.max_frame_size
         self._max_frame_size = settings.max_frame_size
+        # OPEN and DATA carry END_STREAM instead of an END frame after them, both ways, if
+        # WELCOME agreed on it (PROTOCOL.md §2.1): a frame less per direction of an exchange.
+        self._end_stream = decoder.end_stream = frames.END_STREAM in settings.capabilities
         self._initial_window = settings.initial_window
         self._connection_window = settings.connection_window
         self._local_window = settings.connection_window
@@ -669,14 +676,16 @@ class TunnelUplink:
         if len(head) > self._max_frame_size:
             self._check_head_size(head, 431)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1
-        wire = frames.encode_open(stream_id, head)
+        end_stream = end and self._end_stream
+        wire = frames.encode_open(stream_id, head, end_stream)
         self._last_stream_id = stream_id
         self._stray_allowance += _STRAY_FRAMES_PER_STREAM
         stream = TunnelStream(self, stream_id, None)
         self._streams[stream_id] = stream
         if end:
             stream._local_ended = True
-            wire += frames.encode_end(stream_id)
+            if not end_stream:
+                wire += frames.encode_end(stream_id)
         self._send_now(wire, stream_id)
         return stream
 
