@@ -100,25 +100,30 @@ def test_a_flag_anywhere_else_is_a_protocol_error(wire: bytes, agreed: bool) -> 
     assert info.value.code == ErrorCode.PROTOCOL_ERROR
 
 
-def test_a_welcome_from_a_relay_before_capabilities_has_none() -> None:
+def welcome_frame(**extra: object) -> bytes:
+    """A WELCOME as a relay from before capabilities writes it (no such key), plus ``extra``."""
     fields = {
         "session_id": "s",
-        "public_urls": ["u"],
+        "public_urls": ["http://relay.test/session/s/"],
         "resume_key": "r",
         "max_frame_size": 65536,
-        "initial_window": 1024,
-        "connection_window": 4096,
+        "initial_window": 65536,
+        "connection_window": 65536,
         "ping_interval": 0,
+        **extra,
     }
     payload = b"\x00\x01" + json.dumps(fields).encode()
+    return _HEADER.pack(len(payload), 0x02, 0, 0) + payload
+
+
+def test_a_welcome_from_a_relay_before_capabilities_has_none() -> None:
     decoder = frames.FrameDecoder()
-    decoder.receive_data(_HEADER.pack(len(payload), 0x02, 0, 0) + payload)
+    decoder.receive_data(welcome_frame())
     welcome = decoder.next_frame()
     assert isinstance(welcome, frames.Welcome)
     assert welcome.capabilities == ()
-    payload = b"\x00\x01" + json.dumps({**fields, "capabilities": "end_stream"}).encode()
     decoder = frames.FrameDecoder()
-    decoder.receive_data(_HEADER.pack(len(payload), 0x02, 0, 0) + payload)
+    decoder.receive_data(welcome_frame(capabilities="end_stream"))
     with pytest.raises(RemoteProtocolError, match="capabilities"):
         decoder.next_frame()
 
@@ -263,19 +268,10 @@ async def test_the_agent_flags_only_for_a_relay_that_agreed(relay_speaks_it: boo
             hello = await receive_handshake_frame(ours, decoder)
             assert isinstance(hello, frames.Hello)
             assert frames.END_STREAM in hello.capabilities
-            fields = {
-                "session_id": "s",
-                "public_urls": ["http://relay.test/session/s/"],
-                "resume_key": "r",
-                "max_frame_size": 65536,
-                "initial_window": 65536,
-                "connection_window": 65536,
-                "ping_interval": 0,
-            }
             if relay_speaks_it:
-                fields["capabilities"] = [frames.END_STREAM]
-            payload = b"\x00\x01" + json.dumps(fields).encode()  # an older relay: no key
-            await ours.send(_HEADER.pack(len(payload), 0x02, 0, 0) + payload)
+                await ours.send(welcome_frame(capabilities=[frames.END_STREAM]))
+            else:
+                await ours.send(welcome_frame())  # an older relay: no such key
             if relay_speaks_it:
                 await ours.send(frames.encode_open(1, HEAD, end=True))
             else:

@@ -384,7 +384,7 @@ def encode_open(stream_id: int, head: bytes, end: bool = False) -> bytes:
     """
     if not 0 < stream_id <= MAX_STREAM_ID or not head.endswith(b"\r\n\r\n"):
         Open(stream_id, head)  # raises
-    return _HEADER.pack(len(head), _TYPE_OPEN, _FLAG_END if end else 0, stream_id) + head
+    return _HEADER.pack(len(head), _TYPE_OPEN, _FLAG_END if end else _FLAG_NONE, stream_id) + head
 
 
 def encode_data(stream_id: int, data: bytes, end: bool = False) -> bytes:
@@ -395,7 +395,7 @@ def encode_data(stream_id: int, data: bytes, end: bool = False) -> bytes:
     """
     if not 0 < stream_id <= MAX_STREAM_ID or not data:
         Data(stream_id, data)  # raises
-    return _HEADER.pack(len(data), _TYPE_DATA, _FLAG_END if end else 0, stream_id) + data
+    return _HEADER.pack(len(data), _TYPE_DATA, _FLAG_END if end else _FLAG_NONE, stream_id) + data
 
 
 def encode_end(stream_id: int) -> bytes:
