@@ -35,7 +35,12 @@ from tunnel2 import _http11 as http
 from tunnel2._prefix import UrlRewrite, has_url_fields, url_rewrite_for
 from tunnel2.agent import AgentConfig
 from tunnel2.api import handler_for
-from tunnel2.backend import BackendForwarder, _response_head_for_tunnel
+from tunnel2.backend import (
+    _HOST_FIELD_RE,
+    BackendForwarder,
+    _response_head_for_tunnel,
+    _with_host_line,
+)
 from tunnel2.server import ServerConfig
 from tunnel2.testing import open_memory_tunnel
 
@@ -564,6 +569,55 @@ def test_host_lines(mode: str, tls: bool, line: bytes | None) -> None:
     context = ssl.create_default_context() if tls else None
     forwarder = BackendForwarder("backend.test", 5000, ssl_context=context, host_header=mode)
     assert forwarder._host_line == line
+
+
+def _host_line_by_regex(head: bytes, line: bytes) -> bytes:
+    """What the agent did before its search: every Host line cut by the case-insensitive
+    multi-line regex, the new one after the start line."""
+    start = head.find(b"\r\n") + 2
+    return head[:start] + line + _HOST_FIELD_RE.sub(b"", head[start:])
+
+
+_LINE = b"Host: backend.test:5000\r\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (b"Host: relay.test\r\nAccept: */*\r\n", _LINE + b"Accept: */*\r\n"),
+        (b"Accept: */*\r\nhost: relay.test\r\nX: y\r\n", _LINE + b"Accept: */*\r\nX: y\r\n"),
+        (b"Accept: */*\r\nHOST:relay.test\r\n", _LINE + b"Accept: */*\r\n"),
+        (b"Accept: */*\r\n", _LINE + b"Accept: */*\r\n"),  # HTTP/1.0 without Host
+        (b"", _LINE),
+        # Look-alikes stay: other names ending in "host", and "host" inside a value.
+        (
+            b"X-Forwarded-Host: a\r\nHost: b\r\nForwarded: host=c\r\nXhost: d\r\n",
+            _LINE + b"X-Forwarded-Host: a\r\nForwarded: host=c\r\nXhost: d\r\n",
+        ),
+        # Two Host lines (no relay of ours sends them): both go, the general way.
+        (b"Host: a\r\nX: y\r\nhost: b\r\n", _LINE + b"X: y\r\n"),
+    ],
+)
+@pytest.mark.parametrize("target", [b"/", b"/host:/x?host:=1"])
+def test_the_host_line_is_replaced_and_only_it(
+    fields: bytes, expected: bytes, target: bytes
+) -> None:
+    head = b"GET " + target + b" HTTP/1.1\r\n" + fields + b"\r\n"
+    start = b"GET " + target + b" HTTP/1.1\r\n"
+    assert _with_host_line(head, _LINE) == start + expected + b"\r\n"
+    assert _with_host_line(head, _LINE) == _host_line_by_regex(head, _LINE)
+
+
+_FIELD_NAME = st.sampled_from([b"Host", b"host", b"HoSt", b"X-Host", b"Hostname", b"Accept"])
+_FIELD_VALUE = st.binary(max_size=12).map(
+    lambda v: bytes(b for b in v if b not in b"\r\n\x00").strip(b" \t") or b"v"
+)
+
+
+@given(st.lists(st.tuples(_FIELD_NAME, _FIELD_VALUE), max_size=6))
+def test_the_host_line_search_agrees_with_the_regex(fields: list[tuple[bytes, bytes]]) -> None:
+    head = b"GET / HTTP/1.1\r\n" + b"".join(b"%s: %s\r\n" % f for f in fields) + b"\r\n"
+    assert _with_host_line(head, _LINE) == _host_line_by_regex(head, _LINE)
 
 
 def test_default_ports_are_left_out_of_a_rewritten_host() -> None:
