@@ -615,7 +615,12 @@ class FrameDecoder:
         # Whether OPEN and DATA may carry the END_STREAM flag: set once WELCOME agreed on
         # it (PROTOCOL.md §2.1); any flag is an error until then.
         self.end_stream = False
-        self._buffer = bytearray()
+        # What was received and not yet returned starts at _offset. A receive that finds
+        # nothing left over is kept as the bytes it came as, so each payload is one slice
+        # of it (one copy, where a bytearray costs a slice and a bytes() of it, ~800
+        # instructions a frame); a frame split across receives is gathered in a bytearray
+        # (amortised appends: a peer trickling bytes cannot make us copy a frame per byte).
+        self._buffer: bytes | bytearray = b""
         self._offset = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -648,10 +653,18 @@ class FrameDecoder:
             return
         if self._eof:
             raise RuntimeError("received data after EOF")
-        if self._offset and self._offset == len(self._buffer):
-            self._buffer.clear()
+        buf = self._buffer
+        offset = self._offset
+        if offset == len(buf):  # everything before was returned
+            self._buffer = data if type(data) is bytes else bytes(data)
             self._offset = 0
-        self._buffer += data
+        elif type(buf) is bytes:  # the start of a frame: gather the rest behind it
+            gathered = bytearray(memoryview(buf)[offset:])
+            gathered += data
+            self._buffer = gathered
+            self._offset = 0
+        else:
+            buf += data
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or ``None`` if more bytes are needed.
@@ -704,6 +717,7 @@ class FrameDecoder:
         buf = self._buffer
         size = len(buf)
         start = self._offset
+        kept = buf if isinstance(buf, bytes) else None  # as received: slices are bytes
         max_size = self.max_frame_size
         items: list[StreamItem | Frame] = []
         failure: LocalProtocolError | None = None
@@ -731,7 +745,11 @@ class FrameDecoder:
             ):
                 failure = _fail(f"frame type 0x{ftype:02x} has unknown flags 0x{flags:02x}")
                 break
-            payload = bytes(buf[start + HEADER_SIZE : end])
+            payload = (
+                kept[start + HEADER_SIZE : end]
+                if kept is not None
+                else bytes(buf[start + HEADER_SIZE : end])
+            )
             if 0 < sid <= MAX_STREAM_ID and (
                 (ftype == _TYPE_DATA and payload)
                 or (ftype == _TYPE_END and not payload)
@@ -748,14 +766,16 @@ class FrameDecoder:
                     break
             start = end
             limit -= 1
-        # Compact lazily: drop consumed bytes once they dominate the buffer.
-        if start == size:
-            if size:
+        # A gathering buffer is compacted lazily: consumed bytes go once they dominate it
+        # (bytes as received are replaced whole by the next receive).
+        if kept is None:
+            assert isinstance(buf, bytearray)
+            if start == size:
                 buf.clear()
-            start = 0
-        elif start > 65536 and start * 2 > size:
-            del buf[:start]
-            start = 0
+                start = 0
+            elif start > 65536 and start * 2 > size:
+                del buf[:start]
+                start = 0
         self._offset = start
         if failure is not None:
             if not items:
