@@ -339,7 +339,7 @@ def test_several_frames_split_across_receive_data_calls() -> None:
         assert got == SAMPLES, step
 
 
-@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("kind", [bytes, bytearray])  # the declared types (mypyc checks them)
 def test_any_buffer_is_taken_and_the_payloads_are_bytes_of_their_own(kind: type) -> None:
     wire = frames.encode(frames.Data(1, b"hello")) + frames.encode(frames.End(1))
     source = bytearray(wire)
