@@ -374,6 +374,7 @@ def test_a_frame_trickled_in_is_gathered_in_one_growing_buffer() -> None:
     decoder.receive_data(NEXT_WIRE)  # gathering is over: the next receive is kept as it came
     assert decoder._buffer is NEXT_WIRE
     assert decoder.next_frame() is not None
+    assert decoder._buffer == b""  # and let go once read: an idle decoder holds no message
 
 
 def test_large_batches_survive_buffer_compaction() -> None:

@@ -766,9 +766,13 @@ class FrameDecoder:
                     break
             start = end
             limit -= 1
-        # A gathering buffer is compacted lazily: consumed bytes go once they dominate it
-        # (bytes as received are replaced whole by the next receive).
-        if kept is None:
+        # Bytes as received are let go once all read (an idle uplink holds no message); a
+        # gathering buffer is compacted lazily, once consumed bytes dominate it.
+        if kept is not None:
+            if start == size:
+                self._buffer = b""
+                start = 0
+        else:
             assert isinstance(buf, bytearray)
             if start == size:
                 buf.clear()
