@@ -69,9 +69,6 @@ _DROP_WITH_CREDENTIAL_RE: Final = http.field_names_re(_DROPPED | {CREDENTIAL_HEA
 # Trusted proxies walked back through X-Forwarded-For at most; past that, the element
 # reached counts as the client (a visitor cannot make the relay parse a 60 KiB chain).
 _MAX_TRUSTED_HOPS: Final = 16
-# Most requests have neither: then one C search tells that they ask for no upgrade, name no
-# fields hop-by-hop and persist by their version's default (_proxy; ~1 % of the relay).
-_CONNECTION_OR_UPGRADE_RE: Final = re.compile(rb"\n(?:connection|upgrade):")
 _FORWARDED_HOST_RE: Final = re.compile(rb"[A-Za-z0-9.:\[\]_-]{1,255}")
 _RESET_STATUS: Final = {
     ErrorCode.BACKEND_UNAVAILABLE: 502,
@@ -722,8 +719,8 @@ class ProxyEntry:
         request line gets the backend's target, the field lines ``drop`` names (hop-by-hop,
         X-Forwarded-*, a credential the relay checked) are cut out in one regex search, and
         our own framing and X-Forwarded-* lines are added (``X-Forwarded-Prefix`` with the
-        public path prefix, on the path form only). ``plain``: the request has no
-        Connection field."""
+        public path prefix, on the path form only). ``plain``: the request's Connection
+        fields (if any) name no token."""
         fields = request.fields_without(drop)
         if not plain:
             named = http.connection_tokens(request) - http.CONNECTION_OPTIONS
@@ -811,7 +808,10 @@ class ProxyEntry:
                 f"session {session_id} has {config.max_streams_per_agent} requests in flight, "
                 "the most one agent connection may carry",
             )
-        plain = not request.has_field_matching(_CONNECTION_OR_UPGRADE_RE)
+        # Most requests have no Connection field (the parser knows: no search): then they
+        # ask for no upgrade (an Upgrade field alone is none), name no fields hop-by-hop and
+        # persist by their version's default.
+        plain = not http.connection_tokens(request)
         upgrade = None if plain or framing is not http.NONE else _upgrade_of(request)
         head = self._forward_head(
             request, drop, target, prefix, framing, length, conn, upgrade=upgrade, plain=plain
