@@ -263,9 +263,19 @@ class BackendForwarder:
                     return None
             keep = False
             try:
-                status, keep = await self._exchange(
-                    conn, stream, head, method, has_body, framing, reused, urls
-                )
+                if has_body:
+                    status, keep = await self._exchange_with_body(
+                        conn, stream, head, method, framing, reused, urls
+                    )
+                    break
+                # Without a body, the exchange inline (a coroutine less a request: ~-1,100).
+                try:
+                    await conn.send_all(head)
+                except trio.BrokenResourceError:
+                    if reused:
+                        raise _BackendGone() from None
+                    raise
+                status, keep = await self._relay_response(conn, stream, method, reused, urls)
                 break
             except _BackendGone:
                 if has_body:  # its body is consumed: it cannot be sent again
@@ -320,26 +330,18 @@ class BackendForwarder:
             conn.close()
         return None
 
-    async def _exchange(
+    async def _exchange_with_body(
         self,
         conn: SocketOrTls,
         stream: TunnelStream,
         head: bytes,
         method: bytes,
-        has_body: bool,
         framing: http.Framing,
         reused: bool,
         urls: bytes | None,
     ) -> tuple[int, bool]:
-        """Send the request and relay the response; return (status, reusable)."""
-        if not has_body:
-            try:
-                await conn.send_all(head)
-            except trio.BrokenResourceError:
-                if reused:
-                    raise _BackendGone() from None
-                raise
-            return await self._relay_response(conn, stream, method, reused, urls)
+        """Send a request that has a body and relay the response; return (status,
+        reusable)."""
         # The body streams to the backend while its answer may already come back. Errors
         # are kept and raised after the nursery (which would wrap them in a group).
         errors: list[BaseException] = []
