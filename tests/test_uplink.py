@@ -661,6 +661,64 @@ async def test_cancelled_receive_data_loses_no_data() -> None:
             assert await stream.receive_data() == b""
 
 
+async def test_cancelled_accept_stream_takes_no_stream() -> None:
+    # With nothing queued, accept_stream parks at once (no checkpoint before it): a
+    # cancellation already pending lands there and leaves no acceptor behind; with a stream
+    # queued, a cancelled accept does not take it.
+    with trio.fail_after(TIMEOUT):
+        async with uplink_pair() as pair:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await pair.agent.accept_stream()
+            assert scope.cancelled_caught
+            stream = pair.relay.open_stream(REQUEST_HEAD)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.agent.statistics().incoming_queued == 1  # no stale acceptor took it
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await pair.agent.accept_stream()
+            assert scope.cancelled_caught
+            assert pair.agent.statistics().incoming_queued == 1
+            incoming = await pair.agent.accept_stream()
+            assert incoming.head == REQUEST_HEAD
+            incoming.send_head(RESPONSE_HEAD)
+            await incoming.send_data(b"", end=True)
+            assert await stream.receive_head() == RESPONSE_HEAD
+            assert await read_body(stream) == b""
+            await check_round_trip(pair)
+
+
+async def test_receive_head_cancelled_then_again_and_one_reader_at_a_time() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with uplink_pair() as pair:
+            stream = pair.relay.open_stream(REQUEST_HEAD, end=True)
+            with trio.CancelScope() as scope:  # parked, then cancelled: no waiter is left
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream.receive_head)
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            incoming = await pair.agent.accept_stream()
+            heads: list[bytes] = []
+
+            async def reader() -> None:
+                heads.append(await stream.receive_head())
+
+            async def second_reader() -> None:
+                with pytest.raises(trio.BusyResourceError):
+                    await stream.receive_head()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(second_reader)
+                await trio.testing.wait_all_tasks_blocked()
+                incoming.send_head(RESPONSE_HEAD)
+                await incoming.send_data(b"", end=True)
+            assert heads == [RESPONSE_HEAD]
+            assert await read_body(stream) == b""
+
+
 # --- 6. reset -------------------------------------------------------------------------------
 
 

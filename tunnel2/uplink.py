@@ -233,6 +233,7 @@ class TunnelStream:
 
     # --- receiving ---------------------------------------------------------------------
 
+    @_ki_protected
     async def receive_head(self) -> bytes:
         """Wait for the peer's OPEN and return its head.
 
@@ -245,7 +246,11 @@ class TunnelStream:
                 if self._error is not None:
                     await trio.lowlevel.checkpoint()
                     raise self._error
-                await self._wait()
+                if self._waiter is not None:
+                    await self._wait()  # raises: one reader at a time
+                # _wait inlined (once a request on the relay: a coroutine less, ~-1,100).
+                self._waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
         else:
             await trio.lowlevel.checkpoint()
         return self._head
@@ -696,15 +701,18 @@ class TunnelUplink:
         Raises:
             UplinkClosed: the uplink closed; streams still queued were reset.
         """
-        # As trio's channels: a cancellation can only land before a stream is taken.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if self._incoming:
-            stream = self._incoming.popleft()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return stream
-        if self._closing:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            raise self._close_error or UplinkClosed("uplink closed")
+        if self._incoming or self._closing:
+            # As trio's channels: a cancellation can only land before a stream is taken.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._incoming:
+                stream = self._incoming.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return stream
+            if self._closing:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                raise self._close_error or UplinkClosed("uplink closed")
+        # Nothing to take: park (a checkpoint of its own, so a cancellation already pending
+        # lands there, with nothing taken; no checkpoint_if_cancelled coroutine before it).
         acceptor = _Acceptor(trio.lowlevel.current_task())
         acceptors = self._acceptors
         acceptors.append(acceptor)
