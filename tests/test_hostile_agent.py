@@ -238,24 +238,49 @@ async def test_malformed_response_head_is_502_and_the_uplink_lives(
             await assert_uplink_still_serves(relay)
 
 
+def switching(stream_id: int, head: bytes) -> list[frames.Frame]:
+    """A 101 to protocol ``x`` and raw bytes after it, whatever was asked."""
+    return [
+        frames.Open(
+            stream_id,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+        ),
+        frames.Data(stream_id, b"raw bytes"),
+        frames.End(stream_id),
+    ]
+
+
 async def test_101_to_an_upgrade_request_is_spliced() -> None:
     # The check above refuses only what was not asked for.
-    def answer(stream_id: int, head: bytes) -> list[frames.Frame]:
-        return [
-            frames.Open(
-                stream_id,
-                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
-            ),
-            frames.Data(stream_id, b"raw bytes"),
-            frames.End(stream_id),
-        ]
-
     with trio.fail_after(10):
-        async with hostile_relay("memory", answer) as relay:
+        async with hostile_relay("memory", switching) as relay:
             request = b"GET /session/hostile/ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n"
             answer_bytes = await relay.fetch(request + b"Upgrade: x\r\n\r\n")
     assert answer_bytes.startswith(b"HTTP/1.1 101 ")
     assert answer_bytes.endswith(b"\r\n\r\nraw bytes")
+
+
+async def test_upgrade_field_without_connection_upgrade_asks_for_nothing() -> None:
+    # Connection does not name upgrade (here there is no Connection at all): the request is
+    # an ordinary one (RFC 9110 §7.8). Its Upgrade line is cut as hop-by-hop, and a 101 to
+    # it is refused.
+    seen: list[bytes] = []
+
+    def answer(stream_id: int, head: bytes) -> list[frames.Frame]:
+        seen.append(head)
+        return switching(stream_id, head)
+
+    with trio.fail_after(10):
+        async with hostile_relay("memory", answer) as relay:
+            request = b"GET /session/hostile/ws HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\n"
+            answer_bytes = await relay.fetch(request)
+    assert len(seen) == 1
+    lower = seen[0].lower()
+    assert b"\r\nupgrade:" not in lower
+    assert b"\r\nconnection:" not in lower
+    assert answer_bytes.startswith(b"HTTP/1.1 502 "), answer_bytes[:200]
+    assert b"101 Switching Protocols to a request that asked for no upgrade" in answer_bytes
+    assert b"raw bytes" not in answer_bytes
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)

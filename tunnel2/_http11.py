@@ -151,9 +151,10 @@ def plain_response(
 
 # --- grammar (RFC 9110 §5.6.2, RFC 9112 §3-§5; the same classes as h11's _abnf.py) -----------
 
-# Every run of one byte class below is possessive (``++``, ``*+``: the same language, as the
-# byte that ends each run is outside its class) and every class is one sre charset test a
-# byte: a run with backtracking kept, or a class spelt as a negation, costs sre more per byte.
+# In the start-line and whole-head regexes (the parsers' hot path) every run of one byte class
+# is possessive (``++``, ``*+``: the same language, as the byte that ends each run is outside
+# its class) and every class costs sre one test for an ordinary byte: a run that keeps its
+# backtracking state, or a class written as a negation, costs sre more per byte.
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]++"
 # h11's field-content: no NUL and no whitespace except single runs of SP/HTAB *inside* the value
 # (h11 lets other control bytes through because real cookies carry them). In a bytes pattern \s
