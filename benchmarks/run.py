@@ -3,12 +3,14 @@
 
 One run, loopback only, every phase bounded in time. It starts an nginx backend serving a
 small static file, the ``tunnel2 backend`` test server, a tunnel2 relay + agent in front of
-the nginx backend, a second nginx as a plain reverse proxy and an OpenSSH reverse tunnel,
-then drives each path at each connection count and prints req/s, p50, p99, mean, errors,
-the ratio to the direct rate and the CPU microseconds per request of the relay and agent
-processes (from ``/proc/PID/stat``). ``--instructions`` then counts the user-space
-instructions per request of tunnel2's relay and agent and of the nginx proxy under callgrind
-(``benchmarks/instructions.py``: the figure that does not swing with the machine's load).
+the nginx backend, a second nginx as a plain reverse proxy, an OpenSSH reverse tunnel and
+``benchmarks/trio_pipe.py`` (the floor of tunnel2's stack: a trio relay and agent that only
+carry bytes), then drives each path at each connection count and prints req/s, p50, p99,
+mean, errors, the ratio to the direct rate and the CPU microseconds per request of the relay
+and agent processes (from ``/proc/PID/stat``). ``--instructions`` then counts the user-space
+instructions per request of tunnel2's relay and agent, of the nginx proxy and of the trio
+pipe under callgrind (``benchmarks/instructions.py``: the figure that does not swing with
+the machine's load).
 ``--aggressive`` then runs ``tunnel2 loadtest --profile aggressive`` through the tunnel
 against the direct backend.
 
@@ -69,7 +71,7 @@ STOP_TIMEOUT = 5.0
 """Seconds a process gets to exit after SIGTERM before SIGKILL."""
 STATIC_BODY = b"hello from nginx\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PATHS = ("direct", "backend-direct", "tunnel2", "nginx-proxy", "ssh-R")
+PATHS = ("direct", "backend-direct", "tunnel2", "nginx-proxy", "ssh-R", "trio-pipe")
 """Every path, in the order they are measured."""
 APT_PACKAGES = {
     "wrk": "wrk",
@@ -1151,6 +1153,28 @@ def setup(procs: Processes, tools: dict[str, str | None], args: argparse.Namespa
             stack.note(f"ssh-R skipped: {exc}")
             procs.stop_named("ssh-R", "sshd")
 
+    if "trio-pipe" in wanted:
+        log("starting the trio byte pipe (benchmarks/trio_pipe.py: the floor of the stack)")
+        try:
+            pipe = REPO / "benchmarks" / "trio_pipe.py"
+            pipe_relay = procs.start("trio-pipe-relay", [args.python, str(pipe), "relay"])
+            ports = wait_for_line(pipe_relay, r"^relay public (\d+) agent (\d+)$")
+            pipe_agent = procs.start(
+                "trio-pipe-agent",
+                [args.python, str(pipe), "agent", ports.group(2), str(backend_port)],
+            )
+            pipe_url = f"http://127.0.0.1:{ports.group(1)}/"
+            check_url(pipe_url, STATIC_BODY)
+            stack.targets.append(
+                Target(
+                    "trio-pipe",
+                    pipe_url,
+                    roles={"relay": lambda: [pipe_relay.pid], "agent": lambda: [pipe_agent.pid]},
+                )
+            )
+        except StartError as exc:
+            stack.note(f"trio-pipe skipped: {exc}")
+
     if args.aggressive:
         port = urllib.parse.urlsplit(stack.backend_url or "").port
         if port is None or stack.relay is None or stack.tunnel2_failed:
@@ -1245,6 +1269,42 @@ def run_instructions(
         except StartError as exc:
             rows.append(InstructionRow("tunnel2", failure=str(exc)))
             stack.note(f"callgrind: tunnel2 did not start: {exc}")
+        finally:
+            for proc in reversed(started):
+                procs.stop(proc)
+
+    if "trio-pipe" in args.paths:
+        log("starting the trio byte pipe under callgrind")
+        started = []
+        try:
+            pipe = str(REPO / "benchmarks" / "trio_pipe.py")
+            relay = procs.start(
+                "trio-pipe-relay-callgrind", [*wrap("relay"), args.python, pipe, "relay"]
+            )
+            started.append(relay)
+            ports = wait_for_line(
+                relay, r"^relay public (\d+) agent (\d+)$", instructions.START_TIMEOUT
+            )
+            agent = procs.start(
+                "trio-pipe-agent-callgrind",
+                [
+                    *wrap("agent"),
+                    args.python,
+                    pipe,
+                    "agent",
+                    ports.group(2),
+                    str(stack.backend_port),
+                ],
+            )
+            started.append(agent)
+            measure_path(
+                "trio-pipe",
+                f"http://127.0.0.1:{ports.group(1)}/",
+                [counted("relay", relay), counted("agent", agent)],
+            )
+        except StartError as exc:
+            rows.append(InstructionRow("trio-pipe", failure=str(exc)))
+            stack.note(f"callgrind: trio-pipe did not start: {exc}")
         finally:
             for proc in reversed(started):
                 procs.stop(proc)
