@@ -8,11 +8,12 @@ Python costs when it does nothing but carry bytes over one multiplexed connectio
 * public connections are multiplexed over one TCP connection to the agent as frames of an
   8-byte header (stream id, length; length 0 closes the stream), with no WebSocket, no
   HTTP parsing or validation, no flow control, no timeouts, no routing;
-* exactly two tasks wake per request on each side, as in the issue's floor: at the relay
-  the visitor's task when its bytes arrive (it writes the frame to the uplink itself) and
-  the uplink reader when the answer arrives (it writes it to the visitor's socket itself);
-  at the agent the uplink reader (it writes the request to the backend's socket) and the
-  stream's task when the backend answers (it writes the frame to the uplink);
+* two tasks run per request on each side, as in the issue's floor (the uplink reader's turn
+  shared by every frame one read brings): at the relay the visitor's task when its bytes
+  arrive (it writes the frame to the uplink itself) and the uplink reader when the answer
+  arrives (it writes it to the visitor's socket itself); at the agent the uplink reader (it
+  writes the request to the backend's socket) and the stream's task when the backend
+  answers (it writes the frame to the uplink);
 * sockets are read with ``os.read`` after ``wait_readable`` only when a read would block.
 
 Not a product and not tested: a benchmark peer, like nginx and sshd in run.py. A visitor
