@@ -1073,6 +1073,27 @@ def start_tunnel2(
     return stack.relay, agent, public_url
 
 
+def start_trio_pipe(
+    procs: Processes,
+    python: str,
+    backend_port: int,
+    *,
+    suffix: str = "",
+    wrap: Callable[[str], list[str]] = lambda role: [],
+    timeout: float = STARTUP_TIMEOUT,
+) -> tuple[Proc, Proc, str]:
+    """Start benchmarks/trio_pipe.py's relay and agent (each under WRAP(role)) in front of
+    BACKEND_PORT; returns relay, agent, public URL. Both are stopped by PROCS at the end."""
+    pipe = str(REPO / "benchmarks" / "trio_pipe.py")
+    relay = procs.start(f"trio-pipe-relay{suffix}", [*wrap("relay"), python, pipe, "relay"])
+    ports = wait_for_line(relay, r"^relay public (\d+) agent (\d+)$", timeout)
+    agent = procs.start(
+        f"trio-pipe-agent{suffix}",
+        [*wrap("agent"), python, pipe, "agent", ports.group(2), str(backend_port)],
+    )
+    return relay, agent, f"http://127.0.0.1:{ports.group(1)}/"
+
+
 def setup(procs: Processes, tools: dict[str, str | None], args: argparse.Namespace) -> Stack:
     """Start the backends and every requested path; failures of optional paths become notes."""
     stack = Stack()
@@ -1156,14 +1177,7 @@ def setup(procs: Processes, tools: dict[str, str | None], args: argparse.Namespa
     if "trio-pipe" in wanted:
         log("starting the trio byte pipe (benchmarks/trio_pipe.py: the floor of the stack)")
         try:
-            pipe = REPO / "benchmarks" / "trio_pipe.py"
-            pipe_relay = procs.start("trio-pipe-relay", [args.python, str(pipe), "relay"])
-            ports = wait_for_line(pipe_relay, r"^relay public (\d+) agent (\d+)$")
-            pipe_agent = procs.start(
-                "trio-pipe-agent",
-                [args.python, str(pipe), "agent", ports.group(2), str(backend_port)],
-            )
-            pipe_url = f"http://127.0.0.1:{ports.group(1)}/"
+            pipe_relay, pipe_agent, pipe_url = start_trio_pipe(procs, args.python, backend_port)
             check_url(pipe_url, STATIC_BODY)
             stack.targets.append(
                 Target(
@@ -1275,39 +1289,25 @@ def run_instructions(
 
     if "trio-pipe" in args.paths:
         log("starting the trio byte pipe under callgrind")
-        started = []
         try:
-            pipe = str(REPO / "benchmarks" / "trio_pipe.py")
-            relay = procs.start(
-                "trio-pipe-relay-callgrind", [*wrap("relay"), args.python, pipe, "relay"]
-            )
-            started.append(relay)
-            ports = wait_for_line(
-                relay, r"^relay public (\d+) agent (\d+)$", instructions.START_TIMEOUT
-            )
-            agent = procs.start(
-                "trio-pipe-agent-callgrind",
-                [
-                    *wrap("agent"),
-                    args.python,
-                    pipe,
-                    "agent",
-                    ports.group(2),
-                    str(stack.backend_port),
-                ],
-            )
-            started.append(agent)
-            measure_path(
-                "trio-pipe",
-                f"http://127.0.0.1:{ports.group(1)}/",
-                [counted("relay", relay), counted("agent", agent)],
+            relay, agent, url = start_trio_pipe(
+                procs,
+                args.python,
+                stack.backend_port,
+                suffix="-callgrind",
+                wrap=wrap,
+                timeout=instructions.START_TIMEOUT,
             )
         except StartError as exc:
             rows.append(InstructionRow("trio-pipe", failure=str(exc)))
             stack.note(f"callgrind: trio-pipe did not start: {exc}")
-        finally:
-            for proc in reversed(started):
-                procs.stop(proc)
+            procs.stop_named("trio-pipe-relay-callgrind", "trio-pipe-agent-callgrind")
+        else:
+            try:
+                measure_path("trio-pipe", url, [counted("relay", relay), counted("agent", agent)])
+            finally:
+                procs.stop(agent)
+                procs.stop(relay)
 
     if "nginx-proxy" in args.paths:
         log("starting the nginx reverse proxy under callgrind")
